@@ -1,0 +1,154 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, using or saving a tokenizer.
+///
+/// Every variant names the file, field or value at fault, so that a message shown to a user
+/// says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The tokenizer directory does not exist or is not a directory.
+    #[error("tokenizer directory `{0}` does not exist or is not a directory")]
+    MissingDirectory(PathBuf),
+    /// The directory holds none of the files a tokenizer is made from.
+    #[error(
+        "no tokenizer files in `{0}`: expected `tokenizer.json`, `vocab.txt` (BERT WordPiece) or \
+         `vocab.json` + `merges.txt` (GPT-2 byte-level BPE)"
+    )]
+    NoTokenizerFiles(PathBuf),
+    /// A file could not be read or written.
+    #[error("cannot access `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file did not parse.
+    #[error("malformed JSON in `{path}`: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with line and column).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file parsed as JSON but the tokenizers library rejected its content.
+    #[error("invalid tokenizer file `{path}`: {message}")]
+    InvalidTokenizerFile {
+        /// The file.
+        path: PathBuf,
+        /// What the tokenizers library said.
+        message: String,
+    },
+    /// A field of a config file has a value of the wrong kind.
+    #[error("`{field}` in `{path}` is invalid: {message}")]
+    InvalidField {
+        /// The file.
+        path: PathBuf,
+        /// The field name, as in the file.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// `tokenizer_config.json` names a tokenizer class this crate cannot build without a
+    /// `tokenizer.json`.
+    #[error(
+        "unknown tokenizer class `{class}` in `{path}` and no `tokenizer.json` beside it; \
+         supported without tokenizer.json: BertTokenizer(Fast), GPT2Tokenizer(Fast) and their kin"
+    )]
+    UnknownTokenizerClass {
+        /// The config file.
+        path: PathBuf,
+        /// The class it names.
+        class: String,
+    },
+    /// `max_length` is smaller than the special tokens the tokenizer adds.
+    #[error(
+        "max_length {max_length} is below the {special_tokens} special tokens this tokenizer adds \
+         to a {kind} input"
+    )]
+    MaxLengthTooSmall {
+        /// The requested maximum length.
+        max_length: usize,
+        /// How many special tokens are added.
+        special_tokens: usize,
+        /// "single" or "pair".
+        kind: &'static str,
+    },
+    /// Padding was asked for but the tokenizer has no padding token.
+    #[error(
+        "asked to pad but the tokenizer has no pad_token; set one (for GPT-2 style models the \
+         usual choice is the eos_token)"
+    )]
+    NoPadToken,
+    /// A truncation strategy that cannot apply to this input (e.g. `only_second` on one text).
+    #[error("truncation `{strategy}` cannot apply: {message}")]
+    Truncation {
+        /// The strategy name, as in HF (`only_second`, ...).
+        strategy: String,
+        /// Why.
+        message: String,
+    },
+    /// A batch of text pairs whose two lists differ in length.
+    #[error("{texts} texts but {pairs} text pairs")]
+    PairCountMismatch {
+        /// Number of first texts.
+        texts: usize,
+        /// Number of second texts.
+        pairs: usize,
+    },
+    /// A batch whose sequences differ in length cannot become one tensor.
+    #[error(
+        "sequence {index} has {len} tokens but sequence 0 has {first}: pad the batch \
+         (Padding::Longest or Padding::MaxLength) before making tensors"
+    )]
+    RaggedBatch {
+        /// The first sequence whose length differs.
+        index: usize,
+        /// Its length.
+        len: usize,
+        /// The length of sequence 0.
+        first: usize,
+    },
+    /// An id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    UnknownId {
+        /// The id.
+        id: u32,
+        /// Vocabulary size including added tokens.
+        vocab_size: usize,
+    },
+    /// A token the vocabulary does not hold and no `unk_token` to fall back on.
+    #[error("token `{0}` is not in the vocabulary and the tokenizer has no unk_token")]
+    UnknownToken(String),
+    /// An error from the tokenizers library while encoding, decoding or training.
+    #[error("tokenizer failed while {action}: {message}")]
+    Backend {
+        /// What was being done.
+        action: &'static str,
+        /// What the library said.
+        message: String,
+    },
+}
+
+impl TokenizerError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn backend(action: &'static str, err: impl std::fmt::Display) -> Self {
+        Self::Backend {
+            action,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// This crate's result type.
+pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
