@@ -1,1 +1,39 @@
-fn main() {}
+//! `ember`: the Hugging Face fine-tuning workflow as one command.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod tokenize;
+
+/// Ember: Hugging Face fine-tuning in Rust, on burn.
+#[derive(Parser)]
+#[command(name = "ember", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize lines from stdin into JSON lines (input_ids, attention_mask, token_type_ids, tokens).
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenize(args) => tokenize::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the whole chain of causes.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -419,7 +419,7 @@ impl AutoTokenizer {
         let r = if offsets {
             self.inner.encode_char_offsets(text, false)
         } else {
-            self.inner.encode_fast(text, false)
+            self.inner.encode(text, false)
         };
         r.map_err(|e| TokenizerError::backend("encoding", e))
     }
@@ -433,7 +433,7 @@ impl AutoTokenizer {
         let r = if offsets {
             self.inner.encode_batch_char_offsets(inputs, false)
         } else {
-            self.inner.encode_batch_fast(inputs, false)
+            self.inner.encode_batch(inputs, false)
         };
         r.map_err(|e| TokenizerError::backend("encoding", e))
     }

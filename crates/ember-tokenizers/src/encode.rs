@@ -81,7 +81,8 @@ pub struct EncodeOptions {
     pub padding_side: Option<Side>,
     /// Truncate on this side instead of the tokenizer's `truncation_side`.
     pub truncation_side: Option<Side>,
-    /// Compute character offsets (`return_offsets_mapping`); default true (cheap).
+    /// Offsets in characters (`return_offsets_mapping`, default true); when false, offsets are
+    /// byte offsets, which are cheaper to compute.
     pub return_offsets_mapping: bool,
 }
 

@@ -62,7 +62,7 @@ pub type Backend = burn::backend::Flex;
 pub type TrainBackend = burn::backend::Autodiff<Backend>;
 
 /// The device type of [`Backend`].
-pub type Device = <Backend as burn::tensor::backend::Backend>::Device;
+pub type Device = burn::tensor::Device<Backend>;
 
 /// The default device of [`Backend`] (the CPU, or the first GPU).
 pub fn default_device() -> Device {
