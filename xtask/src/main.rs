@@ -1,1 +1,99 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `cargo xtask ci`: format check, clippy (warnings denied, the CUDA path included) and the
+//!   tests: what `.ci/run` runs.
+//! - `cargo xtask fixtures`: regenerates the golden fixtures through the reference Python.
+//! - `cargo xtask bench [--rounds N]`: criterion benches and the PyTorch / `transformers`
+//!   reference, alternated, in one table (`target/bench-report.md`).
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+mod bench;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("fixtures") => fixtures(&root),
+        Some("bench") => bench::run(&root, &args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <ci | fixtures | bench [--rounds N]>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// Runs a command, echoing it, and fails when it fails.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    c
+}
+
+/// fmt, clippy and tests. Clippy runs with the `cuda` feature so the GPU path is linted and
+/// type-checked; tests run on the default CPU backend. Both use the dev profile.
+fn ci() -> Result<()> {
+    run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
+    run(&mut cargo(&[
+        "clippy", "--workspace", "--all-targets", "--features", "ember/cuda", "--", "-D", "warnings",
+    ]))?;
+    run(&mut cargo(&["test", "--workspace"]))?;
+    // Benches once each in test mode: they must build and run, timing is `cargo xtask bench`'s.
+    run(&mut cargo(&["test", "--workspace", "--benches"]))?;
+    Ok(())
+}
+
+/// The reference Python: `EMBER_PYTHON`, else the venv `../shared/tools/pyref-venv` makes
+/// (created on first use when the tool is present), else `None`.
+pub(crate) fn reference_python(root: &Path) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("EMBER_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    let tool = root.join("../shared/tools/pyref-venv");
+    if tool.is_file() {
+        let out = Command::new(&tool).output().ok()?;
+        if out.status.success() {
+            let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+            return Some(PathBuf::from(path));
+        }
+        eprintln!("pyref-venv failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    None
+}
+
+/// Every `tests/fixtures/**/make_fixtures.py`, run with the reference Python.
+fn fixtures(root: &Path) -> Result<()> {
+    let Some(python) = reference_python(root) else {
+        bail!("no reference Python: set EMBER_PYTHON or provide ../shared/tools/pyref-venv");
+    };
+    let shared = root.join("../shared");
+    let mut scripts = Vec::new();
+    for entry in std::fs::read_dir(root.join("tests/fixtures"))? {
+        let script = entry?.path().join("make_fixtures.py");
+        if script.is_file() {
+            scripts.push(script);
+        }
+    }
+    scripts.sort();
+    for script in scripts {
+        run(Command::new(&python).arg(&script).arg("--shared").arg(&shared))?;
+    }
+    Ok(())
+}

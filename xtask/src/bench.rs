@@ -1,0 +1,151 @@
+//! `cargo xtask bench`: Ember's criterion benches and the Python reference on the same inputs,
+//! alternated round by round on the same machine, reported as medians and ratios.
+
+use crate::{reference_python, run as run_command};
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+/// One comparison: a criterion bench of ours and the reference script that times the same work.
+struct Pair {
+    /// Crate holding the criterion bench.
+    package: &'static str,
+    /// Bench target name.
+    bench: &'static str,
+    /// Python script under `xtask/bench/` that prints `{"bench", "median_s", "items"}` lines.
+    script: &'static str,
+    /// Unit of `items` for the throughput column.
+    unit: &'static str,
+}
+
+const PAIRS: &[Pair] = &[Pair {
+    package: "ember-tokenizers",
+    bench: "batch_encode",
+    script: "tokenize.py",
+    unit: "sentences",
+}];
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let rounds: usize = match args {
+        [flag, n] if flag == "--rounds" => n.parse().context("--rounds takes a number")?,
+        [] => 2,
+        _ => anyhow::bail!("usage: cargo xtask bench [--rounds N]"),
+    };
+    let shared = root.join("../shared");
+    let python = reference_python(root);
+    if python.is_none() {
+        eprintln!("no reference Python found: Ember's numbers only");
+    }
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // bench -> (ember seconds per round, python seconds per round, items)
+    let mut results: BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &str)> = BTreeMap::new();
+    for round in 0..rounds {
+        for pair in PAIRS {
+            eprintln!("round {}/{rounds}: {} {}", round + 1, pair.package, pair.bench);
+            run_command(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+                "bench", "-p", pair.package, "--bench", pair.bench, "--", "--noplot",
+            ]))?;
+            for (name, secs, items) in criterion_medians(root, pair.bench)? {
+                let e = results.entry(name).or_insert((Vec::new(), Vec::new(), items, pair.unit));
+                e.0.push(secs);
+            }
+            if let Some(py) = &python {
+                let out = Command::new(py)
+                    .arg(root.join("xtask/bench").join(pair.script))
+                    .arg(&shared)
+                    .output()
+                    .with_context(|| format!("running {}", pair.script))?;
+                anyhow::ensure!(out.status.success(), "{} failed: {}", pair.script, String::from_utf8_lossy(&out.stderr));
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    let name = v["bench"].as_str().unwrap_or_default().to_owned();
+                    let e = results.entry(name).or_insert((Vec::new(), Vec::new(), 0, pair.unit));
+                    e.1.push(v["median_s"].as_f64().unwrap_or(f64::NAN));
+                    e.2 = v["items"].as_u64().unwrap_or(e.2);
+                }
+            }
+        }
+    }
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let report = table(&results, rounds, load_before.trim(), load_after.trim(), python.is_some());
+    println!("{report}");
+    let path = root.join("target/bench-report.md");
+    std::fs::write(&path, &report)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Median time per iteration of every benchmark of a criterion group, from
+/// `target/criterion/<group>/<id>/new/estimates.json`, with its throughput element count.
+fn criterion_medians(root: &Path, group: &str) -> Result<Vec<(String, f64, u64)>> {
+    let dir = root.join("target/criterion").join(group);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let bench_dir = entry?.path();
+        let estimates = bench_dir.join("new/estimates.json");
+        let benchmark = bench_dir.join("new/benchmark.json");
+        if !estimates.is_file() {
+            continue;
+        }
+        let est: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&estimates)?)?;
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&benchmark)?)?;
+        let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
+        let items = meta["throughput"]["Elements"].as_u64().unwrap_or(0);
+        let id = bench_dir.file_name().unwrap().to_string_lossy().into_owned();
+        out.push((format!("{group}/{id}"), ns * 1e-9, items));
+    }
+    Ok(out)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn table(
+    results: &BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &str)>,
+    rounds: usize,
+    load_before: &str,
+    load_after: &str,
+    with_python: bool,
+) -> String {
+    let mut s = String::new();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(s, "# Ember vs reference: {rounds} alternating rounds, {cpus} CPUs");
+    let _ = writeln!(s, "\nload average before: {load_before}; after: {load_after}\n");
+    if !with_python {
+        let _ = writeln!(s, "No reference Python was found: Ember's numbers only.\n");
+    }
+    let _ = writeln!(s, "| bench | Ember median | reference median | Ember / reference time | Ember throughput | reference throughput |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for (name, (ember, py, items, unit)) in results {
+        let (e, p) = (median(ember), median(py));
+        let per_s = |t: f64| if t.is_finite() && *items > 0 { format!("{:.0} {unit}/s", *items as f64 / t) } else { "-".into() };
+        let ratio = if e.is_finite() && p.is_finite() { format!("{:.2}", e / p) } else { "-".into() };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {ratio} | {} | {} |",
+            fmt_s(e),
+            fmt_s(p),
+            per_s(e),
+            per_s(p)
+        );
+    }
+    s
+}
+
+fn fmt_s(t: f64) -> String {
+    if !t.is_finite() {
+        "-".into()
+    } else if t >= 1.0 {
+        format!("{t:.2} s")
+    } else {
+        format!("{:.1} ms", t * 1e3)
+    }
+}
