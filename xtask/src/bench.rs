@@ -43,12 +43,27 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut results: BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &str)> = BTreeMap::new();
     for round in 0..rounds {
         for pair in PAIRS {
-            eprintln!("round {}/{rounds}: {} {}", round + 1, pair.package, pair.bench);
-            run_command(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
-                "bench", "-p", pair.package, "--bench", pair.bench, "--", "--noplot",
-            ]))?;
+            eprintln!(
+                "round {}/{rounds}: {} {}",
+                round + 1,
+                pair.package,
+                pair.bench
+            );
+            run_command(
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+                    "bench",
+                    "-p",
+                    pair.package,
+                    "--bench",
+                    pair.bench,
+                    "--",
+                    "--noplot",
+                ]),
+            )?;
             for (name, secs, items) in criterion_medians(root, pair.bench)? {
-                let e = results.entry(name).or_insert((Vec::new(), Vec::new(), items, pair.unit));
+                let e = results
+                    .entry(name)
+                    .or_insert((Vec::new(), Vec::new(), items, pair.unit));
                 e.0.push(secs);
             }
             if let Some(py) = &python {
@@ -57,11 +72,18 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                     .arg(&shared)
                     .output()
                     .with_context(|| format!("running {}", pair.script))?;
-                anyhow::ensure!(out.status.success(), "{} failed: {}", pair.script, String::from_utf8_lossy(&out.stderr));
+                anyhow::ensure!(
+                    out.status.success(),
+                    "{} failed: {}",
+                    pair.script,
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 for line in String::from_utf8_lossy(&out.stdout).lines() {
                     let v: serde_json::Value = serde_json::from_str(line)?;
                     let name = v["bench"].as_str().unwrap_or_default().to_owned();
-                    let e = results.entry(name).or_insert((Vec::new(), Vec::new(), 0, pair.unit));
+                    let e = results
+                        .entry(name)
+                        .or_insert((Vec::new(), Vec::new(), 0, pair.unit));
                     e.1.push(v["median_s"].as_f64().unwrap_or(f64::NAN));
                     e.2 = v["items"].as_u64().unwrap_or(e.2);
                 }
@@ -69,7 +91,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let report = table(&results, rounds, load_before.trim(), load_after.trim(), python.is_some());
+    let report = table(
+        &results,
+        rounds,
+        load_before.trim(),
+        load_after.trim(),
+        python.is_some(),
+    );
     println!("{report}");
     let path = root.join("target/bench-report.md");
     std::fs::write(&path, &report)?;
@@ -93,7 +121,11 @@ fn criterion_medians(root: &Path, group: &str) -> Result<Vec<(String, f64, u64)>
         let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&benchmark)?)?;
         let ns = est["median"]["point_estimate"].as_f64().unwrap_or(f64::NAN);
         let items = meta["throughput"]["Elements"].as_u64().unwrap_or(0);
-        let id = bench_dir.file_name().unwrap().to_string_lossy().into_owned();
+        let id = bench_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         out.push((format!("{group}/{id}"), ns * 1e-9, items));
     }
     Ok(out)
@@ -117,8 +149,14 @@ fn table(
 ) -> String {
     let mut s = String::new();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let _ = writeln!(s, "# Ember vs reference: {rounds} alternating rounds, {cpus} CPUs");
-    let _ = writeln!(s, "\nload average before: {load_before}; after: {load_after}\n");
+    let _ = writeln!(
+        s,
+        "# Ember vs reference: {rounds} alternating rounds, {cpus} CPUs"
+    );
+    let _ = writeln!(
+        s,
+        "\nload average before: {load_before}; after: {load_after}\n"
+    );
     if !with_python {
         let _ = writeln!(s, "No reference Python was found: Ember's numbers only.\n");
     }
@@ -126,8 +164,18 @@ fn table(
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for (name, (ember, py, items, unit)) in results {
         let (e, p) = (median(ember), median(py));
-        let per_s = |t: f64| if t.is_finite() && *items > 0 { format!("{:.0} {unit}/s", *items as f64 / t) } else { "-".into() };
-        let ratio = if e.is_finite() && p.is_finite() { format!("{:.2}", e / p) } else { "-".into() };
+        let per_s = |t: f64| {
+            if t.is_finite() && *items > 0 {
+                format!("{:.0} {unit}/s", *items as f64 / t)
+            } else {
+                "-".into()
+            }
+        };
+        let ratio = if e.is_finite() && p.is_finite() {
+            format!("{:.2}", e / p)
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             s,
             "| {name} | {} | {} | {ratio} | {} | {} |",

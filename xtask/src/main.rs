@@ -28,7 +28,10 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command, echoing it, and fails when it fails.
@@ -52,7 +55,14 @@ fn cargo(args: &[&str]) -> Command {
 fn ci() -> Result<()> {
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
     run(&mut cargo(&[
-        "clippy", "--workspace", "--all-targets", "--features", "ember/cuda", "--", "-D", "warnings",
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "ember/cuda",
+        "--",
+        "-D",
+        "warnings",
     ]))?;
     run(&mut cargo(&["test", "--workspace"]))?;
     // Benches once each in test mode: they must build and run, timing is `cargo xtask bench`'s.
@@ -73,7 +83,10 @@ pub(crate) fn reference_python(root: &Path) -> Option<PathBuf> {
             let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
             return Some(PathBuf::from(path));
         }
-        eprintln!("pyref-venv failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "pyref-venv failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     None
 }
@@ -93,7 +106,10 @@ fn fixtures(root: &Path) -> Result<()> {
     }
     scripts.sort();
     for script in scripts {
-        run(Command::new(&python).arg(&script).arg("--shared").arg(&shared))?;
+        run(Command::new(&python)
+            .arg(&script)
+            .arg("--shared")
+            .arg(&shared))?;
     }
     Ok(())
 }

@@ -16,7 +16,8 @@ pub struct TokenizeArgs {
     /// Truncate each input to this many tokens, special tokens included (longest_first).
     #[arg(long)]
     max_length: Option<usize>,
-    /// Each line is a text pair: the first TAB separates the two texts.
+    /// Each line is a text pair: the first TAB separates the two texts (a line without one, or
+    /// with nothing after it, is a single text, as Python's `tokenizer(text, "")` treats it).
     #[arg(long)]
     pair: bool,
     /// Also print the character offsets of each token (`offset_mapping`) and `word_ids`.
@@ -74,15 +75,52 @@ fn write_chunk(
         return Ok(());
     }
     let batch = if args.pair {
-        let (firsts, seconds): (Vec<&str>, Vec<&str>) = lines
-            .iter()
-            .map(|l| l.split_once('\t').unwrap_or((l.as_str(), "")))
-            .unzip();
-        tokenizer.batch_encode_pairs(&firsts, &seconds, options)?
+        encode_pair_lines(tokenizer, lines, options)?
     } else {
         tokenizer.batch_encode(lines, options)?
     };
     write_batch(&batch, args.offsets, out)
+}
+
+/// Lines with a non-empty text after the first TAB are pairs; the others are single texts, as
+/// Python's `tokenizer(text, "")` treats an empty second text. Output keeps the input order.
+fn encode_pair_lines(
+    tokenizer: &AutoTokenizer,
+    lines: &[String],
+    options: &EncodeOptions,
+) -> Result<BatchEncoding> {
+    let split: Vec<(&str, Option<&str>)> = lines
+        .iter()
+        .map(|l| match l.split_once('\t') {
+            Some((a, b)) if !b.is_empty() => (a, Some(b)),
+            Some((a, _)) => (a, None),
+            None => (l.as_str(), None),
+        })
+        .collect();
+    let (pairs, singles): (Vec<_>, Vec<_>) = split.iter().partition(|(_, b)| b.is_some());
+    let firsts: Vec<&str> = pairs.iter().map(|(a, _)| *a).collect();
+    let seconds: Vec<&str> = pairs.iter().filter_map(|(_, b)| *b).collect();
+    let texts: Vec<&str> = singles.iter().map(|(a, _)| *a).collect();
+    let mut paired = tokenizer
+        .batch_encode_pairs(&firsts, &seconds, options)?
+        .encodings
+        .into_iter();
+    let mut single = tokenizer
+        .batch_encode(&texts, options)?
+        .encodings
+        .into_iter();
+    let encodings = split
+        .iter()
+        .map(|(_, b)| {
+            if b.is_some() {
+                paired.next()
+            } else {
+                single.next()
+            }
+            .expect("one encoding per line")
+        })
+        .collect();
+    Ok(BatchEncoding { encodings })
 }
 
 fn write_batch(batch: &BatchEncoding, offsets: bool, out: &mut impl Write) -> Result<()> {

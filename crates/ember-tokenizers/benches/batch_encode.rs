@@ -20,7 +20,8 @@ fn shared() -> Option<PathBuf> {
 
 /// The first N ChnSentiCorp reviews that are not empty.
 fn reviews(shared: &std::path::Path) -> Vec<String> {
-    let mut reader = csv::Reader::from_path(shared.join("data/chnsenticorp/ChnSentiCorp_htl_all.csv")).unwrap();
+    let mut reader =
+        csv::Reader::from_path(shared.join("data/chnsenticorp/ChnSentiCorp_htl_all.csv")).unwrap();
     reader
         .records()
         .map(|r| r.unwrap().get(1).unwrap_or("").to_owned())
@@ -49,7 +50,10 @@ fn conll(shared: &std::path::Path) -> Vec<String> {
 }
 
 fn encode_all(tok: &AutoTokenizer, texts: &[String], opts: &EncodeOptions) -> usize {
-    texts.chunks(BATCH).map(|b| tok.batch_encode(b, opts).unwrap().len()).sum()
+    texts
+        .chunks(BATCH)
+        .map(|b| tok.batch_encode(b, opts).unwrap().len())
+        .sum()
 }
 
 fn bench(c: &mut Criterion) {
@@ -62,8 +66,16 @@ fn bench(c: &mut Criterion) {
         .truncation(Truncation::LongestFirst)
         .max_length(128);
     let cases = [
-        ("minilm_conll2003", "models/all-MiniLM-L6-v2", conll(&shared)),
-        ("bert_chinese_chnsenticorp", "models/bert-base-chinese-vocab", reviews(&shared)),
+        (
+            "minilm_conll2003",
+            "models/all-MiniLM-L6-v2",
+            conll(&shared),
+        ),
+        (
+            "bert_chinese_chnsenticorp",
+            "models/bert-base-chinese-vocab",
+            reviews(&shared),
+        ),
     ];
     let mut group = c.benchmark_group("batch_encode");
     group.sample_size(10);
