@@ -23,9 +23,12 @@ struct Pair {
 const PAIRS: &[Pair] = &[Pair {
     package: "ember-tokenizers",
     bench: "batch_encode",
-    script: "tokenize.py",
+    script: "tokenizer_bench.py",
     unit: "sentences",
 }];
+
+/// Per bench: Ember's seconds per round, the reference's seconds per round, items, unit.
+type Results = BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &'static str)>;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let rounds: usize = match args {
@@ -39,8 +42,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         eprintln!("no reference Python found: Ember's numbers only");
     }
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    // bench -> (ember seconds per round, python seconds per round, items)
-    let mut results: BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &str)> = BTreeMap::new();
+    let mut results = Results::new();
     for round in 0..rounds {
         for pair in PAIRS {
             eprintln!(
@@ -141,7 +143,7 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 fn table(
-    results: &BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &str)>,
+    results: &Results,
     rounds: usize,
     load_before: &str,
     load_after: &str,

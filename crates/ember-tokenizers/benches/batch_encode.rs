@@ -3,11 +3,14 @@
 //! 128 tokens, as a fine-tuning `map(tokenize, batched=True)` does. `cargo xtask bench` runs the
 //! same work through Python `transformers` and prints the ratio.
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_tokenizers::{AutoTokenizer, EncodeOptions, Padding, Truncation};
 use std::path::PathBuf;
 
-/// Sentences per corpus; the same numbers are in `xtask/bench/tokenize.py`.
+/// Sentences per corpus; the same numbers are in `xtask/bench/tokenizer_bench.py`.
 const N: usize = 2000;
 const BATCH: usize = 64;
 

@@ -83,7 +83,6 @@ pub fn backend_name() -> &'static str {
 }
 
 /// The names most programs need, in one import.
-
 pub mod prelude {
     pub use crate::{default_device, Backend, Device, TrainBackend};
     pub use burn::tensor::{backend::Backend as BackendTrait, Int, Tensor};

@@ -2,7 +2,7 @@
 through `transformers` 5 (Rust `tokenizers` underneath). Prints one JSON line per case with the
 median seconds over repeated runs.
 
-    python xtask/bench/tokenize.py SHARED_DIR [--repeats N]
+    python xtask/bench/tokenizer_bench.py SHARED_DIR [--repeats N]
 """
 
 import argparse
