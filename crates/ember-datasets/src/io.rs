@@ -321,3 +321,73 @@ pub(crate) fn replace_dir_atomically(
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
+
+/// `load_dataset("parquet", data_files=path)`.
+pub fn read_parquet(path: impl AsRef<Path>) -> Result<Dataset> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path).map_err(|e| DatasetError::io(path, e))?;
+    let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| parse_error(path, e))?;
+    let schema = builder.schema().clone();
+    let reader = builder.build().map_err(|e| parse_error(path, e))?;
+    let batches = reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| parse_error(path, e))?;
+    let batch = concat(path, schema.clone(), &batches)?;
+    let features = schema
+        .metadata()
+        .get("huggingface")
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        .map(|v| Features::from_json(&v["info"]["features"], &path.display().to_string()))
+        .transpose()?;
+    let plain = RecordBatch::try_new(
+        Arc::new(Schema::new(schema.fields().clone())),
+        batch.columns().to_vec(),
+    )?;
+    Dataset::from_record_batch(plain, features)
+}
+
+impl Dataset {
+    /// `to_parquet(path)`: snappy-compressed Parquet with the features in the schema metadata
+    /// (`huggingface`), as `datasets` writes it; atomic.
+    pub fn to_parquet(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let hf_meta = json!({"info": {"features": self.features().to_json()}}).to_string();
+        let schema = Arc::new(
+            self.record_batch()
+                .schema()
+                .as_ref()
+                .clone()
+                .with_metadata(HashMap::from([("huggingface".to_string(), hf_meta)])),
+        );
+        let batch = self.record_batch().clone().with_schema(schema.clone())?;
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_compression(parquet::basic::Compression::SNAPPY)
+            .build();
+        let mut out = Vec::new();
+        {
+            let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, schema, Some(props))
+                .map_err(|e| parse_error(path, e))?;
+            w.write(&batch).map_err(|e| parse_error(path, e))?;
+            w.close().map_err(|e| parse_error(path, e))?;
+        }
+        write_atomic(path, &out)
+    }
+
+    /// `concatenate_datasets([self, other])`: rows of both; columns and types must agree.
+    pub fn concatenate(&self, other: &Dataset) -> Result<Dataset> {
+        if self.column_names() != other.column_names() {
+            return Err(DatasetError::Shape(format!(
+                "columns differ: {:?} vs {:?}",
+                self.column_names(),
+                other.column_names()
+            )));
+        }
+        let schema = self.record_batch().schema();
+        let other_batch =
+            RecordBatch::try_new(schema.clone(), other.record_batch().columns().to_vec())
+                .map_err(|e| DatasetError::Shape(format!("column types differ: {e}")))?;
+        let batch = compute::concat_batches(&schema, [self.record_batch(), &other_batch])?;
+        Dataset::from_record_batch(batch, Some(self.features().clone()))
+    }
+}

@@ -27,6 +27,8 @@ mod dict;
 mod error;
 mod features;
 mod io;
+mod load;
+mod ner;
 mod progress;
 
 pub use arrow;
@@ -34,4 +36,6 @@ pub use dataset::Dataset;
 pub use dict::{DatasetDict, SplitOptions, SplitSize};
 pub use error::{DatasetError, Result};
 pub use features::{Feature, Features};
-pub use io::{read_csv, read_json, write_atomic};
+pub use io::{read_csv, read_json, read_parquet, write_atomic};
+pub use load::{load_dataset, load_dataset_split, Builder, DataFiles};
+pub use ner::{read_conll, read_conll_with_labels};

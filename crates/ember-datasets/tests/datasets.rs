@@ -334,3 +334,121 @@ fn select_shuffle_sort_unique_rename() {
         Err(DatasetError::DuplicateColumn(_))
     ));
 }
+
+#[test]
+fn split_expressions_slice_like_python() {
+    let Some(shared) = shared() else { return };
+    let file = shared.join("data/chnsenticorp/ChnSentiCorp_htl_all.csv");
+    // Row counts Python `datasets` 5.2 gives for the same expressions on this file.
+    for (expr, rows) in [
+        ("train", 7766),
+        ("train[:10%]", 777),
+        ("train[-10%:]", 777),
+        ("train[10:100]", 90),
+        ("train[:10%]+train[-5:]", 782),
+        ("train[33%:34%]", 77),
+    ] {
+        let ds = ember_datasets::load_dataset_split("csv", &file, expr).unwrap();
+        assert_eq!(ds.num_rows(), rows, "{expr}");
+    }
+    let first = ember_datasets::load_dataset_split("csv", &file, "train[10:12]").unwrap();
+    let all = read_csv(&file).unwrap();
+    assert_eq!(rows_json(&first), rows_json(&all.slice(10, 2).unwrap()));
+    for bad in ["train[", "train[a:b]", "train[:200%]", "", "train+"] {
+        let err = ember_datasets::load_dataset_split("csv", &file, bad).unwrap_err();
+        assert!(
+            matches!(err, DatasetError::InvalidArgument { name: "split", .. }),
+            "{bad}: {err}"
+        );
+    }
+    let err = ember_datasets::load_dataset_split("csv", &file, "validation").unwrap_err();
+    assert!(err.to_string().contains("validation"), "{err}");
+}
+
+#[test]
+fn conll_and_msra_ner_files_read_into_tokens_and_tag_ids() {
+    let Some(shared) = shared() else { return };
+    let conll = ember_datasets::read_conll(shared.join("data/ner/conll2003/train.txt")).unwrap();
+    assert_eq!(conll.num_rows(), 14041);
+    let Some(Feature::List(inner)) = conll.features().get("ner_tags") else {
+        panic!()
+    };
+    let Feature::ClassLabel(names) = inner.as_ref() else {
+        panic!()
+    };
+    assert_eq!(
+        names,
+        &["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    );
+    let row = conll.row(0).unwrap();
+    assert_eq!(row["tokens"][0], "EU");
+    assert_eq!(row["ner_tags"][0], 5, "EU is B-ORG");
+
+    let msra = ember_datasets::read_conll(shared.join("data/ner/msra/test.txt")).unwrap();
+    assert_eq!(msra.num_rows(), 4631);
+    let pd = ember_datasets::read_conll(shared.join("data/ner/peoples_daily/example.dev")).unwrap();
+    assert_eq!(pd.num_rows(), 2318);
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "EU B-ORG\nrejects\n").unwrap();
+    let err = ember_datasets::read_conll(&bad).unwrap_err();
+    assert!(err.to_string().contains("line 2"), "{err}");
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, "EU B-ORG\n\nParis B-LOC\n").unwrap();
+    let err =
+        ember_datasets::read_conll_with_labels(&small, &["O".into(), "B-ORG".into()]).unwrap_err();
+    assert!(
+        matches!(err, DatasetError::LabelOutOfRange { row: 1, ref value, .. } if value == "B-LOC"),
+        "{err}"
+    );
+}
+
+#[test]
+fn json_parquet_and_csv_exports_round_trip() {
+    let ds = Dataset::load_from_disk(fixtures().join("python-saved/single")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pq = dir.path().join("data.parquet");
+    ds.to_parquet(&pq).unwrap();
+    let back = ember_datasets::read_parquet(&pq).unwrap();
+    assert_eq!(rows_json(&back), rows_json(&ds));
+    assert_eq!(
+        back.features(),
+        ds.features(),
+        "ClassLabel survives through the schema metadata"
+    );
+
+    let jl = dir.path().join("data.jsonl");
+    ds.to_json_lines(&jl).unwrap();
+    let back = ember_datasets::read_json(&jl).unwrap();
+    assert_eq!(back.num_rows(), ds.num_rows());
+    assert!(back.row(2).unwrap()["text"].is_null());
+
+    let csv = dir.path().join("data.csv");
+    ds.select_columns(&["text", "label", "score"])
+        .unwrap()
+        .to_csv(&csv)
+        .unwrap();
+    let back = read_csv(&csv).unwrap();
+    assert_eq!(
+        back.int_column("label").unwrap(),
+        ds.int_column("label").unwrap()
+    );
+
+    let dd = ember_datasets::load_dataset(
+        "json",
+        ember_datasets::DataFiles::Splits(vec![
+            ("train".into(), vec![jl.clone(), jl.clone()]),
+            ("test".into(), vec![jl]),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        dd.split("train").unwrap().num_rows(),
+        12,
+        "several files concatenate"
+    );
+    assert_eq!(dd.split("test").unwrap().num_rows(), 6);
+    let err = ember_datasets::read_parquet(&csv).unwrap_err();
+    assert!(err.to_string().contains("data.csv"), "{err}");
+}
