@@ -20,12 +20,20 @@ struct Pair {
     unit: &'static str,
 }
 
-const PAIRS: &[Pair] = &[Pair {
-    package: "ember-tokenizers",
-    bench: "batch_encode",
-    script: "tokenizer_bench.py",
-    unit: "sentences",
-}];
+const PAIRS: &[Pair] = &[
+    Pair {
+        package: "ember-tokenizers",
+        bench: "batch_encode",
+        script: "tokenizer_bench.py",
+        unit: "sentences",
+    },
+    Pair {
+        package: "ember-tests",
+        bench: "datasets_pipeline",
+        script: "datasets_bench.py",
+        unit: "rows",
+    },
+];
 
 /// Per bench: Ember's seconds per round, the reference's seconds per round, items, unit.
 type Results = BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &'static str)>;

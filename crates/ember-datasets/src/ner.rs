@@ -21,7 +21,7 @@ pub fn read_conll(path: impl AsRef<Path>) -> Result<Dataset> {
             }
         }
     }
-    names.sort_by(|a, b| tag_key(a).cmp(&tag_key(b)));
+    names.sort_by_key(|a| tag_key(a));
     build(path.as_ref(), sentences, names)
 }
 

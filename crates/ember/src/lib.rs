@@ -34,6 +34,7 @@
 compile_error!("ember needs one backend feature: flex (default), ndarray, cuda or wgpu");
 
 pub use burn;
+pub mod data;
 pub use ember_datasets as datasets;
 pub use ember_distributed as distributed;
 pub use ember_models as models;

@@ -1,0 +1,49 @@
+//! Glue between tokenizers and datasets: the `dataset.map(tokenize, batched=True)` step.
+
+use ember_datasets::arrow::array::{ArrayRef, Int64Builder, ListBuilder};
+use ember_datasets::{Dataset, DatasetError};
+use ember_tokenizers::{BatchEncoding, EncodeOptions};
+use std::sync::Arc;
+
+/// The columns HF's tokenizer call adds to a batch: `input_ids`, `token_type_ids`,
+/// `attention_mask`, as Arrow list-of-int64 columns.
+pub fn encoding_columns(batch: &BatchEncoding) -> Vec<(String, ArrayRef)> {
+    let column = |rows: Vec<Vec<u32>>| -> ArrayRef {
+        let mut b = ListBuilder::new(Int64Builder::new());
+        for row in rows {
+            b.values()
+                .append_slice(&row.into_iter().map(i64::from).collect::<Vec<_>>());
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    vec![
+        ("input_ids".into(), column(batch.input_ids())),
+        ("token_type_ids".into(), column(batch.token_type_ids())),
+        ("attention_mask".into(), column(batch.attention_mask())),
+    ]
+}
+
+/// `ds.map(lambda b: tok(b[text_column], **options), batched=True, batch_size=...)`: adds the
+/// tokenizer's columns to every row. A null text is encoded as an empty string (filter nulls
+/// first to drop them, as in Python).
+pub fn tokenize_map(
+    ds: &Dataset,
+    tokenizer: &ember_tokenizers::AutoTokenizer,
+    text_column: &str,
+    options: &EncodeOptions,
+    batch_size: usize,
+    remove_columns: &[&str],
+) -> Result<Dataset, DatasetError> {
+    ds.map_batched(batch_size, remove_columns, |batch| {
+        let texts: Vec<String> = batch
+            .string_column(text_column)?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        let encoded = tokenizer
+            .batch_encode(&texts, options)
+            .map_err(|e| DatasetError::Shape(format!("tokenizing column `{text_column}`: {e}")))?;
+        Ok(encoding_columns(&encoded))
+    })
+}
