@@ -8,6 +8,7 @@ use crate::legacy::{self, BertOptions};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::Path;
+use tokenizers::utils::parallelism::MaybeParallelIterator;
 use tokenizers::{
     AddedToken, Encoding, PaddingDirection, PaddingParams, PaddingStrategy, PostProcessor,
     PostProcessorWrapper, Tokenizer, TruncationDirection, TruncationParams,
@@ -424,20 +425,6 @@ impl AutoTokenizer {
         r.map_err(|e| TokenizerError::backend("encoding", e))
     }
 
-    fn encode_sequences<S: AsRef<str> + Sync>(
-        &self,
-        texts: &[S],
-        offsets: bool,
-    ) -> Result<Vec<Encoding>> {
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
-        let r = if offsets {
-            self.inner.encode_batch_char_offsets(inputs, false)
-        } else {
-            self.inner.encode_batch(inputs, false)
-        };
-        r.map_err(|e| TokenizerError::backend("encoding", e))
-    }
-
     fn encode_batch_inner<S: AsRef<str> + Sync>(
         &self,
         texts: &[S],
@@ -448,19 +435,17 @@ impl AutoTokenizer {
         let truncation = self.truncation_params(opts, is_pair)?;
         let padding = self.padding_params(opts)?;
 
-        let firsts = self.encode_sequences(texts, opts.return_offsets_mapping)?;
-        let seconds = match pairs {
-            Some(p) => self
-                .encode_sequences(p, opts.return_offsets_mapping)?
-                .into_iter()
-                .map(Some)
-                .collect(),
-            None => vec![None; firsts.len()],
-        };
-        let mut encodings = firsts
-            .into_iter()
-            .zip(seconds)
-            .map(|(a, b)| {
+        // Encode, truncate and add special tokens per input in parallel (rayon, as
+        // `tokenizers`' own `encode_batch` does); padding needs the whole batch.
+        let offsets = opts.return_offsets_mapping;
+        let mut encodings = (0..texts.len())
+            .into_maybe_par_iter()
+            .map(|i| {
+                let a = self.encode_sequence(texts[i].as_ref(), offsets)?;
+                let b = match pairs {
+                    Some(p) => Some(self.encode_sequence(p[i].as_ref(), offsets)?),
+                    None => None,
+                };
                 let (a, b) = match &truncation {
                     Some(params) => tokenizers::utils::truncation::truncate_encodings(a, b, params)
                         .map_err(|e| TokenizerError::Truncation {
