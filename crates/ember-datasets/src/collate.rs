@@ -585,18 +585,6 @@ impl DataCollatorWithPadding {
             pad_to_multiple_of: None,
         }
     }
-
-    /// Sets `padding_side`.
-    pub fn padding_side(mut self, side: PaddingSide) -> Self {
-        self.padding_side = side;
-        self
-    }
-
-    /// Sets `pad_to_multiple_of`.
-    pub fn pad_to_multiple_of(mut self, multiple: usize) -> Self {
-        self.pad_to_multiple_of = Some(multiple);
-        self
-    }
 }
 
 impl Collator for DataCollatorWithPadding {
@@ -668,18 +656,6 @@ impl DataCollatorForTokenClassification {
             pad_to_multiple_of: None,
             label_pad_token_id: IGNORE_INDEX,
         }
-    }
-
-    /// Sets `padding_side`.
-    pub fn padding_side(mut self, side: PaddingSide) -> Self {
-        self.padding_side = side;
-        self
-    }
-
-    /// Sets `pad_to_multiple_of`.
-    pub fn pad_to_multiple_of(mut self, multiple: usize) -> Self {
-        self.pad_to_multiple_of = Some(multiple);
-        self
     }
 
     /// Sets `label_pad_token_id`.
@@ -768,18 +744,6 @@ impl DataCollatorForLanguageModeling {
             pad_to_multiple_of: None,
         }
     }
-
-    /// Sets `padding_side`.
-    pub fn padding_side(mut self, side: PaddingSide) -> Self {
-        self.padding_side = side;
-        self
-    }
-
-    /// Sets `pad_to_multiple_of`.
-    pub fn pad_to_multiple_of(mut self, multiple: usize) -> Self {
-        self.pad_to_multiple_of = Some(multiple);
-        self
-    }
 }
 
 impl Collator for DataCollatorForLanguageModeling {
@@ -805,3 +769,29 @@ impl Collator for DataCollatorForLanguageModeling {
         Ok(batch)
     }
 }
+
+/// The builder setters every collator shares (`padding_side`, `pad_to_multiple_of`), as the HF
+/// collators share those arguments.
+macro_rules! padding_setters {
+    ($($collator:ty),*) => {$(
+        impl $collator {
+            /// Sets `padding_side`.
+            pub fn padding_side(mut self, side: PaddingSide) -> Self {
+                self.padding_side = side;
+                self
+            }
+
+            /// Sets `pad_to_multiple_of`.
+            pub fn pad_to_multiple_of(mut self, multiple: usize) -> Self {
+                self.pad_to_multiple_of = Some(multiple);
+                self
+            }
+        }
+    )*};
+}
+
+padding_setters!(
+    DataCollatorWithPadding,
+    DataCollatorForTokenClassification,
+    DataCollatorForLanguageModeling
+);
