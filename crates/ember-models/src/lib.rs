@@ -1,5 +1,63 @@
-//! Hugging Face `transformers` models on burn.
+//! Hugging Face `transformers` models on burn, file-compatible with Python.
 //!
-//! This crate will hold the configs (`config.json` with HF field names), the shared linear and
-//! embedding layers, BERT / RoBERTa, Llama, Bloom and GPT-2, the task heads, `Auto*` loading,
-//! generation and checkpoint IO. It is filled by a later milestone and exports nothing yet.
+//! - [`BertConfig`] / [`RobertaConfig`]: `config.json` with HF names and defaults; unknown
+//!   fields are kept.
+//! - [`BertModel`] / [`RobertaModel`] and the heads [`BertForSequenceClassification`],
+//!   [`BertForTokenClassification`], [`BertForMaskedLM`] and [`BertForQuestionAnswering`]
+//!   (RoBERTa aliases too), each with `from_pretrained`, `save_pretrained` and a `forward`
+//!   that returns logits, the HF loss when labels are given, and on request hidden states and
+//!   attentions.
+//! - [`AutoConfig`], [`AutoModel`], [`AutoModelForSequenceClassification`],
+//!   [`AutoModelForTokenClassification`], [`AutoModelForMaskedLM`] and
+//!   [`AutoModelForQuestionAnswering`], with HF's overrides ([`FromPretrainedOptions`]) and its
+//!   loading report ([`LoadReport`]).
+//! - Weights from `model.safetensors`, a sharded `model.safetensors.index.json` or
+//!   `pytorch_model.bin`, in f32, f16 or bf16, keys with or without the `bert.` / `roberta.`
+//!   prefix ([`Weights`]).
+//!
+//! Every model is generic over the burn backend; dropout is active only on an autodiff
+//! backend, so a model used for inference (`model.valid()`) never drops.
+//!
+//! ```no_run
+//! use ember_models::{AutoModelForSequenceClassification, EncoderInput, FromPretrainedOptions};
+//! use burn::tensor::{Int, Tensor, TensorData};
+//! type B = burn::backend::Flex;
+//! let device = Default::default();
+//! let options = FromPretrainedOptions::default().labels(["negative", "positive"]);
+//! let (model, report) =
+//!     AutoModelForSequenceClassification::from_pretrained_with::<B>("all-MiniLM-L6-v2", &options, &device)?;
+//! println!("new head: {:?}", report.missing_keys);
+//! let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![101i64, 7592, 102], [1, 3]), &device);
+//! let logits = model.forward(EncoderInput::new(ids), None)?.logits;
+//! model.save_pretrained("my-classifier")?;
+//! # Ok::<(), ember_models::ModelError>(())
+//! ```
+
+mod bert;
+mod config;
+mod error;
+mod heads;
+pub mod loss;
+mod params;
+mod pretrained;
+mod weights;
+
+pub use bert::{
+    Activation, BaseModelOutput, BertEmbeddings, BertLayer, BertModel, BertOutput,
+    BertSelfAttention, EncoderInput, OutputOptions, RobertaModel,
+};
+pub use config::{BertConfig, RobertaConfig, SUPPORTED_ACTIVATIONS};
+pub use error::{ModelError, Result};
+pub use heads::{
+    BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
+    BertForTokenClassification, ClassificationHead, QuestionAnsweringOutput, RobertaForMaskedLM,
+    RobertaForQuestionAnswering, RobertaForSequenceClassification, RobertaForTokenClassification,
+    SequenceClassifierOutput, SequenceLabels, TokenLogitsOutput,
+};
+pub use params::{NamedParam, StateDict};
+pub use pretrained::{
+    read_config, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification, AutoModelForTokenClassification, FromPretrainedOptions,
+    LoadReport,
+};
+pub use weights::{Weights, WEIGHT_FILES};

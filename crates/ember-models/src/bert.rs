@@ -1,0 +1,553 @@
+//! BERT and RoBERTa encoders (`BertModel`, `RobertaModel`), one struct per HF sub-module so
+//! that each parameter sits at its HF key (`encoder.layer.3.attention.self.query.weight`).
+//!
+//! RoBERTa is the same network; it differs only in how position ids are made (numbered after
+//! `pad_token_id`, skipping padding), in its defaults, and in its key prefix (`roberta.`), all
+//! of which follow from `model_type`.
+
+use crate::config::BertConfig;
+use crate::error::{ModelError, Result};
+use crate::params::{
+    init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
+};
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{activation, backend::Backend, Bool, ElementConversion, Int, Tensor};
+
+/// The feed-forward activation named by `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact, erf-based GELU.
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+    /// `silu`.
+    Silu,
+}
+
+impl Activation {
+    /// The activation for a `hidden_act` value (checked by [`BertConfig::validate`]).
+    pub fn from_hf(name: &str) -> Self {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" => Self::Silu,
+            _ => Self::Gelu,
+        }
+    }
+
+    /// Applies the activation.
+    pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Gelu => activation::gelu(x),
+            Self::GeluTanh => activation::gelu_approximate(x),
+            Self::Relu => activation::relu(x),
+            Self::Silu => activation::silu(x),
+        }
+    }
+}
+
+/// The inputs of an encoder, as a tokenizer gives them (`[batch, seq]` each).
+#[derive(Debug, Clone)]
+pub struct EncoderInput<B: Backend> {
+    /// Token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// 1 for real tokens, 0 for padding (on either side); all ones when `None`.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// Segment ids; zeros when `None`.
+    pub token_type_ids: Option<Tensor<B, 2, Int>>,
+    /// Position ids; `0..seq` (BERT) or numbered after the padding id (RoBERTa) when `None`.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> EncoderInput<B> {
+    /// Input ids alone.
+    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            token_type_ids: None,
+            position_ids: None,
+        }
+    }
+
+    /// With an attention mask.
+    pub fn with_attention_mask(mut self, mask: Tensor<B, 2, Int>) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+
+    /// With token type ids.
+    pub fn with_token_type_ids(mut self, ids: Tensor<B, 2, Int>) -> Self {
+        self.token_type_ids = Some(ids);
+        self
+    }
+
+    /// With position ids.
+    pub fn with_position_ids(mut self, ids: Tensor<B, 2, Int>) -> Self {
+        self.position_ids = Some(ids);
+        self
+    }
+}
+
+/// `embeddings`: word + position + token type, then LayerNorm and dropout.
+#[derive(Module, Debug)]
+pub struct BertEmbeddings<B: Backend> {
+    /// `word_embeddings`.
+    pub word_embeddings: Embedding<B>,
+    /// `position_embeddings`.
+    pub position_embeddings: Embedding<B>,
+    /// `token_type_embeddings`.
+    pub token_type_embeddings: Embedding<B>,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm<B>,
+    /// Dropout after the LayerNorm (`hidden_dropout_prob`).
+    pub dropout: Dropout,
+    /// `pad_token_id`: PyTorch's `padding_idx`, whose row gets no gradient.
+    pub padding_idx: Option<usize>,
+    /// RoBERTa's padding id, after which positions are numbered; `None` for BERT.
+    pub roberta_padding_idx: Option<usize>,
+}
+
+/// An embedding lookup whose `padding_idx` row receives no gradient, as in `torch.nn.Embedding`.
+fn lookup<B: Backend>(
+    table: &Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+    padding_idx: Option<usize>,
+) -> Tensor<B, 3> {
+    let Some(pad) = padding_idx.filter(|_| B::ad_enabled(&ids.device())) else {
+        return table.forward(ids);
+    };
+    let is_pad = ids.clone().equal_elem(pad as i64).unsqueeze_dim::<3>(2);
+    let frozen = burn::tensor::module::embedding(table.weight.val().detach(), ids.clone());
+    let [batch, seq, hidden] = frozen.dims();
+    table
+        .forward(ids)
+        .mask_where(is_pad.expand([batch, seq, hidden]), frozen)
+}
+
+impl<B: Backend> BertEmbeddings<B> {
+    fn new(c: &BertConfig, device: &B::Device) -> Self {
+        let std = c.initializer_range;
+        let pad = c.pad_token_id.map(|p| p as usize);
+        Self {
+            word_embeddings: init_embedding(c.vocab_size, c.hidden_size, std, pad, device),
+            position_embeddings: init_embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                std,
+                if c.is_roberta() { pad } else { None },
+                device,
+            ),
+            token_type_embeddings: init_embedding(
+                c.type_vocab_size,
+                c.hidden_size,
+                std,
+                None,
+                device,
+            ),
+            layer_norm: init_layer_norm(c.hidden_size, c.layer_norm_eps, device),
+            dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
+            padding_idx: pad,
+            roberta_padding_idx: if c.is_roberta() { pad } else { None },
+        }
+    }
+
+    /// The position ids HF makes when none are given.
+    pub fn default_position_ids(&self, input_ids: &Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+        let [batch, seq] = input_ids.dims();
+        match self.roberta_padding_idx {
+            // RoBERTa: cumsum(ids != pad) * (ids != pad) + pad.
+            Some(pad) => {
+                let real = input_ids.clone().not_equal_elem(pad as i64).int();
+                (real.clone().cumsum(1) * real).add_scalar(pad as i64)
+            }
+            None => Tensor::<B, 1, Int>::arange(0..seq as i64, &input_ids.device())
+                .unsqueeze::<2>()
+                .repeat_dim(0, batch),
+        }
+    }
+
+    fn forward(&self, input: &EncoderInput<B>) -> Tensor<B, 3> {
+        let ids = input.input_ids.clone();
+        let [batch, seq] = ids.dims();
+        let positions = input
+            .position_ids
+            .clone()
+            .unwrap_or_else(|| self.default_position_ids(&ids));
+        let types = input
+            .token_type_ids
+            .clone()
+            .unwrap_or_else(|| Tensor::zeros([batch, seq], &ids.device()));
+        let pad = self.padding_idx;
+        let x = lookup(&self.word_embeddings, ids, pad)
+            + lookup(
+                &self.position_embeddings,
+                positions,
+                self.roberta_padding_idx,
+            )
+            + self.token_type_embeddings.forward(types);
+        self.dropout.forward(self.layer_norm.forward(x))
+    }
+}
+
+impl<B: Backend> VisitParams<B> for BertEmbeddings<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.word_embeddings = self.word_embeddings.visit(&join(p, "word_embeddings"), v)?;
+        self.position_embeddings = self
+            .position_embeddings
+            .visit(&join(p, "position_embeddings"), v)?;
+        self.token_type_embeddings = self
+            .token_type_embeddings
+            .visit(&join(p, "token_type_embeddings"), v)?;
+        self.layer_norm = self.layer_norm.visit(&join(p, "LayerNorm"), v)?;
+        Ok(self)
+    }
+}
+
+/// `attention.self`: the query / key / value projections and scaled dot-product attention.
+#[derive(Module, Debug)]
+pub struct BertSelfAttention<B: Backend> {
+    /// `query`.
+    pub query: Linear<B>,
+    /// `key`.
+    pub key: Linear<B>,
+    /// `value`.
+    pub value: Linear<B>,
+    /// Dropout on the attention probabilities.
+    pub dropout: Dropout,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+/// `attention.output` and `output`: projection, dropout, residual, LayerNorm.
+#[derive(Module, Debug)]
+pub struct BertOutput<B: Backend> {
+    /// `dense`.
+    pub dense: Linear<B>,
+    /// `LayerNorm`.
+    pub layer_norm: LayerNorm<B>,
+    /// Dropout before the residual (`hidden_dropout_prob`).
+    pub dropout: Dropout,
+}
+
+/// `encoder.layer.N`.
+#[derive(Module, Debug)]
+pub struct BertLayer<B: Backend> {
+    /// `attention.self`.
+    pub attention_self: BertSelfAttention<B>,
+    /// `attention.output`.
+    pub attention_output: BertOutput<B>,
+    /// `intermediate.dense`.
+    pub intermediate: Linear<B>,
+    /// `output`.
+    pub output: BertOutput<B>,
+    /// `hidden_act`.
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+/// The padding mask of a batch, prepared once for every layer.
+#[derive(Debug, Clone)]
+struct AttentionMask<B: Backend> {
+    /// `[batch, 1, 1, seq]`, true where a key is padding.
+    padding: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> BertOutput<B> {
+    fn new(d_in: usize, c: &BertConfig, device: &B::Device) -> Self {
+        Self {
+            dense: init_linear(d_in, c.hidden_size, c.initializer_range, device),
+            layer_norm: init_layer_norm(c.hidden_size, c.layer_norm_eps, device),
+            dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.layer_norm
+            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for BertOutput<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.dense = self.dense.visit(&join(p, "dense"), v)?;
+        self.layer_norm = self.layer_norm.visit(&join(p, "LayerNorm"), v)?;
+        Ok(self)
+    }
+}
+
+impl<B: Backend> BertLayer<B> {
+    fn new(c: &BertConfig, device: &B::Device) -> Self {
+        let (h, std) = (c.hidden_size, c.initializer_range);
+        Self {
+            attention_self: BertSelfAttention {
+                query: init_linear(h, h, std, device),
+                key: init_linear(h, h, std, device),
+                value: init_linear(h, h, std, device),
+                dropout: DropoutConfig::new(c.attention_probs_dropout_prob).init(),
+                num_heads: c.num_attention_heads,
+            },
+            attention_output: BertOutput::new(h, c, device),
+            intermediate: init_linear(h, c.intermediate_size, std, device),
+            output: BertOutput::new(c.intermediate_size, c, device),
+            activation: Activation::from_hf(&c.hidden_act),
+        }
+    }
+
+    /// One layer; returns the attention probabilities too when `want_probs`.
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<&AttentionMask<B>>,
+        want_probs: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+        let a = &self.attention_self;
+        let [batch, seq, hidden] = x.dims();
+        let heads = a.num_heads;
+        let d = hidden / heads;
+        let split = |t: Tensor<B, 3>| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);
+        let q = split(a.query.forward(x.clone()));
+        let k = split(a.key.forward(x.clone()));
+        let v = split(a.value.forward(x.clone()));
+        let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
+        let (context, probs) = if want_probs || dropout_active {
+            let mut scores = q
+                .matmul(k.swap_dims(2, 3))
+                .mul_scalar(1.0 / (d as f64).sqrt());
+            if let Some(m) = mask {
+                // HF adds the dtype's minimum where a key is padding.
+                scores =
+                    scores.mask_fill(m.padding.clone().expand([batch, heads, seq, seq]), f32::MIN);
+            }
+            let probs = activation::softmax(scores, 3);
+            let context = a.dropout.forward(probs.clone()).matmul(v);
+            (context, want_probs.then_some(probs))
+        } else {
+            let mask = mask.map(|m| m.padding.clone().expand([batch, heads, seq, seq]));
+            (
+                attention(q, k, v, mask, None, AttentionModuleOptions::default()),
+                None,
+            )
+        };
+        let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+        let attended = self.attention_output.forward(context, x);
+        let inner = self
+            .activation
+            .forward(self.intermediate.forward(attended.clone()));
+        (self.output.forward(inner, attended), probs)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for BertLayer<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        let s = join(p, "attention.self");
+        self.attention_self.query = self.attention_self.query.visit(&join(&s, "query"), v)?;
+        self.attention_self.key = self.attention_self.key.visit(&join(&s, "key"), v)?;
+        self.attention_self.value = self.attention_self.value.visit(&join(&s, "value"), v)?;
+        self.attention_output = self
+            .attention_output
+            .visit(&join(p, "attention.output"), v)?;
+        self.intermediate = self.intermediate.visit(&join(p, "intermediate.dense"), v)?;
+        self.output = self.output.visit(&join(p, "output"), v)?;
+        Ok(self)
+    }
+}
+
+/// `BertModel` / `RobertaModel`: embeddings, encoder and the optional pooler.
+#[derive(Module, Debug)]
+pub struct BertModel<B: Backend> {
+    /// `embeddings`.
+    pub embeddings: BertEmbeddings<B>,
+    /// `encoder.layer`.
+    pub layers: Vec<BertLayer<B>>,
+    /// `pooler.dense`: tanh of the first token's projection. Absent in the token
+    /// classification, masked-LM and question-answering models, as in HF.
+    pub pooler: Option<Linear<B>>,
+    /// The configuration the model was built from (written back by `save_pretrained`).
+    #[module(skip)]
+    pub config: BertConfig,
+}
+
+/// `RobertaModel`: [`BertModel`] built from a `roberta` config.
+pub type RobertaModel<B> = BertModel<B>;
+
+/// What the encoder returns.
+#[derive(Debug, Clone)]
+pub struct BaseModelOutput<B: Backend> {
+    /// `last_hidden_state`, `[batch, seq, hidden]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// `pooler_output`, `[batch, hidden]`, when the model has a pooler.
+    pub pooler_output: Option<Tensor<B, 2>>,
+    /// The embeddings' output and every layer's, when asked for (`num_hidden_layers + 1`).
+    pub hidden_states: Option<Vec<Tensor<B, 3>>>,
+    /// Every layer's attention probabilities `[batch, heads, seq, seq]`, when asked for.
+    pub attentions: Option<Vec<Tensor<B, 4>>>,
+}
+
+/// Which extra outputs a forward pass returns (HF's `output_attentions` /
+/// `output_hidden_states`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// Return every layer's attention probabilities.
+    pub attentions: bool,
+    /// Return every layer's hidden states.
+    pub hidden_states: bool,
+}
+
+impl OutputOptions {
+    /// The options a config asks for.
+    pub fn from_config(c: &BertConfig) -> Self {
+        Self {
+            attentions: c.output_attentions,
+            hidden_states: c.output_hidden_states,
+        }
+    }
+}
+
+impl<B: Backend> BertModel<B> {
+    /// A model with fresh weights, initialised as HF does (normal with `initializer_range`,
+    /// zero biases, unit LayerNorm).
+    pub fn new(config: &BertConfig, add_pooling_layer: bool, device: &B::Device) -> Self {
+        let h = config.hidden_size;
+        Self {
+            embeddings: BertEmbeddings::new(config, device),
+            layers: (0..config.num_hidden_layers)
+                .map(|_| BertLayer::new(config, device))
+                .collect(),
+            pooler: add_pooling_layer.then(|| init_linear(h, h, config.initializer_range, device)),
+            config: config.clone(),
+        }
+    }
+
+    /// Checks the inputs against the model: shapes agree, ids are inside the vocabulary and the
+    /// sequence fits the position embeddings.
+    pub fn check_input(&self, input: &EncoderInput<B>) -> Result<()> {
+        let dims = input.input_ids.dims();
+        let [batch, seq] = dims;
+        if batch == 0 || seq == 0 {
+            return Err(ModelError::Input(format!(
+                "input_ids has shape {dims:?}; a batch needs at least one token"
+            )));
+        }
+        for (name, t) in [
+            ("attention_mask", &input.attention_mask),
+            ("token_type_ids", &input.token_type_ids),
+            ("position_ids", &input.position_ids),
+        ] {
+            if let Some(t) = t {
+                if t.dims() != dims {
+                    return Err(ModelError::Input(format!(
+                        "{name} has shape {:?}, input_ids {dims:?}",
+                        t.dims()
+                    )));
+                }
+            }
+        }
+        let positions = input
+            .position_ids
+            .clone()
+            .unwrap_or_else(|| self.embeddings.default_position_ids(&input.input_ids));
+        let last_position: i64 = positions.max().into_scalar().elem();
+        if last_position >= self.config.max_position_embeddings as i64 {
+            return Err(ModelError::Input(format!(
+                "a sequence of {seq} tokens needs position {last_position}, beyond max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let ids = input.input_ids.clone();
+        let (min_id, max_id): (i64, i64) = (
+            ids.clone().min().into_scalar().elem(),
+            ids.max().into_scalar().elem(),
+        );
+        if min_id < 0 || max_id >= self.config.vocab_size as i64 {
+            let bad = if min_id < 0 { min_id } else { max_id };
+            return Err(ModelError::Input(format!(
+                "input id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        if let Some(types) = &input.token_type_ids {
+            let n = self
+                .embeddings
+                .token_type_embeddings
+                .weight
+                .shape()
+                .dims::<2>()[0] as i64;
+            let (lo, hi): (i64, i64) = (
+                types.clone().min().into_scalar().elem(),
+                types.clone().max().into_scalar().elem(),
+            );
+            if lo < 0 || hi >= n {
+                return Err(ModelError::Input(format!(
+                    "token_type_id {} is outside type_vocab_size {n}",
+                    if lo < 0 { lo } else { hi }
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward pass. Dropout is active only on an autodiff backend (training).
+    pub fn forward(
+        &self,
+        input: EncoderInput<B>,
+        options: OutputOptions,
+    ) -> Result<BaseModelOutput<B>> {
+        self.check_input(&input)?;
+        let mask = input.attention_mask.as_ref().map(|m| AttentionMask {
+            padding: m
+                .clone()
+                .equal_elem(0)
+                .unsqueeze_dim::<3>(1)
+                .unsqueeze_dim::<4>(1),
+        });
+        let mut x = self.embeddings.forward(&input);
+        let mut hidden_states = options.hidden_states.then(|| vec![x.clone()]);
+        let mut attentions = options.attentions.then(Vec::new);
+        for layer in &self.layers {
+            let (out, probs) = layer.forward(x, mask.as_ref(), options.attentions);
+            x = out;
+            if let Some(states) = hidden_states.as_mut() {
+                states.push(x.clone());
+            }
+            if let (Some(all), Some(p)) = (attentions.as_mut(), probs) {
+                all.push(p);
+            }
+        }
+        let pooler_output = self
+            .pooler
+            .as_ref()
+            .map(|p| p.forward(first_token(x.clone())).tanh());
+        Ok(BaseModelOutput {
+            last_hidden_state: x,
+            pooler_output,
+            hidden_states,
+            attentions,
+        })
+    }
+}
+
+/// The first token's hidden state of each sequence: `[batch, seq, h]` → `[batch, h]`.
+pub(crate) fn first_token<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 2> {
+    x.narrow(1, 0, 1).squeeze_dim::<2>(1)
+}
+
+impl<B: Backend> VisitParams<B> for BertModel<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.embeddings = self.embeddings.visit(&join(p, "embeddings"), v)?;
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, layer)| layer.visit(&join(p, &format!("encoder.layer.{i}")), v))
+            .collect::<Result<_>>()?;
+        if let Some(pooler) = self.pooler.take() {
+            self.pooler = Some(pooler.visit(&join(p, "pooler.dense"), v)?);
+        }
+        Ok(self)
+    }
+}

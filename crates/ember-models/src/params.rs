@@ -1,0 +1,405 @@
+//! One walk over a model's parameters by HF key, used both to load a checkpoint and to save
+//! one, so that the key names live in one place per module.
+//!
+//! Each module's `visit` hands every parameter to a [`ParamVisitor`] under its full HF key and
+//! gets it back (replaced when loading, unchanged when saving). Parameters are created lazily,
+//! so a loaded model never draws the random values it replaces.
+
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+use burn::module::{Param, ParamId};
+use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Tensors by HF key: shape and f32 values in HF layout.
+pub type StateDict = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Joins a key prefix and a name with a dot (`""` + `a` is `a`).
+pub(crate) fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Receives each parameter of a model under its HF key.
+pub(crate) trait ParamVisitor<B: Backend> {
+    /// A 1-D parameter (bias, LayerNorm weight).
+    fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>>;
+    /// A 2-D parameter; `transposed` when burn stores it as `[in, out]` and HF as `[out, in]`.
+    fn visit2(
+        &mut self,
+        key: &str,
+        param: Param<Tensor<B, 2>>,
+        transposed: bool,
+    ) -> Result<Param<Tensor<B, 2>>>;
+}
+
+/// A module whose parameters can be walked by HF key.
+pub(crate) trait VisitParams<B: Backend>: Sized {
+    /// Hands every parameter to `v` under `prefix`, rebuilding the module from what comes back.
+    fn visit(self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self>;
+}
+
+impl<B: Backend> VisitParams<B> for Linear<B> {
+    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.weight = v.visit2(&join(prefix, "weight"), self.weight, true)?;
+        if let Some(bias) = self.bias.take() {
+            self.bias = Some(v.visit1(&join(prefix, "bias"), bias)?);
+        }
+        Ok(self)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for LayerNorm<B> {
+    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.gamma = v.visit1(&join(prefix, "weight"), self.gamma)?;
+        if let Some(beta) = self.beta.take() {
+            self.beta = Some(v.visit1(&join(prefix, "bias"), beta)?);
+        }
+        Ok(self)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for Embedding<B> {
+    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.weight = v.visit2(&join(prefix, "weight"), self.weight, false)?;
+        Ok(self)
+    }
+}
+
+/// HF's initialisation: a `[d_in → d_out]` linear layer with weights from N(0, std) and zero
+/// bias (created lazily).
+pub(crate) fn init_linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    std: f64,
+    device: &B::Device,
+) -> Linear<B> {
+    let d = device.clone();
+    let weight = Param::uninitialized(
+        ParamId::new(),
+        move |device, grad| {
+            let t = Tensor::<B, 2>::random([d_in, d_out], Distribution::Normal(0.0, std), device);
+            if grad {
+                t.require_grad()
+            } else {
+                t
+            }
+        },
+        d,
+        true,
+        [d_in, d_out].into(),
+    );
+    let bias = Param::from_tensor(Tensor::zeros([d_out], device));
+    Linear {
+        weight,
+        bias: Some(bias),
+    }
+}
+
+/// An embedding table with rows from N(0, std) and the padding row zeroed, as HF initialises
+/// it.
+pub(crate) fn init_embedding<B: Backend>(
+    n: usize,
+    d: usize,
+    std: f64,
+    padding_idx: Option<usize>,
+    device: &B::Device,
+) -> Embedding<B> {
+    let weight = Param::uninitialized(
+        ParamId::new(),
+        move |device, grad| {
+            let mut t = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, std), device);
+            if let Some(p) = padding_idx.filter(|p| *p < n) {
+                t = t.slice_assign([p..p + 1, 0..d], Tensor::zeros([1, d], device));
+            }
+            if grad {
+                t.require_grad()
+            } else {
+                t
+            }
+        },
+        device.clone(),
+        true,
+        [n, d].into(),
+    );
+    Embedding { weight }
+}
+
+/// A LayerNorm with weight 1, bias 0 and HF's epsilon.
+pub(crate) fn init_layer_norm<B: Backend>(d: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
+    burn::nn::LayerNormConfig::new(d)
+        .with_epsilon(eps)
+        .init(device)
+}
+
+/// Loads parameters from a checkpoint. Keys are looked up as HF's loader does: as they are,
+/// then with the base model prefix removed or added, then with the old `gamma` / `beta` names.
+/// A missing key under a `required` prefix is an error; any other missing key keeps its fresh
+/// initialisation and is reported.
+pub(crate) struct Loader<'a> {
+    pub weights: &'a Weights,
+    /// The base model prefix (`bert`, `roberta`); empty when loading a bare base model.
+    pub base_prefix: &'a str,
+    /// Keys (after the base prefix is removed) that may be missing: heads, pooler.
+    pub optional: Vec<String>,
+    /// Keys that were missing and keep their initialisation.
+    pub missing: Vec<String>,
+    /// Re-initialise a tensor whose shape differs instead of failing.
+    pub ignore_mismatched_sizes: bool,
+    /// Keys re-initialised because their shape differed.
+    pub mismatched: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    fn candidates(&self, key: &str) -> Vec<String> {
+        let mut out = vec![key.to_owned()];
+        let base = format!("{}.", self.base_prefix);
+        if !self.base_prefix.is_empty() {
+            if let Some(stripped) = key.strip_prefix(&base) {
+                out.push(stripped.to_owned());
+            }
+        } else {
+            for prefix in ["bert.", "roberta."] {
+                out.push(format!("{prefix}{key}"));
+            }
+        }
+        // The masked-LM decoder bias is saved as `<head>.bias`, `<head>.decoder.bias` or both.
+        for head in ["predictions.bias", "lm_head.bias"] {
+            if key.ends_with(head) {
+                out.push(format!(
+                    "{}decoder.bias",
+                    key.strip_suffix("bias").unwrap_or(key)
+                ));
+            }
+        }
+        for (new, old) in [(".weight", ".gamma"), (".bias", ".beta")] {
+            if key.contains("LayerNorm") || key.contains("layer_norm") {
+                let extra: Vec<String> = out
+                    .iter()
+                    .filter_map(|k| k.strip_suffix(new).map(|s| format!("{s}{old}")))
+                    .collect();
+                out.extend(extra);
+            }
+        }
+        out
+    }
+
+    fn is_optional(&self, key: &str) -> bool {
+        let base = format!("{}.", self.base_prefix);
+        let inner = if self.base_prefix.is_empty() {
+            key
+        } else {
+            key.strip_prefix(&base).unwrap_or(key)
+        };
+        let head = !self.base_prefix.is_empty() && !key.starts_with(&base);
+        head || self.optional.iter().any(|p| inner.starts_with(p.as_str()))
+    }
+
+    /// The file key holding the model key `key`, if any; `None` also for a tensor of another
+    /// shape when `ignore_mismatched_sizes` (recorded as mismatched).
+    fn find(&mut self, key: &str, shape: &[usize]) -> Option<String> {
+        let found = self
+            .candidates(key)
+            .into_iter()
+            .find(|k| self.weights.contains(k))?;
+        if self.ignore_mismatched_sizes && self.weights.shape(&found) != Some(shape) {
+            self.weights.mark_used(&found);
+            self.mismatched.push(key.to_owned());
+            return None;
+        }
+        Some(found)
+    }
+}
+
+impl<B: Backend> ParamVisitor<B> for Loader<'_> {
+    fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        let shape: [usize; 1] = param.shape().dims();
+        match self.find(key, &shape) {
+            Some(found) => {
+                let t = self
+                    .weights
+                    .get::<B, 1>(&found, shape, &param.lazy_device())?;
+                Ok(Param::initialized(param.id, t.require_grad()))
+            }
+            None => self.keep(key, param),
+        }
+    }
+
+    fn visit2(
+        &mut self,
+        key: &str,
+        param: Param<Tensor<B, 2>>,
+        transposed: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        let [a, b]: [usize; 2] = param.shape().dims();
+        let file_shape = if transposed { [b, a] } else { [a, b] };
+        match self.find(key, &file_shape) {
+            Some(found) => {
+                let t = self
+                    .weights
+                    .get::<B, 2>(&found, file_shape, &param.lazy_device())?;
+                let t = if transposed { t.transpose() } else { t };
+                Ok(Param::initialized(param.id, t.require_grad()))
+            }
+            None => self.keep(key, param),
+        }
+    }
+}
+
+impl Loader<'_> {
+    fn keep<T: burn::module::Parameter>(&mut self, key: &str, param: Param<T>) -> Result<Param<T>> {
+        if self.mismatched.last().is_some_and(|k| k == key) {
+            Ok(param)
+        } else if self.is_optional(key) {
+            self.missing.push(key.to_owned());
+            Ok(param)
+        } else {
+            Err(ModelError::MissingTensor {
+                key: key.to_owned(),
+                path: self.weights.source().to_owned(),
+            })
+        }
+    }
+}
+
+/// A parameter's HF name and burn id (to find its gradient or optimizer state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedParam {
+    /// The HF key, e.g. `bert.encoder.layer.0.attention.self.query.weight`.
+    pub name: String,
+    /// The burn parameter id.
+    pub id: ParamId,
+    /// The tensor's shape in burn.
+    pub shape: Vec<usize>,
+    /// Whether burn stores the transpose of HF's layout (linear weights: `[in, out]`).
+    pub transposed: bool,
+}
+
+/// Records names and ids without reading any values.
+#[derive(Default)]
+pub(crate) struct NameCollector {
+    pub params: Vec<NamedParam>,
+}
+
+impl<B: Backend> ParamVisitor<B> for NameCollector {
+    fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        self.params.push(NamedParam {
+            name: key.to_owned(),
+            id: param.id,
+            shape: param.shape().to_vec(),
+            transposed: false,
+        });
+        Ok(param)
+    }
+
+    fn visit2(
+        &mut self,
+        key: &str,
+        param: Param<Tensor<B, 2>>,
+        transposed: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        self.params.push(NamedParam {
+            name: key.to_owned(),
+            id: param.id,
+            shape: param.shape().to_vec(),
+            transposed,
+        });
+        Ok(param)
+    }
+}
+
+/// Collects every parameter as f32 values in HF layout, for saving.
+#[derive(Default)]
+pub(crate) struct Collector {
+    /// HF key → (shape, values).
+    pub tensors: StateDict,
+}
+
+impl Collector {
+    fn push(&mut self, key: &str, data: TensorData) -> Result<()> {
+        let shape = data.shape.to_vec();
+        let values = data.convert::<f32>().into_vec::<f32>().map_err(|e| {
+            ModelError::Input(format!("parameter `{key}` cannot be read as f32: {e:?}"))
+        })?;
+        self.tensors.insert(key.to_owned(), (shape, values));
+        Ok(())
+    }
+}
+
+impl<B: Backend> ParamVisitor<B> for Collector {
+    fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        self.push(key, param.val().into_data())?;
+        Ok(param)
+    }
+
+    fn visit2(
+        &mut self,
+        key: &str,
+        param: Param<Tensor<B, 2>>,
+        transposed: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        let t = param.val();
+        self.push(
+            key,
+            if transposed {
+                t.transpose().into_data()
+            } else {
+                t.into_data()
+            },
+        )?;
+        Ok(param)
+    }
+}
+
+/// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (which
+/// `transformers` requires), atomically: a temporary file in the same folder, then a rename.
+pub(crate) fn write_safetensors(path: &Path, tensors: &StateDict) -> Result<()> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, (shape, values))| {
+            (
+                k.clone(),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                shape.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, data, shape)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map_err(|e| ModelError::Input(format!("tensor `{k}`: {e}")))?;
+            Ok((k.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_owned(),
+        "pt".to_owned(),
+    )]));
+    let out = safetensors::serialize(views, metadata).map_err(|e| ModelError::Weights {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    write_atomic(path, &out)
+}
+
+/// Writes a file atomically: a temporary name in the same folder, then a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
