@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod embed;
 mod tokenize;
 
 /// Ember: Hugging Face fine-tuning in Rust, on burn.
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Tokenize lines from stdin into JSON lines (input_ids, attention_mask, token_type_ids, tokens).
     Tokenize(tokenize::TokenizeArgs),
+    /// Sentence embeddings of lines from stdin as JSON lines (mean_normalized, cls).
+    Embed(embed::EmbedArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Embed(args) => embed::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

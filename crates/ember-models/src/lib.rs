@@ -15,6 +15,8 @@
 //!   `pytorch_model.bin`, in f32, f16 or bf16, keys with or without the `bert.` / `roberta.`
 //!   prefix ([`Weights`]).
 //!
+//! - [`pooling`]: sentence-transformers' masked mean pooling and L2 normalisation.
+//!
 //! Every model is generic over the burn backend; dropout is active only on an autodiff
 //! backend, so a model used for inference (`model.valid()`) never drops.
 //!
@@ -39,6 +41,7 @@ mod error;
 mod heads;
 pub mod loss;
 mod params;
+pub mod pooling;
 mod pretrained;
 mod weights;
 

@@ -637,3 +637,114 @@ fn bad_inputs_and_files_are_typed_errors() {
     assert!(err.to_string().contains("num_hidden_layers"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// The pinned reference Python (`EMBER_PYTHON`, or the venv `../shared/tools/pyref-venv` makes).
+fn reference_python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("EMBER_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
+        })?;
+    candidate.is_file().then_some(candidate)
+}
+
+#[test]
+fn ember_saved_folders_load_in_python() {
+    let device = Default::default();
+    let e = Expected::open("tiny-expected.safetensors");
+    let mut dirs = Vec::new();
+    for kind in ["bert", "roberta"] {
+        // Fresh weights (not a copy of the fixture), saved by Ember, with the logits Ember
+        // computes for the fixture's inputs.
+        let config = AutoConfig::from_pretrained(fixtures().join(format!("tiny-{kind}"))).unwrap();
+        let input = input(&e, kind);
+        let logits: Vec<(&str, Tensor<B, 3>, Box<dyn Fn(&Path)>)> = vec![
+            {
+                let m =
+                    AutoModelForSequenceClassification::from_config::<B>(&config, &device).unwrap();
+                let l = m.forward(input.clone(), None).unwrap().logits.unsqueeze();
+                (
+                    "seq",
+                    l,
+                    Box::new(move |d: &Path| m.save_pretrained(d).unwrap()),
+                )
+            },
+            {
+                let m =
+                    AutoModelForTokenClassification::from_config::<B>(&config, &device).unwrap();
+                let l = m.forward(input.clone(), None).unwrap().logits;
+                (
+                    "token",
+                    l,
+                    Box::new(move |d: &Path| m.save_pretrained(d).unwrap()),
+                )
+            },
+            {
+                let m = AutoModelForMaskedLM::from_config::<B>(&config, &device).unwrap();
+                let l = m.forward(input.clone(), None).unwrap().logits;
+                (
+                    "mlm",
+                    l,
+                    Box::new(move |d: &Path| m.save_pretrained(d).unwrap()),
+                )
+            },
+        ];
+        for (head, logits, save) in logits {
+            let dir = tempdir(&format!("to-python-{kind}-{head}"));
+            save(&dir);
+            let logits = if head == "seq" {
+                logits.squeeze_dim::<2>(0).into_data()
+            } else {
+                logits.into_data()
+            };
+            let int = |t: Option<Tensor<B, 2, Int>>| t.unwrap().into_data().convert::<i64>();
+            let tensors = [
+                (
+                    "input_ids",
+                    input.input_ids.clone().into_data().convert::<i64>(),
+                ),
+                ("attention_mask", int(input.attention_mask.clone())),
+                ("token_type_ids", int(input.token_type_ids.clone())),
+                ("logits", logits),
+            ];
+            let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
+                .iter()
+                .map(|(k, d)| {
+                    let dtype = if d.dtype == burn::tensor::DType::I64 {
+                        safetensors::Dtype::I64
+                    } else {
+                        safetensors::Dtype::F32
+                    };
+                    (
+                        *k,
+                        safetensors::tensor::TensorView::new(dtype, d.shape.to_vec(), d.as_bytes())
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            std::fs::write(
+                dir.join("ember-logits.safetensors"),
+                safetensors::serialize(views, None).unwrap(),
+            )
+            .unwrap();
+            dirs.push(dir);
+        }
+    }
+    let Some(python) = reference_python() else {
+        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+        return;
+    };
+    let status = std::process::Command::new(python)
+        .arg(fixtures().join("check_saved.py"))
+        .args(&dirs)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "Python transformers disagrees with Ember on a folder Ember saved"
+    );
+    for dir in dirs {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
