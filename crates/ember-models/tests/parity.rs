@@ -649,6 +649,9 @@ fn reference_python() -> Option<PathBuf> {
     candidate.is_file().then_some(candidate)
 }
 
+/// Saves a model into a folder.
+type SaveFn = Box<dyn Fn(&Path)>;
+
 #[test]
 fn ember_saved_folders_load_in_python() {
     let device = Default::default();
@@ -659,7 +662,7 @@ fn ember_saved_folders_load_in_python() {
         // computes for the fixture's inputs.
         let config = AutoConfig::from_pretrained(fixtures().join(format!("tiny-{kind}"))).unwrap();
         let input = input(&e, kind);
-        let logits: Vec<(&str, Tensor<B, 3>, Box<dyn Fn(&Path)>)> = vec![
+        let logits: Vec<(&str, Tensor<B, 3>, SaveFn)> = vec![
             {
                 let m =
                     AutoModelForSequenceClassification::from_config::<B>(&config, &device).unwrap();
