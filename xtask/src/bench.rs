@@ -33,17 +33,37 @@ const PAIRS: &[Pair] = &[
         script: "datasets_bench.py",
         unit: "rows",
     },
+    Pair {
+        package: "ember-models",
+        bench: "encoders",
+        script: "models_bench.py",
+        unit: "sequences",
+    },
 ];
 
 /// Per bench: Ember's seconds per round, the reference's seconds per round, items, unit.
 type Results = BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &'static str)>;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
-    let rounds: usize = match args {
-        [flag, n] if flag == "--rounds" => n.parse().context("--rounds takes a number")?,
-        [] => 2,
-        _ => anyhow::bail!("usage: cargo xtask bench [--rounds N]"),
-    };
+    let mut rounds = 2;
+    let mut only: Option<String> = None;
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--rounds", Some(n)) => rounds = n.parse().context("--rounds takes a number")?,
+            ("--only", Some(name)) => only = Some(name.clone()),
+            _ => anyhow::bail!("usage: cargo xtask bench [--rounds N] [--only BENCH]"),
+        }
+    }
+    let pairs: Vec<&Pair> = PAIRS
+        .iter()
+        .filter(|p| only.as_deref().is_none_or(|o| o == p.bench))
+        .collect();
+    anyhow::ensure!(
+        !pairs.is_empty(),
+        "no bench named {}",
+        only.unwrap_or_default()
+    );
     let shared = root.join("../shared");
     let python = reference_python(root);
     if python.is_none() {
@@ -52,7 +72,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Results::new();
     for round in 0..rounds {
-        for pair in PAIRS {
+        for pair in &pairs {
             eprintln!(
                 "round {}/{rounds}: {} {}",
                 round + 1,
