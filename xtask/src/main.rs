@@ -21,7 +21,7 @@ fn main() -> Result<()> {
         Some("fixtures") => fixtures(&root),
         Some("bench") => bench::run(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci | fixtures | bench [--rounds N]>");
+            eprintln!("usage: cargo xtask <ci | fixtures | bench [--rounds N] [--only BENCH]>");
             std::process::exit(2);
         }
     }

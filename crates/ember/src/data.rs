@@ -47,3 +47,13 @@ pub fn tokenize_map(
         Ok(encoding_columns(&encoded))
     })
 }
+
+/// A tokenizer's tensors as an encoder's input (`model(**inputs)` in Python): ids, attention
+/// mask and token type ids.
+pub fn encoder_input<B: burn::tensor::backend::Backend>(
+    batch: ember_tokenizers::TensorBatch<B>,
+) -> ember_models::EncoderInput<B> {
+    ember_models::EncoderInput::new(batch.input_ids)
+        .with_attention_mask(batch.attention_mask)
+        .with_token_type_ids(batch.token_type_ids)
+}

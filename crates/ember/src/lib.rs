@@ -87,6 +87,11 @@ pub fn backend_name() -> &'static str {
 pub mod prelude {
     pub use crate::{default_device, Backend, Device, TrainBackend};
     pub use burn::tensor::{backend::Backend as BackendTrait, Int, Tensor};
+    pub use ember_models::{
+        AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification, AutoModelForTokenClassification, EncoderInput,
+        FromPretrainedOptions, ModelError, OutputOptions, SequenceLabels,
+    };
     pub use ember_tokenizers::{
         AutoTokenizer, BatchEncoding, EncodeOptions, Padding, PaddingSide, TensorBatch,
         TokenizerError, Truncation,
