@@ -43,6 +43,8 @@ pub mod loss;
 mod params;
 pub mod pooling;
 mod pretrained;
+#[cfg(feature = "train")]
+mod train;
 mod weights;
 
 pub use bert::{

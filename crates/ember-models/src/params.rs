@@ -240,10 +240,15 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
         let file_shape = if transposed { [b, a] } else { [a, b] };
         match self.find(key, &file_shape) {
             Some(found) => {
-                let t = self
-                    .weights
-                    .get::<B, 2>(&found, file_shape, &param.lazy_device())?;
-                let t = if transposed { t.transpose() } else { t };
+                let device = param.lazy_device();
+                // Transposed on the host, so that the weight is contiguous (see
+                // `Weights::get_transposed`).
+                let t = if transposed {
+                    self.weights
+                        .get_transposed::<B>(&found, file_shape, &device)?
+                } else {
+                    self.weights.get::<B, 2>(&found, file_shape, &device)?
+                };
                 Ok(Param::initialized(param.id, t.require_grad()))
             }
             None => self.keep(key, param),
@@ -309,6 +314,33 @@ impl<B: Backend> ParamVisitor<B> for NameCollector {
             shape: param.shape().to_vec(),
             transposed,
         });
+        Ok(param)
+    }
+}
+
+/// Gives each parameter an id derived from its HF key (FNV-1a), the same in every process.
+pub(crate) struct StableIds;
+
+/// A 64-bit FNV-1a hash: stable across processes and Rust versions, unlike `DefaultHasher`.
+fn fnv1a(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl<B: Backend> ParamVisitor<B> for StableIds {
+    fn visit1(&mut self, key: &str, mut param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        param.id = ParamId::from(fnv1a(key));
+        Ok(param)
+    }
+
+    fn visit2(
+        &mut self,
+        key: &str,
+        mut param: Param<Tensor<B, 2>>,
+        _: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        param.id = ParamId::from(fnv1a(key));
         Ok(param)
     }
 }

@@ -9,8 +9,8 @@ use crate::heads::{
     BertForTokenClassification,
 };
 use crate::params::{
-    write_atomic, write_safetensors, Collector, Loader, NameCollector, NamedParam, StateDict,
-    VisitParams,
+    write_atomic, write_safetensors, Collector, Loader, NameCollector, NamedParam, StableIds,
+    StateDict, VisitParams,
 };
 use crate::weights::Weights;
 use burn::tensor::backend::Backend;
@@ -251,6 +251,33 @@ macro_rules! pretrained {
             /// The tensors `save_pretrained` writes, by HF key.
             pub fn state_dict(&self) -> Result<StateDict> {
                 state_dict(self)
+            }
+
+            /// Loads the weights of a `save_pretrained` folder into this model, keeping its
+            /// configuration and parameter ids (so optimizer state still applies): resuming a
+            /// checkpoint, or loading the best one at the end of training.
+            pub fn load_weights(self, dir: impl AsRef<Path>) -> Result<Self> {
+                let weights = Weights::from_dir(dir.as_ref())?;
+                let mut loader = Loader {
+                    weights: &weights,
+                    base_prefix: if $is_head {
+                        self.config().base_model_prefix()
+                    } else {
+                        ""
+                    },
+                    optional: vec!["pooler.".into()],
+                    missing: Vec::new(),
+                    ignore_mismatched_sizes: false,
+                    mismatched: Vec::new(),
+                };
+                self.visit("", &mut loader)
+            }
+
+            /// Gives every parameter an id derived from its HF name, the same in every process,
+            /// so that optimizer state saved by one run matches the model of another.
+            pub fn with_stable_param_ids(self) -> Self {
+                self.visit("", &mut StableIds)
+                    .expect("renaming ids cannot fail")
             }
 
             /// Every parameter's HF name and burn id, in module order, like PyTorch's

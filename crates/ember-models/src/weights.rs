@@ -134,6 +134,32 @@ impl Weights {
             device,
         ))
     }
+
+    /// The 2-D tensor at `key` (stored `[rows, cols]`, checked against `shape`), transposed to
+    /// `[cols, rows]` on the host so that the result is contiguous. A transposed view would send
+    /// every matmul through another kernel path, which rounds differently from a model that
+    /// never went through a file (a resumed run would drift from an uninterrupted one).
+    pub fn get_transposed<B: Backend>(
+        &self,
+        key: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 2>> {
+        let [rows, cols] = shape;
+        // Checks presence and shape, and marks the key used.
+        drop(self.get::<B, 2>(key, shape, device)?);
+        let values = &self.entries[key].values;
+        let mut out = vec![0f32; values.len()];
+        for (r, row) in values.chunks_exact(cols).enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                out[c * rows + r] = *v;
+            }
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [cols, rows]),
+            device,
+        ))
+    }
 }
 
 /// The shard file names an `*.index.json` lists in its `weight_map`.

@@ -1,5 +1,30 @@
 //! The Hugging Face `Trainer` for burn.
 //!
-//! This crate will hold `TrainingArguments`, the `Trainer` (train / evaluate / predict),
-//! callbacks, schedulers, metrics and HF-compatible checkpoints. It is filled by a later
-//! milestone and exports nothing yet.
+//! - [`TrainingArguments`]: HF names and defaults, loaded from JSON or TOML.
+//! - [`Trainer`]: `train()` with gradient accumulation, global-norm clipping, AdamW with HF's
+//!   weight-decay groups, the linear / cosine / constant schedules with warm-up, logging,
+//!   evaluation and checkpoints (`checkpoint-{step}/` with rotation, resuming step-exactly,
+//!   `load_best_model_at_end`); `evaluate()` and `predict()`; callbacks such as
+//!   [`EarlyStoppingCallback`].
+//! - [`metrics`]: accuracy, precision / recall / F1 and seqeval's entity-level scores.
+//! - [`TrainableModel`]: what a model provides; `ember-models` implements it (feature `train`).
+
+mod args;
+mod error;
+pub mod metrics;
+mod model;
+mod optim;
+mod schedule;
+mod state;
+mod trainer;
+
+pub use args::{IntervalStrategy, SchedulerType, TrainingArguments};
+pub use error::{Result, TrainError};
+pub use model::{ModelOutput, TrainableModel, TrainableParam};
+pub use optim::{clip_grad_norm, decays, GroupedAdamW};
+pub use schedule::LrSchedule;
+pub use state::TrainerState;
+pub use trainer::{
+    require_labels, ComputeMetrics, Control, EarlyStoppingCallback, EvalPrediction,
+    PredictionOutput, Trainer, TrainerCallback,
+};

@@ -1,0 +1,772 @@
+//! HF's `Trainer`: the training loop with gradient accumulation, clipping, AdamW groups, the
+//! learning-rate schedule, logging, evaluation, checkpoints (with rotation and resuming) and
+//! callbacks; `evaluate` and `predict`.
+
+use crate::args::{IntervalStrategy, TrainingArguments};
+use crate::error::{Result, TrainError};
+use crate::model::{ModelOutput, TrainableModel};
+use crate::optim::{clip_grad_norm, GroupedAdamW};
+use crate::schedule::LrSchedule;
+use crate::state::TrainerState;
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ElementConversion;
+use ember_datasets::{Batch, BatchLabels, Collator, DataLoader, Dataset};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Predictions and labels of an evaluation, as `compute_metrics` receives them (HF's
+/// `EvalPrediction`), one entry per example.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalPrediction {
+    /// The logits of each example, `[positions, classes]` flattened (one position for a
+    /// sequence classifier, one per token otherwise).
+    pub logits: Vec<Vec<f32>>,
+    /// The number of classes.
+    pub num_classes: usize,
+    /// The arg-max class of each position of each example.
+    pub predictions: Vec<Vec<usize>>,
+    /// The label of each position (`-100` where a position is ignored).
+    pub label_ids: Vec<Vec<i64>>,
+}
+
+impl EvalPrediction {
+    /// Sequence classification: one prediction and one label per example.
+    pub fn sequence_classes(&self) -> (Vec<usize>, Vec<usize>) {
+        let pairs = self
+            .predictions
+            .iter()
+            .zip(&self.label_ids)
+            .filter_map(|(p, l)| {
+                let (p, l) = (*p.first()?, *l.first()?);
+                (l >= 0).then_some((p, l as usize))
+            });
+        pairs.unzip()
+    }
+
+    /// Token classification: per example, the predicted and true classes of the positions whose
+    /// label is not `-100` (the first sub-token of each word), ready for seqeval.
+    pub fn token_classes(&self) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+        self.predictions
+            .iter()
+            .zip(&self.label_ids)
+            .map(|(p, l)| {
+                p.iter()
+                    .zip(l)
+                    .filter(|(_, l)| **l >= 0)
+                    .map(|(p, l)| (*p, *l as usize))
+                    .unzip()
+            })
+            .unzip()
+    }
+}
+
+/// What `predict` returns (HF's `PredictionOutput`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PredictionOutput {
+    /// Logits, predictions and labels per example.
+    pub predictions: EvalPrediction,
+    /// `test_loss`, the metrics (prefixed `test_`), runtime and speed.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The metrics function: HF's `compute_metrics(eval_pred) -> dict`.
+pub type ComputeMetrics = Box<dyn Fn(&EvalPrediction) -> Result<BTreeMap<String, f64>> + Send>;
+
+/// What a callback may ask of the loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Control {
+    /// Stop training after this step.
+    pub should_training_stop: bool,
+}
+
+/// HF's `TrainerCallback`: hooks called by the loop.
+pub trait TrainerCallback: Send {
+    /// After each evaluation, with its metrics (`eval_*`).
+    fn on_evaluate(
+        &mut self,
+        _args: &TrainingArguments,
+        _state: &TrainerState,
+        _metrics: &BTreeMap<String, f64>,
+    ) -> Control {
+        Control::default()
+    }
+
+    /// After each optimizer step.
+    fn on_step_end(&mut self, _args: &TrainingArguments, _state: &TrainerState) -> Control {
+        Control::default()
+    }
+
+    /// After each log entry.
+    fn on_log(
+        &mut self,
+        _args: &TrainingArguments,
+        _state: &TrainerState,
+        _logs: &Map<String, Value>,
+    ) {
+    }
+}
+
+/// HF's `EarlyStoppingCallback`: stops when `metric_for_best_model` has not improved by more
+/// than `threshold` for `patience` evaluations.
+#[derive(Debug, Clone)]
+pub struct EarlyStoppingCallback {
+    /// Evaluations without improvement before stopping.
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    pub threshold: f64,
+    bad_evaluations: usize,
+}
+
+impl EarlyStoppingCallback {
+    /// `early_stopping_patience`, `early_stopping_threshold`.
+    pub fn new(patience: usize, threshold: f64) -> Self {
+        Self {
+            patience,
+            threshold,
+            bad_evaluations: 0,
+        }
+    }
+}
+
+impl TrainerCallback for EarlyStoppingCallback {
+    fn on_evaluate(
+        &mut self,
+        args: &TrainingArguments,
+        state: &TrainerState,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Control {
+        let Some(name) = args.metric_for_best_model_resolved() else {
+            return Control::default();
+        };
+        let Some(&value) = metrics.get(&name) else {
+            return Control::default();
+        };
+        let better = match state.best_metric {
+            None => true,
+            Some(best) if args.greater_is_better_resolved() => {
+                value > best && (value - best).abs() > self.threshold
+            }
+            Some(best) => value < best && (value - best).abs() > self.threshold,
+        };
+        self.bad_evaluations = if better { 0 } else { self.bad_evaluations + 1 };
+        Control {
+            should_training_stop: self.bad_evaluations >= self.patience,
+        }
+    }
+}
+
+/// HF's `Trainer` for a model `M` trained on the autodiff backend `B`, with batches made by the
+/// collator `C`.
+pub struct Trainer<B, M, C>
+where
+    B: AutodiffBackend,
+    M: TrainableModel<B> + AutodiffModule<B>,
+    M::InnerModule: TrainableModel<B::InnerBackend>,
+    C: Collator + Clone + 'static,
+{
+    /// The arguments.
+    pub args: TrainingArguments,
+    /// The model (after `train`, the trained one; the best one with `load_best_model_at_end`).
+    pub model: M,
+    /// The state, as written to `trainer_state.json`.
+    pub state: TrainerState,
+    collator: C,
+    device: B::Device,
+    train_dataset: Option<Dataset>,
+    eval_dataset: Option<Dataset>,
+    compute_metrics: Option<ComputeMetrics>,
+    callbacks: Vec<Box<dyn TrainerCallback>>,
+    shuffle: bool,
+}
+
+impl<B, M, C> Trainer<B, M, C>
+where
+    B: AutodiffBackend,
+    M: TrainableModel<B> + AutodiffModule<B>,
+    M::InnerModule: TrainableModel<B::InnerBackend>,
+    C: Collator + Clone + 'static,
+{
+    /// A trainer; the arguments are validated first.
+    pub fn new(args: TrainingArguments, model: M, collator: C, device: B::Device) -> Result<Self> {
+        args.validate()?;
+        Ok(Self {
+            args,
+            model: model.with_stable_param_ids(),
+            state: TrainerState::default(),
+            collator,
+            device,
+            train_dataset: None,
+            eval_dataset: None,
+            compute_metrics: None,
+            callbacks: Vec::new(),
+            shuffle: true,
+        })
+    }
+
+    /// The tokenized training set (`train_dataset=`).
+    pub fn train_dataset(mut self, dataset: Dataset) -> Self {
+        self.train_dataset = Some(dataset);
+        self
+    }
+
+    /// The tokenized evaluation set (`eval_dataset=`).
+    pub fn eval_dataset(mut self, dataset: Dataset) -> Self {
+        self.eval_dataset = Some(dataset);
+        self
+    }
+
+    /// The metrics function (`compute_metrics=`).
+    pub fn compute_metrics(
+        mut self,
+        f: impl Fn(&EvalPrediction) -> Result<BTreeMap<String, f64>> + Send + 'static,
+    ) -> Self {
+        self.compute_metrics = Some(Box::new(f));
+        self
+    }
+
+    /// Adds a callback (`callbacks=[...]`).
+    pub fn callback(mut self, callback: impl TrainerCallback + 'static) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
+    }
+
+    /// Whether the training set is shuffled each epoch (HF always shuffles; turning it off
+    /// makes runs comparable with a sequential sampler).
+    pub fn shuffle(mut self, shuffle: bool) -> Self {
+        self.shuffle = shuffle;
+        self
+    }
+
+    fn loader(&self, dataset: &Dataset, batch_size: usize, shuffle: bool) -> Result<DataLoader<C>> {
+        let seed = self.args.data_seed.unwrap_or(self.args.seed);
+        Ok(DataLoader::new(dataset, self.collator.clone(), batch_size)
+            .map_err(|e| TrainError::Step(format!("building the data loader: {e}")))?
+            .shuffle(shuffle)
+            .seed(seed)
+            .num_workers(self.args.dataloader_num_workers))
+    }
+
+    /// Trains (resuming from `args.resume_from_checkpoint` when set) and returns the final log
+    /// entry (`train_loss`, `train_runtime`, `train_samples_per_second`, ...).
+    pub fn train(&mut self) -> Result<BTreeMap<String, f64>> {
+        let dataset = self
+            .train_dataset
+            .clone()
+            .ok_or_else(|| TrainError::Step("no train_dataset".into()))?;
+        let args = self.args.clone();
+        let loader = self.loader(&dataset, args.per_device_train_batch_size, self.shuffle)?;
+        let batches_per_epoch = loader.len();
+        if batches_per_epoch == 0 {
+            return Err(TrainError::Step("the training set is empty".into()));
+        }
+        let ga = args.gradient_accumulation_steps;
+        let steps_per_epoch = batches_per_epoch.div_ceil(ga).max(1);
+        let max_steps = if args.max_steps > 0 {
+            args.max_steps as usize
+        } else {
+            (args.num_train_epochs * steps_per_epoch as f64).ceil() as usize
+        };
+        let num_epochs = max_steps.div_ceil(steps_per_epoch);
+        let schedule = LrSchedule {
+            kind: args.lr_scheduler_type,
+            base_lr: args.learning_rate,
+            warmup_steps: args.warmup_steps_for(max_steps),
+            total_steps: max_steps,
+        };
+        let params = self.model.trainable_params();
+        let mut optimizer = GroupedAdamW::<M, B>::new(
+            &params,
+            args.adam_beta1,
+            args.adam_beta2,
+            args.adam_epsilon,
+            args.weight_decay,
+        );
+        self.state = TrainerState {
+            max_steps,
+            logging_steps: args.steps_from(args.logging_steps, max_steps),
+            eval_steps: args.steps_from(args.eval_steps_resolved(), max_steps),
+            save_steps: args.steps_from(args.save_steps, max_steps),
+            train_batch_size: args.train_batch_size(),
+            num_train_epochs: num_epochs,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            ..TrainerState::default()
+        };
+        if let Some(checkpoint) = args.resume_from_checkpoint.clone() {
+            optimizer = self.resume(&checkpoint, optimizer)?;
+        }
+        let start = Instant::now();
+        let start_step = self.state.global_step;
+        let (first_epoch, skip_batches) = (
+            start_step / steps_per_epoch,
+            (start_step % steps_per_epoch) * ga,
+        );
+        let progress = self.progress_bar(max_steps, start_step);
+        let (mut loss_since_log, mut steps_since_log, mut loss_total) = (0.0f64, 0usize, 0.0f64);
+        let mut stop = self.state.global_step >= max_steps;
+        for epoch in first_epoch..num_epochs {
+            if stop {
+                break;
+            }
+            let mut accumulator = GradientsAccumulator::<M>::new();
+            let (mut micro, mut step_loss) = (0usize, 0.0f64);
+            let skip = if epoch == first_epoch {
+                skip_batches
+            } else {
+                0
+            };
+            for (index, batch) in loader
+                .iter::<B>(epoch as u64, &self.device)
+                .enumerate()
+                .skip(skip)
+            {
+                let batch = batch
+                    .map_err(|e| TrainError::Step(format!("epoch {epoch}, batch {index}: {e}")))?;
+                // Dropout masks depend only on the seed and the position in the run, so that a
+                // resumed run draws the same ones as an uninterrupted run.
+                B::seed(
+                    &self.device,
+                    args.seed
+                        .wrapping_mul(1_000_003)
+                        .wrapping_add((epoch * batches_per_epoch + index) as u64),
+                );
+                let ModelOutput { loss, .. } =
+                    self.model.forward_batch(batch).map_err(TrainError::Step)?;
+                let loss = if ga > 1 {
+                    loss.div_scalar(ga as f64)
+                } else {
+                    loss
+                };
+                let value: f64 = loss.clone().into_scalar().elem();
+                if !value.is_finite() {
+                    return Err(TrainError::Step(format!(
+                        "the loss is {value} at step {}",
+                        self.state.global_step + 1
+                    )));
+                }
+                step_loss += value;
+                accumulator.accumulate(
+                    &self.model,
+                    GradientsParams::from_grads(loss.backward(), &self.model),
+                );
+                micro += 1;
+                if !micro.is_multiple_of(ga) && index + 1 != batches_per_epoch {
+                    continue;
+                }
+                let mut grads = accumulator.grads();
+                let grad_norm = clip_grad_norm::<B>(&mut grads, &params, args.max_grad_norm);
+                let lr = schedule.lr(self.state.global_step);
+                self.model = optimizer.step(lr, self.model.clone(), grads, &params);
+                self.state.global_step += 1;
+                self.state.epoch = epoch as f64 + (index + 1) as f64 / batches_per_epoch as f64;
+                loss_since_log += step_loss;
+                loss_total += step_loss;
+                steps_since_log += 1;
+                step_loss = 0.0;
+                progress.set_position(self.state.global_step as u64);
+                let step = self.state.global_step;
+                let log_now = args.logging_strategy == IntervalStrategy::Steps
+                    && (step.is_multiple_of(self.state.logging_steps)
+                        || (step == 1 && args.logging_first_step));
+                if log_now {
+                    let entry = self.log_train(
+                        loss_since_log / steps_since_log as f64,
+                        grad_norm,
+                        schedule.lr(step),
+                    );
+                    progress.set_message(format!(
+                        "loss {:.4} lr {:.2e}",
+                        entry["loss"],
+                        schedule.lr(step)
+                    ));
+                    (loss_since_log, steps_since_log) = (0.0, 0);
+                }
+                let mut control = Control::default();
+                for callback in &mut self.callbacks {
+                    control.should_training_stop |= callback
+                        .on_step_end(&self.args, &self.state)
+                        .should_training_stop;
+                }
+                if args.eval_strategy == IntervalStrategy::Steps
+                    && step.is_multiple_of(self.state.eval_steps)
+                {
+                    control.should_training_stop |=
+                        self.evaluate_during_training()?.should_training_stop;
+                }
+                if args.save_strategy == IntervalStrategy::Steps
+                    && step.is_multiple_of(self.state.save_steps)
+                {
+                    self.save_checkpoint(&optimizer)?;
+                }
+                stop = control.should_training_stop || step >= max_steps;
+                if stop {
+                    break;
+                }
+            }
+            if args.logging_strategy == IntervalStrategy::Epoch && steps_since_log > 0 {
+                self.log_train(
+                    loss_since_log / steps_since_log as f64,
+                    f64::NAN,
+                    schedule.lr(self.state.global_step),
+                );
+                (loss_since_log, steps_since_log) = (0.0, 0);
+            }
+            if args.eval_strategy == IntervalStrategy::Epoch {
+                stop |= self.evaluate_during_training()?.should_training_stop;
+            }
+            if args.save_strategy == IntervalStrategy::Epoch {
+                self.save_checkpoint(&optimizer)?;
+            }
+        }
+        progress.finish_and_clear();
+        if args.load_best_model_at_end {
+            if let Some(best) = self.state.best_model_checkpoint.clone() {
+                tracing::info!(
+                    "loading the best model from {} (score {:?})",
+                    best.display(),
+                    self.state.best_metric
+                );
+                self.model = self
+                    .model
+                    .clone()
+                    .load_weights(&best)
+                    .map_err(TrainError::Step)?;
+            }
+        }
+        let runtime = start.elapsed().as_secs_f64();
+        let steps_run = (self.state.global_step - start_step).max(1);
+        let samples = (steps_run * args.train_batch_size() * ga) as f64;
+        let mut summary: BTreeMap<String, f64> = BTreeMap::new();
+        summary.insert("train_runtime".into(), runtime);
+        summary.insert("train_samples_per_second".into(), samples / runtime);
+        summary.insert("train_steps_per_second".into(), steps_run as f64 / runtime);
+        summary.insert("train_loss".into(), loss_total / steps_run as f64);
+        summary.insert("epoch".into(), self.state.epoch);
+        self.push_log(
+            summary
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+        );
+        Ok(summary)
+    }
+
+    fn progress_bar(&self, max_steps: usize, position: usize) -> indicatif::ProgressBar {
+        if self.args.disable_tqdm {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(max_steps as u64),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed}<{eta}, {per_sec}] {msg}",
+            )
+            .expect("a valid template"),
+        );
+        bar.set_position(position as u64);
+        bar
+    }
+
+    fn log_train(&mut self, loss: f64, grad_norm: f64, learning_rate: f64) -> Map<String, Value> {
+        let mut entry = Map::new();
+        entry.insert("loss".into(), loss.into());
+        if grad_norm.is_finite() {
+            entry.insert("grad_norm".into(), grad_norm.into());
+        }
+        entry.insert("learning_rate".into(), learning_rate.into());
+        self.push_log(entry.clone());
+        entry
+    }
+
+    fn push_log(&mut self, mut entry: Map<String, Value>) {
+        entry.insert("epoch".into(), self.state.epoch.into());
+        entry.insert("step".into(), self.state.global_step.into());
+        tracing::info!("{}", serde_json::Value::Object(entry.clone()));
+        for callback in &mut self.callbacks {
+            callback.on_log(&self.args, &self.state, &entry);
+        }
+        self.state.log_history.push(entry);
+    }
+
+    fn evaluate_during_training(&mut self) -> Result<Control> {
+        let Some(dataset) = self.eval_dataset.clone() else {
+            return Err(TrainError::Argument {
+                field: "eval_strategy".into(),
+                message: "evaluation during training needs an eval_dataset".into(),
+            });
+        };
+        let metrics = self.evaluate(&dataset)?;
+        let mut control = Control::default();
+        for callback in &mut self.callbacks {
+            control.should_training_stop |= callback
+                .on_evaluate(&self.args, &self.state, &metrics)
+                .should_training_stop;
+        }
+        if let Some(name) = self.args.metric_for_best_model_resolved() {
+            let value = *metrics.get(&name).ok_or_else(|| TrainError::Argument {
+                field: "metric_for_best_model".into(),
+                message: format!(
+                    "`{name}` is not among the evaluation metrics {:?}",
+                    metrics.keys().collect::<Vec<_>>()
+                ),
+            })?;
+            let better = match self.state.best_metric {
+                None => true,
+                Some(best) if self.args.greater_is_better_resolved() => value > best,
+                Some(best) => value < best,
+            };
+            if better {
+                self.state.best_metric = Some(value);
+                self.state.best_global_step = Some(self.state.global_step);
+                self.state.best_model_checkpoint =
+                    Some(self.checkpoint_dir(self.state.global_step));
+            }
+        }
+        Ok(control)
+    }
+
+    /// Evaluates on `dataset`: `eval_loss`, the metrics of `compute_metrics` (prefixed `eval_`),
+    /// runtime and speed; also appended to `log_history`.
+    pub fn evaluate(&mut self, dataset: &Dataset) -> Result<BTreeMap<String, f64>> {
+        let (_, metrics) = self.run_prediction(dataset, "eval")?;
+        let entry: Map<String, Value> = metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(*v)))
+            .collect();
+        self.push_log(entry);
+        Ok(metrics)
+    }
+
+    /// Predicts on `dataset`: logits, arg-max predictions and labels, with `test_*` metrics
+    /// when the dataset has labels.
+    pub fn predict(&mut self, dataset: &Dataset) -> Result<PredictionOutput> {
+        let (predictions, metrics) = self.run_prediction(dataset, "test")?;
+        Ok(PredictionOutput {
+            predictions,
+            metrics,
+        })
+    }
+
+    fn run_prediction(
+        &self,
+        dataset: &Dataset,
+        prefix: &str,
+    ) -> Result<(EvalPrediction, BTreeMap<String, f64>)> {
+        let start = Instant::now();
+        let model = self.model.valid();
+        let loader = self.loader(dataset, self.args.per_device_eval_batch_size, false)?;
+        let device = self.device.clone();
+        let mut out = EvalPrediction::default();
+        let (mut loss_sum, mut counted, mut batches) = (0.0f64, 0usize, 0usize);
+        for batch in loader.iter::<B::InnerBackend>(0, &device) {
+            let batch =
+                batch.map_err(|e| TrainError::Step(format!("evaluation batch {batches}: {e}")))?;
+            let size = batch.batch_size();
+            let labels = batch.labels.clone();
+            let ModelOutput { loss, logits } =
+                model.forward_batch(batch).map_err(TrainError::Step)?;
+            let loss: f64 = loss.into_scalar().elem();
+            loss_sum += loss * size as f64;
+            counted += size;
+            batches += 1;
+            collect(&mut out, logits, labels)?;
+        }
+        let runtime = start.elapsed().as_secs_f64();
+        let mut metrics = BTreeMap::new();
+        if counted > 0 {
+            metrics.insert(format!("{prefix}_loss"), loss_sum / counted as f64);
+        }
+        if let Some(f) = &self.compute_metrics {
+            for (name, value) in f(&out)? {
+                let name = if name.starts_with(&format!("{prefix}_")) {
+                    name
+                } else {
+                    format!("{prefix}_{name}")
+                };
+                metrics.insert(name, value);
+            }
+        }
+        metrics.insert(format!("{prefix}_runtime"), runtime);
+        metrics.insert(
+            format!("{prefix}_samples_per_second"),
+            counted as f64 / runtime,
+        );
+        metrics.insert(
+            format!("{prefix}_steps_per_second"),
+            batches as f64 / runtime,
+        );
+        Ok((out, metrics))
+    }
+
+    /// `output_dir/checkpoint-{step}`.
+    pub fn checkpoint_dir(&self, step: usize) -> PathBuf {
+        self.args.output_dir.join(format!("checkpoint-{step}"))
+    }
+
+    /// Writes `output_dir/checkpoint-{global_step}/`: the model (`config.json`,
+    /// `model.safetensors`), `trainer_state.json`, `training_args.json`, `optimizer.bin`,
+    /// `scheduler.json` and `rng_state.json`. The folder is written under a temporary name and
+    /// renamed into place, so a crash mid-save leaves the previous checkpoints untouched.
+    fn save_checkpoint(&mut self, optimizer: &GroupedAdamW<M, B>) -> Result<()> {
+        let dir = self.checkpoint_dir(self.state.global_step);
+        let tmp = self.args.output_dir.join(format!(
+            ".checkpoint-{}.tmp-{}",
+            self.state.global_step,
+            std::process::id()
+        ));
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| TrainError::Io { path, source }
+        };
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        self.model.save_pretrained(&tmp).map_err(TrainError::Step)?;
+        let write = |name: &str, bytes: &[u8]| {
+            std::fs::write(tmp.join(name), bytes).map_err(io(&tmp.join(name)))
+        };
+        write("trainer_state.json", self.state.to_json_string().as_bytes())?;
+        write("training_args.json", self.args.to_json_string().as_bytes())?;
+        write("optimizer.bin", &optimizer.to_bytes()?)?;
+        write(
+            "scheduler.json",
+            serde_json::json!({ "last_epoch": self.state.global_step })
+                .to_string()
+                .as_bytes(),
+        )?;
+        let rng =
+            serde_json::json!({ "seed": self.args.seed, "global_step": self.state.global_step });
+        write("rng_state.json", rng.to_string().as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        self.rotate_checkpoints()
+    }
+
+    /// `save_total_limit`: deletes the oldest checkpoints beyond the limit, never the best.
+    fn rotate_checkpoints(&self) -> Result<()> {
+        let Some(limit) = self.args.save_total_limit else {
+            return Ok(());
+        };
+        let mut steps: Vec<usize> = std::fs::read_dir(&self.args.output_dir)
+            .map_err(|source| TrainError::Io {
+                path: self.args.output_dir.clone(),
+                source,
+            })?
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        steps.sort_unstable();
+        let best = self.state.best_global_step;
+        // HF keeps one more when the best is not the newest and the limit is 1.
+        let limit = if limit == 1 && best.is_some_and(|b| Some(&b) != steps.last()) {
+            2
+        } else {
+            limit
+        };
+        let mut excess = steps.len().saturating_sub(limit);
+        for step in steps {
+            if excess == 0 {
+                break;
+            }
+            if Some(step) == best {
+                continue;
+            }
+            let dir = self.checkpoint_dir(step);
+            std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io { path: dir, source })?;
+            excess -= 1;
+        }
+        Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        checkpoint: &Path,
+        optimizer: GroupedAdamW<M, B>,
+    ) -> Result<GroupedAdamW<M, B>> {
+        let state = TrainerState::load(&checkpoint.join("trainer_state.json"))?;
+        self.model = self
+            .model
+            .clone()
+            .load_weights(checkpoint)
+            .map_err(TrainError::Step)?;
+        let path = checkpoint.join("optimizer.bin");
+        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path, source })?;
+        let optimizer = optimizer.load_bytes(bytes, &self.device)?;
+        tracing::info!(
+            "resuming from {} at step {}",
+            checkpoint.display(),
+            state.global_step
+        );
+        self.state.global_step = state.global_step;
+        self.state.epoch = state.epoch;
+        self.state.log_history = state.log_history;
+        self.state.best_metric = state.best_metric;
+        self.state.best_global_step = state.best_global_step;
+        self.state.best_model_checkpoint = state.best_model_checkpoint;
+        Ok(optimizer)
+    }
+}
+
+/// Appends one evaluation batch's logits, arg-max predictions and labels.
+fn collect<B: Backend>(
+    out: &mut EvalPrediction,
+    logits: burn::tensor::Tensor<B, 3>,
+    labels: Option<BatchLabels<B>>,
+) -> Result<()> {
+    let [batch, positions, classes] = logits.dims();
+    out.num_classes = classes;
+    let values: Vec<f32> = logits
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| TrainError::Step(format!("reading logits: {e:?}")))?;
+    let labels: Vec<i64> = match labels {
+        Some(BatchLabels::Sequence(t)) => {
+            t.into_data().convert::<i64>().to_vec().unwrap_or_default()
+        }
+        Some(BatchLabels::Tokens(t)) => t.into_data().convert::<i64>().to_vec().unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let per_example = labels.len() / batch.max(1);
+    for (i, example) in values.chunks(positions * classes).enumerate() {
+        out.predictions
+            .push(example.chunks(classes).map(argmax).collect());
+        out.logits.push(example.to_vec());
+        out.label_ids.push(
+            labels
+                .get(i * per_example..(i + 1) * per_example)
+                .map(<[i64]>::to_vec)
+                .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
+}
+
+/// Runs one forward pass of `model` on `batch`: used by implementations of
+/// [`TrainableModel::forward_batch`] to check the batch carries labels.
+pub fn require_labels<B: Backend>(
+    batch: &Batch<B>,
+) -> std::result::Result<&BatchLabels<B>, String> {
+    batch.labels.as_ref().ok_or_else(|| {
+        "the batch has no labels (the dataset needs a `labels` / `label` column)".to_owned()
+    })
+}

@@ -1,0 +1,224 @@
+//! The `Trainer` on a tiny BERT classifier and a small synthetic task: logging, evaluation,
+//! checkpoints with HF's files and rotation, `predict`, and resuming after a run stopped
+//! between checkpoints, which must end with the same weights as an uninterrupted run.
+
+use ember::datasets::{DataCollatorWithPadding, Dataset};
+use ember::models::{BertConfig, BertForSequenceClassification};
+use ember::prelude::*;
+use ember::train::{
+    metrics, Control, IntervalStrategy, Trainer, TrainerCallback, TrainerState, TrainingArguments,
+};
+use serde_json::json;
+use std::path::Path;
+
+/// 64 sequences of 4-10 ids; the label says whether id 5 occurs (a learnable rule).
+fn dataset() -> Dataset {
+    let mut state = 7u64;
+    let mut next = move |n: u64| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let rows: Vec<_> = (0..64)
+        .map(|_| {
+            let len = 4 + next(7) as usize;
+            let ids: Vec<u64> = (0..len)
+                .map(|i| if i == 0 { 2 } else { 6 + next(24) })
+                .collect();
+            let mut ids = ids;
+            if next(2) == 1 {
+                let at = 1 + next(len as u64 - 1) as usize;
+                ids[at] = 5;
+            }
+            let label = ids.contains(&5) as u64;
+            json!({"input_ids": ids, "attention_mask": vec![1; len], "label": label})
+        })
+        .collect();
+    Dataset::from_json_rows(&rows).unwrap()
+}
+
+fn config() -> BertConfig {
+    BertConfig {
+        vocab_size: 30,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 32,
+        ..BertConfig::default()
+    }
+}
+
+fn args(dir: &Path) -> TrainingArguments {
+    let mut args = TrainingArguments::new(dir);
+    args.per_device_train_batch_size = 8;
+    args.per_device_eval_batch_size = 16;
+    args.num_train_epochs = 3.0;
+    args.learning_rate = 2e-3;
+    args.warmup_steps = 3;
+    args.logging_steps = 2.0;
+    args.eval_strategy = IntervalStrategy::Epoch;
+    args.save_steps = 5.0;
+    args.disable_tqdm = true;
+    args
+}
+
+type Model = BertForSequenceClassification<TrainBackend>;
+
+/// burn's random generator is one per process (as torch's is): two trainings at once would
+/// draw each other's dropout masks, so these tests train one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The same initial weights for every run: saved once, loaded by each.
+fn initial_model(dir: &Path) -> Model {
+    let init = dir.join("init");
+    if !init.exists() {
+        Model::new(&config(), &default_device())
+            .save_pretrained(&init)
+            .unwrap();
+    }
+    Model::from_pretrained(&init, &default_device()).unwrap()
+}
+
+fn trainer(
+    args: TrainingArguments,
+    model: Model,
+) -> Trainer<TrainBackend, Model, DataCollatorWithPadding> {
+    Trainer::new(
+        args,
+        model,
+        DataCollatorWithPadding::new(0),
+        default_device(),
+    )
+    .unwrap()
+    .train_dataset(dataset())
+    .eval_dataset(dataset())
+    .compute_metrics(|p| {
+        let (predictions, labels) = p.sequence_classes();
+        metrics::classification_metrics(&predictions, &labels)
+    })
+}
+
+#[test]
+fn trains_logs_evaluates_saves_and_predicts() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = args(&tmp.path().join("run"));
+    args.save_total_limit = Some(2);
+    let mut trainer = trainer(args, initial_model(tmp.path()));
+    let summary = trainer.train().unwrap();
+    // 64 rows / 8 = 8 steps per epoch, 3 epochs.
+    assert_eq!(trainer.state.global_step, 24);
+    assert_eq!(summary["epoch"], 3.0);
+    let history = &trainer.state.log_history;
+    let losses: Vec<f64> = history
+        .iter()
+        .filter_map(|e| e.get("loss")?.as_f64())
+        .collect();
+    assert_eq!(losses.len(), 12, "a loss every 2 steps");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let evals: Vec<&serde_json::Map<_, _>> = history
+        .iter()
+        .filter(|e| e.contains_key("eval_loss"))
+        .collect();
+    assert_eq!(evals.len(), 3, "one evaluation per epoch");
+    for key in [
+        "eval_accuracy",
+        "eval_f1",
+        "eval_runtime",
+        "eval_samples_per_second",
+    ] {
+        assert!(evals[2].contains_key(key), "{key} in {:?}", evals[2]);
+    }
+    // Warm-up over 3 steps, then linear decay to 0 at step 24.
+    assert_eq!(
+        history[0]["learning_rate"].as_f64().unwrap(),
+        2e-3 * 2.0 / 3.0
+    );
+    assert_eq!(
+        history[3]["learning_rate"].as_f64().unwrap(),
+        2e-3 * (24.0 - 8.0) / 21.0
+    );
+
+    // Checkpoints every 5 steps, only the newest two kept, each with HF's files.
+    let mut kept: Vec<String> = std::fs::read_dir(tmp.path().join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-15", "checkpoint-20"]);
+    let checkpoint = tmp.path().join("run/checkpoint-20");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "trainer_state.json",
+        "training_args.json",
+        "optimizer.bin",
+        "scheduler.json",
+        "rng_state.json",
+    ] {
+        assert!(checkpoint.join(file).is_file(), "{file}");
+    }
+    let state = TrainerState::load(&checkpoint.join("trainer_state.json")).unwrap();
+    assert_eq!(
+        (state.global_step, state.max_steps, state.save_steps),
+        (20, 24, 5)
+    );
+    let saved = Model::from_pretrained(&checkpoint, &default_device()).unwrap();
+    assert_eq!(saved.config().num_labels(), 2);
+
+    let out = trainer.predict(&dataset()).unwrap();
+    assert_eq!(out.predictions.predictions.len(), 64);
+    assert!(out.metrics.contains_key("test_loss") && out.metrics.contains_key("test_accuracy"));
+}
+
+/// Stops the run after a given step, as a crash would, without saving.
+struct StopAt(usize);
+
+impl TrainerCallback for StopAt {
+    fn on_step_end(&mut self, _: &TrainingArguments, state: &TrainerState) -> Control {
+        Control {
+            should_training_stop: state.global_step >= self.0,
+        }
+    }
+}
+
+#[test]
+fn resuming_between_checkpoints_gives_the_uninterrupted_weights() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut uninterrupted = trainer(args(&tmp.path().join("a")), initial_model(tmp.path()));
+    uninterrupted.train().unwrap();
+
+    // The second run stops at step 13 (checkpoint-10 is its last), then a fresh trainer, with a
+    // freshly loaded model, resumes from checkpoint-10 and runs to the end.
+    let b_args = args(&tmp.path().join("b"));
+    let mut interrupted = trainer(b_args.clone(), initial_model(tmp.path())).callback(StopAt(13));
+    interrupted.train().unwrap();
+    assert_eq!(interrupted.state.global_step, 13);
+    assert!(tmp.path().join("b/checkpoint-10").is_dir());
+    assert!(!tmp.path().join("b/checkpoint-15").exists());
+
+    let mut c_args = b_args;
+    c_args.resume_from_checkpoint = Some(tmp.path().join("b/checkpoint-10"));
+    let mut resumed = trainer(c_args, initial_model(tmp.path()));
+    resumed.train().unwrap();
+    assert_eq!(resumed.state.global_step, 24);
+
+    // Bit for bit: the same dropout masks, data order, optimizer state and schedule.
+    let a = uninterrupted.model.state_dict().unwrap();
+    let c = resumed.model.state_dict().unwrap();
+    for (key, (_, values)) in &a {
+        assert_eq!(values, &c[key].1, "{key} differs after resuming");
+    }
+    let losses = |t: &Trainer<TrainBackend, Model, DataCollatorWithPadding>| -> Vec<(u64, f64)> {
+        t.state
+            .log_history
+            .iter()
+            .filter_map(|e| Some((e.get("step")?.as_u64()?, e.get("loss")?.as_f64()?)))
+            .filter(|(s, _)| *s > 10)
+            .collect()
+    };
+    assert_eq!(losses(&uninterrupted), losses(&resumed));
+}
