@@ -3,8 +3,10 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod demo;
 mod embed;
 mod tokenize;
+mod train;
 
 /// Ember: Hugging Face fine-tuning in Rust, on burn.
 #[derive(Parser)]
@@ -20,6 +22,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Sentence embeddings of lines from stdin as JSON lines (mean_normalized, cls).
     Embed(embed::EmbedArgs),
+    /// Fine-tune a sequence classifier on labelled text (no arguments: the embedded demo).
+    Train(train::TrainArgs),
+    /// Score a fine-tuned classifier on labelled text (accuracy, F1, precision, recall, loss).
+    Evaluate(train::EvaluateArgs),
+    /// Classify lines from stdin with a fine-tuned classifier: JSON lines with label and score.
+    Predict(train::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +39,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Train(args) => train::run_train(args),
+        Command::Evaluate(args) => train::run_evaluate(args),
+        Command::Predict(args) => train::run_predict(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,415 @@
+//! `ember train`, `ember evaluate`, `ember predict`: fine-tune a sequence classifier from a
+//! labelled text file and a checkpoint folder, score it, and use it. With no arguments,
+//! `ember train` runs the embedded demo (see [`crate::demo`]).
+
+use anyhow::{bail, Context, Result};
+use ember::burn::tensor::activation::softmax;
+use ember::datasets::Feature;
+use ember::datasets::{
+    load_dataset_split, DataCollatorWithPadding, Dataset, SplitOptions, SplitSize,
+};
+use ember::models::{
+    AutoModelForSequenceClassification, BertForSequenceClassification, FromPretrainedOptions,
+};
+use ember::prelude::*;
+use ember::train::{metrics, Trainer, TrainingArguments};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `ember train`.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Checkpoint folder (config.json, weights, tokenizer files) to fine-tune. Without it and
+    /// without --data, the embedded demo runs.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Labelled examples: .csv, .json / .jsonl or .parquet.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Column holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Column holding the label (class names or integers).
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Separate evaluation examples (same columns); otherwise --test-size of --data is held out.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Fraction of --data held out for evaluation (stratified by label), when no --eval-data.
+    #[arg(long, default_value_t = 0.1)]
+    test_size: f64,
+    /// TrainingArguments as JSON or TOML, with HF field names. Without it: HF's defaults, with
+    /// logging, evaluation and a checkpoint (the last two kept) once per epoch.
+    #[arg(long)]
+    args: Option<PathBuf>,
+    /// Where checkpoints and the final model go (overrides `output_dir` of --args).
+    #[arg(long)]
+    output_dir: Option<PathBuf>,
+    /// Truncate each text to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Print one JSON line per log entry (loss, eval metrics) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `ember evaluate`.
+#[derive(clap::Args)]
+pub struct EvaluateArgs {
+    /// A fine-tuned classifier folder (what `ember train` saves).
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled examples: .csv, .json / .jsonl or .parquet.
+    #[arg(long)]
+    data: PathBuf,
+    /// Column holding the text.
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    /// Column holding the label (names as in the model's id2label, or class ids).
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    /// Truncate each text to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+/// Arguments of `ember predict`.
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A fine-tuned classifier folder (what `ember train` saves).
+    #[arg(long)]
+    model: PathBuf,
+    /// Truncate each text to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+}
+
+/// Reads a data file with the builder its extension names.
+pub fn read_data(path: &Path) -> Result<Dataset> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_lowercase();
+    let builder = match ext.as_str() {
+        "csv" | "tsv" => "csv",
+        "json" | "jsonl" => "json",
+        "parquet" => "parquet",
+        _ => bail!(
+            "`{}`: unsupported data file (use .csv, .json, .jsonl or .parquet)",
+            path.display()
+        ),
+    };
+    Ok(load_dataset_split(builder, path.to_path_buf(), "train")?)
+}
+
+/// Drops rows without text, and encodes the label column as class ids with names.
+fn prepare(
+    ds: &Dataset,
+    text: &str,
+    label: &str,
+    names: Option<&[String]>,
+) -> Result<(Dataset, Vec<String>)> {
+    for column in [text, label] {
+        if !ds.column_names().iter().any(|c| c == column) {
+            bail!(
+                "the data has no column `{column}` (columns: {})",
+                ds.column_names().join(", ")
+            );
+        }
+    }
+    let ds = ds.filter(|row| !row[text].is_null() && !row[label].is_null())?;
+    let Some(names) = names else {
+        let ds = ds.class_encode_column(label)?;
+        let Some(Feature::ClassLabel(names)) = ds.features().get(label).cloned() else {
+            bail!("column `{label}` could not be encoded as classes");
+        };
+        return Ok((ds, names));
+    };
+    // Known classes (evaluating a trained model): map names, or accept class ids.
+    let index: BTreeMap<&str, usize> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let rows: Vec<serde_json::Value> = (0..ds.num_rows())
+        .map(|i| {
+            let row = ds.row(i)?;
+            let value = &row[label];
+            let name = value
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            let id = index
+                .get(name.as_str())
+                .copied()
+                .or_else(|| {
+                    value
+                        .as_u64()
+                        .map(|v| v as usize)
+                        .filter(|v| *v < names.len())
+                })
+                .with_context(|| {
+                    format!("row {i}: label `{name}` is not one of the model's labels {names:?}")
+                })?;
+            Ok(serde_json::json!({ text: row[text], label: id }))
+        })
+        .collect::<Result<_>>()?;
+    Ok((Dataset::from_json_rows(&rows)?, names.to_vec()))
+}
+
+fn tokenize(
+    ds: &Dataset,
+    tokenizer: &AutoTokenizer,
+    text: &str,
+    max_length: usize,
+) -> Result<Dataset> {
+    let options = EncodeOptions::default()
+        .truncation(Truncation::LongestFirst)
+        .max_length(max_length);
+    Ok(ember::data::tokenize_map(
+        ds,
+        tokenizer,
+        text,
+        &options,
+        1000,
+        &[text],
+    )?)
+}
+
+fn pad_id(tokenizer: &AutoTokenizer) -> i64 {
+    tokenizer.special_token_id("pad_token").map_or(0, i64::from)
+}
+
+/// accuracy, F1, precision and recall (binary for two classes, macro otherwise).
+pub fn compute_metrics(
+    p: &ember::train::EvalPrediction,
+) -> ember::train::Result<BTreeMap<String, f64>> {
+    let (predictions, labels) = p.sequence_classes();
+    metrics::classification_metrics(&predictions, &labels)
+}
+
+/// Fine-tunes `model` on the prepared splits and saves the final model and tokenizer into
+/// `output_dir`; returns the final evaluation metrics.
+pub fn fine_tune(
+    model: BertForSequenceClassification<TrainBackend>,
+    tokenizer: &AutoTokenizer,
+    train: Dataset,
+    eval: Dataset,
+    args: TrainingArguments,
+    json: bool,
+) -> Result<BTreeMap<String, f64>> {
+    let output_dir = args.output_dir.clone();
+    let collator = DataCollatorWithPadding::new(pad_id(tokenizer));
+    let mut trainer = Trainer::new(args, model, collator, default_device())?
+        .train_dataset(train)
+        .eval_dataset(eval.clone())
+        .compute_metrics(compute_metrics)
+        .callback(PrintLogs { json });
+    let summary = trainer.train()?;
+    let metrics = trainer.evaluate(&eval)?;
+    trainer.model.save_pretrained(&output_dir)?;
+    tokenizer.save_pretrained(&output_dir)?;
+    eprintln!(
+        "trained {} steps in {:.1} s ({:.1} samples/s); saved to {}",
+        trainer.state.global_step,
+        summary["train_runtime"],
+        summary["train_samples_per_second"],
+        output_dir.display()
+    );
+    Ok(metrics)
+}
+
+/// Prints each log entry: JSON lines on stdout with `--json`, a short line on stderr otherwise.
+struct PrintLogs {
+    json: bool,
+}
+
+impl ember::train::TrainerCallback for PrintLogs {
+    fn on_log(
+        &mut self,
+        _: &TrainingArguments,
+        _: &ember::train::TrainerState,
+        logs: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        if self.json {
+            println!("{}", serde_json::Value::Object(logs.clone()));
+            return;
+        }
+        if logs.contains_key("eval_loss") {
+            let get = |k: &str| logs.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            eprintln!(
+                "epoch {:.2}: eval_loss {:.4}  accuracy {:.4}  f1 {:.4}",
+                get("epoch"),
+                get("eval_loss"),
+                get("eval_accuracy"),
+                get("eval_f1")
+            );
+        }
+    }
+}
+
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let Some(data) = &a.data else {
+        if a.model.is_some() {
+            bail!("--model needs --data (the labelled examples to fine-tune on)");
+        }
+        return crate::demo::run(
+            a.output_dir.unwrap_or_else(|| PathBuf::from("ember-demo")),
+            a.json,
+        );
+    };
+    let model_dir = a
+        .model
+        .as_ref()
+        .context("--data needs --model (the checkpoint folder to fine-tune)")?;
+    let mut args = match &a.args {
+        Some(path) => TrainingArguments::from_file(path)?,
+        None => {
+            // Without --args: HF's defaults, except that the loss is logged, the model
+            // evaluated and a checkpoint saved once per epoch (the last two kept).
+            let mut args = TrainingArguments::new("ember-output");
+            args.logging_strategy = ember::train::IntervalStrategy::Epoch;
+            args.eval_strategy = ember::train::IntervalStrategy::Epoch;
+            args.save_strategy = ember::train::IntervalStrategy::Epoch;
+            args.save_total_limit = Some(2);
+            args
+        }
+    };
+    if let Some(dir) = &a.output_dir {
+        args.output_dir = dir.clone();
+    }
+    let tokenizer = AutoTokenizer::from_pretrained(model_dir)?;
+    let (train, names) = prepare(&read_data(data)?, &a.text_column, &a.label_column, None)?;
+    let (train, eval) = match &a.eval_data {
+        Some(path) => {
+            let (eval, _) = prepare(
+                &read_data(path)?,
+                &a.text_column,
+                &a.label_column,
+                Some(&names),
+            )?;
+            (train, eval)
+        }
+        None => {
+            let split = train.train_test_split(&SplitOptions {
+                test_size: Some(SplitSize::Fraction(a.test_size)),
+                stratify_by_column: Some(a.label_column.clone()),
+                seed: args.seed,
+                ..Default::default()
+            })?;
+            (split.split("train")?.clone(), split.split("test")?.clone())
+        }
+    };
+    eprintln!(
+        "{} training and {} evaluation examples, labels {names:?}",
+        train.num_rows(),
+        eval.num_rows()
+    );
+    let train = tokenize(&train, &tokenizer, &a.text_column, a.max_length)?;
+    let eval = tokenize(&eval, &tokenizer, &a.text_column, a.max_length)?;
+    let options = FromPretrainedOptions::default()
+        .labels(names)
+        .ignore_mismatched_sizes(true);
+    let (model, report) = AutoModelForSequenceClassification::from_pretrained_with::<TrainBackend>(
+        model_dir,
+        &options,
+        &default_device(),
+    )?;
+    if !report.missing_keys.is_empty() {
+        eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
+    }
+    let metrics = fine_tune(model, &tokenizer, train, eval, args, a.json)?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
+}
+
+fn load_classifier(
+    dir: &Path,
+) -> Result<(
+    AutoTokenizer,
+    BertForSequenceClassification<Backend>,
+    Vec<String>,
+)> {
+    let tokenizer = AutoTokenizer::from_pretrained(dir)?;
+    let model =
+        AutoModelForSequenceClassification::from_pretrained::<Backend>(dir, &default_device())?;
+    let names: Vec<String> = model
+        .config()
+        .id2label
+        .clone()
+        .unwrap_or_default()
+        .into_values()
+        .collect();
+    Ok((tokenizer, model, names))
+}
+
+pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
+    let (tokenizer, model, names) = load_classifier(&a.model)?;
+    let (ds, _) = prepare(
+        &read_data(&a.data)?,
+        &a.text_column,
+        &a.label_column,
+        Some(&names),
+    )?;
+    let ds = tokenize(&ds, &tokenizer, &a.text_column, a.max_length)?;
+    let loader = ember::datasets::DataLoader::new(
+        &ds,
+        DataCollatorWithPadding::new(pad_id(&tokenizer)),
+        a.batch_size,
+    )?;
+    let (mut predictions, mut labels, mut loss_sum) = (Vec::new(), Vec::new(), 0.0);
+    for batch in loader.iter::<Backend>(0, &default_device()) {
+        let out = ember::train::TrainableModel::forward_batch(&model, batch?)
+            .map_err(anyhow::Error::msg)?;
+        let [n, _, classes] = out.logits.dims();
+        loss_sum += out.loss.into_scalar() as f64 * n as f64;
+        let logits: Vec<f32> = out
+            .logits
+            .into_data()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        predictions.extend(metrics::argmax_rows(&logits, classes));
+    }
+    for row in 0..ds.num_rows() {
+        labels.push(ds.row(row)?["label"].as_u64().unwrap_or_default() as usize);
+    }
+    let mut result = metrics::classification_metrics(&predictions, &labels)?;
+    result.insert("loss".into(), loss_sum / labels.len().max(1) as f64);
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+pub fn run_predict(a: PredictArgs) -> Result<()> {
+    let (tokenizer, model, names) = load_classifier(&a.model)?;
+    let options = EncodeOptions::default()
+        .truncation(Truncation::LongestFirst)
+        .max_length(a.max_length);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let text = line.with_context(|| format!("reading stdin line {}", n + 1))?;
+        let batch = tokenizer
+            .batch_encode(&[text.as_str()], &options)?
+            .to_tensors::<Backend>(&default_device())?;
+        let logits = model
+            .forward(ember::data::encoder_input(batch), None)?
+            .logits;
+        let probs: Vec<f32> = softmax(logits, 1)
+            .into_data()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let best = metrics::argmax_rows(&probs, probs.len())[0];
+        let label = names.get(best).cloned().unwrap_or_else(|| best.to_string());
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "label": label, "score": probs[best] })
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}

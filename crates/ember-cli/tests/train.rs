@@ -1,0 +1,256 @@
+//! `ember train` / `evaluate` / `predict` from outside: the embedded demo, fine-tuning a saved
+//! folder on a CSV, and a run killed (SIGKILL) between checkpoints and resumed, whose final
+//! weights must equal an uninterrupted run's.
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn ember(args: &[&str], cwd: &Path, stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The demo's folder (tokenizer + classifier), trained once per test.
+fn demo(dir: &Path) -> Vec<Value> {
+    let (ok, stdout, stderr) = ember(&["train"], dir, "");
+    assert!(ok, "{stderr}");
+    json_lines(&stdout)
+}
+
+/// A small labelled CSV in the demo's domain.
+fn write_csv(path: &Path, rows: usize) {
+    let good = ["was clean", "was lovely", "was excellent", "was perfect"];
+    let bad = ["was dirty", "was awful", "was broken", "was terrible"];
+    let things = [
+        "the room",
+        "the bed",
+        "the pool",
+        "the lobby",
+        "dinner",
+        "the view",
+    ];
+    let mut csv = String::from("text,label\n");
+    for i in 0..rows {
+        let (opinions, label) = if i % 2 == 0 {
+            (&good, "good")
+        } else {
+            (&bad, "bad")
+        };
+        csv.push_str(&format!(
+            "{} {},{label}\n",
+            things[i % things.len()],
+            opinions[(i / 2) % 4]
+        ));
+    }
+    std::fs::write(path, csv).unwrap();
+}
+
+#[test]
+fn demo_trains_and_predicts_with_nothing_downloaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines = demo(tmp.path());
+    let metrics = &lines[0];
+    assert!(
+        metrics["eval_accuracy"].as_f64().unwrap() >= 0.9,
+        "{metrics}"
+    );
+    assert_eq!(lines.len(), 5, "final metrics, then four predictions");
+    assert_eq!(lines[1]["label"], "positive");
+    assert_eq!(lines[2]["label"], "negative");
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(tmp.path().join("ember-demo").join(file).is_file(), "{file}");
+    }
+}
+
+#[test]
+fn fine_tune_evaluate_and_predict_a_saved_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    demo(tmp.path());
+    write_csv(&tmp.path().join("reviews.csv"), 80);
+    let (ok, stdout, stderr) = ember(
+        &[
+            "train",
+            "--model",
+            "ember-demo",
+            "--data",
+            "reviews.csv",
+            "--test-size",
+            "0.25",
+            "--output-dir",
+            "tuned",
+            "--json",
+        ],
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let lines = json_lines(&stdout);
+    assert!(
+        lines.iter().any(|l| l.get("loss").is_some()),
+        "log entries with the loss"
+    );
+    let last = lines.last().unwrap();
+    assert!(last["eval_accuracy"].as_f64().unwrap() >= 0.9, "{last}");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("tuned/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config["id2label"],
+        serde_json::json!({"0": "bad", "1": "good"})
+    );
+
+    let (ok, stdout, stderr) = ember(
+        &["evaluate", "--model", "tuned", "--data", "reviews.csv"],
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let metrics: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(metrics["accuracy"].as_f64().unwrap() >= 0.9, "{metrics}");
+
+    let (ok, stdout, stderr) = ember(
+        &["predict", "--model", "tuned"],
+        tmp.path(),
+        "the pool was lovely\n\nthe bed was broken\n",
+    );
+    assert!(ok, "{stderr}");
+    let predictions = json_lines(&stdout);
+    assert_eq!(
+        predictions.len(),
+        3,
+        "one line per input line, the empty one included"
+    );
+    assert_eq!(predictions[0]["label"], "good");
+    assert_eq!(predictions[2]["label"], "bad");
+
+    let (ok, _, stderr) = ember(
+        &[
+            "train",
+            "--model",
+            "ember-demo",
+            "--data",
+            "reviews.csv",
+            "--label-column",
+            "stars",
+        ],
+        tmp.path(),
+        "",
+    );
+    assert!(!ok && stderr.contains("stars"), "{stderr}");
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_uninterrupted_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    demo(tmp.path());
+    write_csv(&tmp.path().join("reviews.csv"), 400);
+    let args = |dir: &str, resume: Option<&str>| {
+        let mut a = serde_json::json!({
+            "output_dir": dir, "num_train_epochs": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+            "save_steps": 10, "logging_steps": 10, "disable_tqdm": true, "seed": 7
+        });
+        if let Some(r) = resume {
+            a["resume_from_checkpoint"] = r.into();
+        }
+        std::fs::write(tmp.path().join(format!("{dir}.json")), a.to_string()).unwrap();
+    };
+    let train = |dir: &str| {
+        [
+            "train",
+            "--model",
+            "ember-demo",
+            "--data",
+            "reviews.csv",
+            "--args",
+            &format!("{dir}.json"),
+        ]
+        .map(String::from)
+    };
+
+    args("whole", None);
+    let (ok, _, stderr) = ember(
+        &train("whole").each_ref().map(String::as_str),
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+
+    // Start the same run and kill it as soon as its first checkpoint is on disk.
+    args("killed", None);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .args(train("killed"))
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = tmp.path().join("killed/checkpoint-10");
+    while !first.is_dir() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !tmp.path().join("killed/model.safetensors").exists(),
+        "killed before the end"
+    );
+
+    // Resume from the newest complete checkpoint (a half-written one has a temporary name).
+    let newest = std::fs::read_dir(tmp.path().join("killed"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    args("killed", Some(&format!("killed/checkpoint-{newest}")));
+    let (ok, _, stderr) = ember(
+        &train("killed").each_ref().map(String::as_str),
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let whole = std::fs::read(tmp.path().join("whole/model.safetensors")).unwrap();
+    let resumed = std::fs::read(tmp.path().join("killed/model.safetensors")).unwrap();
+    assert!(
+        whole == resumed,
+        "resumed from checkpoint-{newest}: the final weights differ from the uninterrupted run's"
+    );
+}
