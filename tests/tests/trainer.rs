@@ -131,14 +131,12 @@ fn trains_logs_evaluates_saves_and_predicts() {
     ] {
         assert!(evals[2].contains_key(key), "{key} in {:?}", evals[2]);
     }
-    // Warm-up over 3 steps, then linear decay to 0 at step 24.
-    assert_eq!(
-        history[0]["learning_rate"].as_f64().unwrap(),
-        2e-3 * 2.0 / 3.0
-    );
+    // Warm-up over 3 steps, then linear decay to 0 at step 24; each entry gives the rate its
+    // last step used (the schedule at step - 1), as HF logs it.
+    assert_eq!(history[0]["learning_rate"].as_f64().unwrap(), 2e-3 / 3.0);
     assert_eq!(
         history[3]["learning_rate"].as_f64().unwrap(),
-        2e-3 * (24.0 - 8.0) / 21.0
+        2e-3 * (24.0 - 7.0) / 21.0
     );
 
     // Checkpoints every 5 steps, only the newest two kept, each with HF's files.
@@ -221,4 +219,63 @@ fn resuming_between_checkpoints_gives_the_uninterrupted_weights() {
             .collect()
     };
     assert_eq!(losses(&uninterrupted), losses(&resumed));
+}
+
+/// The reference run of `tests/fixtures/train/make_trainer_fixtures.py`: HF `Trainer` on the
+/// tiny BERT fixture, dropout off, examples in order, a log entry every step.
+#[test]
+fn first_20_logged_losses_match_hf_trainer() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("train/trainer-expected.json")).unwrap(),
+    )
+    .unwrap();
+    let rows = expected["examples"].as_array().unwrap().clone();
+    let options = ember::models::FromPretrainedOptions::default()
+        .set("hidden_dropout_prob", 0.0)
+        .set("attention_probs_dropout_prob", 0.0)
+        .set("classifier_dropout", 0.0);
+    let (model, _) =
+        Model::from_pretrained_with(root.join("models/tiny-bert"), &options, &default_device())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args: TrainingArguments = serde_json::from_value(expected["args"].clone()).unwrap();
+    args.output_dir = tmp.path().to_owned();
+    args.save_strategy = IntervalStrategy::No;
+    args.disable_tqdm = true;
+    let mut trainer = Trainer::new(
+        args,
+        model,
+        DataCollatorWithPadding::new(0),
+        default_device(),
+    )
+    .unwrap()
+    .train_dataset(Dataset::from_json_rows(&rows).unwrap())
+    .shuffle(false);
+    trainer.train().unwrap();
+    let ours: Vec<&serde_json::Map<String, serde_json::Value>> = trainer
+        .state
+        .log_history
+        .iter()
+        .filter(|e| e.contains_key("loss"))
+        .take(20)
+        .collect();
+    let theirs = expected["logs"].as_array().unwrap();
+    assert_eq!(ours.len(), 20);
+    let mut worst = 0f64;
+    for (step, (o, t)) in ours.iter().zip(theirs).enumerate() {
+        for key in ["loss", "grad_norm", "learning_rate"] {
+            let (a, b) = (o[key].as_f64().unwrap(), t[key].as_f64().unwrap());
+            worst = worst.max((a - b).abs() / b.abs().max(1e-3));
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "step {}: {key} ember {a} hf {b}",
+                step + 1
+            );
+        }
+    }
+    eprintln!(
+        "worst relative difference over 20 steps (loss, grad_norm, learning_rate): {worst:.1e}"
+    );
 }

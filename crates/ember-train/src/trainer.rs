@@ -373,16 +373,10 @@ where
                     && (step.is_multiple_of(self.state.logging_steps)
                         || (step == 1 && args.logging_first_step));
                 if log_now {
-                    let entry = self.log_train(
-                        loss_since_log / steps_since_log as f64,
-                        grad_norm,
-                        schedule.lr(step),
-                    );
-                    progress.set_message(format!(
-                        "loss {:.4} lr {:.2e}",
-                        entry["loss"],
-                        schedule.lr(step)
-                    ));
+                    // HF logs the learning rate that the step just taken used.
+                    let entry =
+                        self.log_train(loss_since_log / steps_since_log as f64, grad_norm, lr);
+                    progress.set_message(format!("loss {:.4} lr {lr:.2e}", entry["loss"]));
                     (loss_since_log, steps_since_log) = (0.0, 0);
                 }
                 let mut control = Control::default();
