@@ -279,3 +279,43 @@ fn first_20_logged_losses_match_hf_trainer() {
         "worst relative difference over 20 steps (loss, grad_norm, learning_rate): {worst:.1e}"
     );
 }
+
+#[test]
+fn best_model_is_kept_reloaded_and_early_stopping_stops() {
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = args(&tmp.path().join("run"));
+    a.eval_strategy = IntervalStrategy::Steps;
+    a.eval_steps = Some(4.0);
+    a.save_steps = 4.0;
+    a.save_total_limit = Some(1);
+    a.load_best_model_at_end = true;
+    a.metric_for_best_model = Some("accuracy".into());
+    // Patience 2 with an unreachable threshold: every evaluation after the first counts as no
+    // improvement, so the run stops at the third evaluation (step 12 of 24).
+    let mut trainer = trainer(a, initial_model(tmp.path()))
+        .callback(ember::train::EarlyStoppingCallback::new(2, 1e9));
+    trainer.train().unwrap();
+    assert_eq!(trainer.state.global_step, 12);
+    let best = trainer
+        .state
+        .best_model_checkpoint
+        .clone()
+        .expect("a best checkpoint");
+    assert!(
+        best.is_dir(),
+        "rotation never deletes the best checkpoint: {}",
+        best.display()
+    );
+    let newest = tmp.path().join("run/checkpoint-12");
+    assert!(newest.is_dir());
+    // The model at the end is the best checkpoint's.
+    let saved = Model::from_pretrained(&best, &default_device())
+        .unwrap()
+        .state_dict()
+        .unwrap();
+    let ours = trainer.model.state_dict().unwrap();
+    for (key, (_, values)) in &saved {
+        assert_eq!(values, &ours[key].1, "{key}");
+    }
+}
