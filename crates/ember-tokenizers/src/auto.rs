@@ -425,27 +425,64 @@ impl AutoTokenizer {
         r.map_err(|e| TokenizerError::backend("encoding", e))
     }
 
+    /// `tokenizer(words, is_split_into_words=True)`: each input is a list of words (a
+    /// CoNLL sentence); `word_ids()` of the result index those words, so labels can be aligned
+    /// to the first sub-token of each word.
+    pub fn batch_encode_words<S: AsRef<str> + Sync>(
+        &self,
+        words: &[Vec<S>],
+        opts: &EncodeOptions,
+    ) -> Result<BatchEncoding> {
+        let offsets = opts.return_offsets_mapping;
+        self.encode_batch_with(words.len(), false, opts, |i| {
+            let sentence: Vec<&str> = words[i].iter().map(AsRef::as_ref).collect();
+            let r = if offsets {
+                self.inner.encode_char_offsets(sentence, false)
+            } else {
+                self.inner.encode(sentence, false)
+            };
+            Ok((r.map_err(|e| TokenizerError::backend("encoding", e))?, None))
+        })
+    }
+
     fn encode_batch_inner<S: AsRef<str> + Sync>(
         &self,
         texts: &[S],
         pairs: Option<&[S]>,
         opts: &EncodeOptions,
     ) -> Result<BatchEncoding> {
-        let is_pair = pairs.is_some();
+        let offsets = opts.return_offsets_mapping;
+        self.encode_batch_with(texts.len(), pairs.is_some(), opts, |i| {
+            let a = self.encode_sequence(texts[i].as_ref(), offsets)?;
+            let b = match pairs {
+                Some(p) => Some(self.encode_sequence(p[i].as_ref(), offsets)?),
+                None => None,
+            };
+            Ok((a, b))
+        })
+    }
+
+    /// Encodes `n` inputs (`encode(i)` gives the raw encodings of input `i`), then truncates,
+    /// post-processes and pads them with HF's semantics.
+    fn encode_batch_with<F>(
+        &self,
+        n: usize,
+        is_pair: bool,
+        opts: &EncodeOptions,
+        encode: F,
+    ) -> Result<BatchEncoding>
+    where
+        F: Fn(usize) -> Result<(Encoding, Option<Encoding>)> + Sync + Send,
+    {
         let truncation = self.truncation_params(opts, is_pair)?;
         let padding = self.padding_params(opts)?;
 
         // Encode, truncate and add special tokens per input in parallel (rayon, as
         // `tokenizers`' own `encode_batch` does); padding needs the whole batch.
-        let offsets = opts.return_offsets_mapping;
-        let mut encodings = (0..texts.len())
+        let mut encodings = (0..n)
             .into_maybe_par_iter()
             .map(|i| {
-                let a = self.encode_sequence(texts[i].as_ref(), offsets)?;
-                let b = match pairs {
-                    Some(p) => Some(self.encode_sequence(p[i].as_ref(), offsets)?),
-                    None => None,
-                };
+                let (a, b) = encode(i)?;
                 let (a, b) = match &truncation {
                     Some(params) => tokenizers::utils::truncation::truncate_encodings(a, b, params)
                         .map_err(|e| TokenizerError::Truncation {

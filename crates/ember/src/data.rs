@@ -57,3 +57,69 @@ pub fn encoder_input<B: burn::tensor::backend::Backend>(
         .with_attention_mask(batch.attention_mask)
         .with_token_type_ids(batch.token_type_ids)
 }
+
+/// HF's `tokenize_and_align_labels` for NER, as a batched map over a CoNLL dataset (`tokens`,
+/// `ner_tags`): each sentence is encoded with `is_split_into_words=True`, and `labels` gives
+/// each word's tag to its first sub-token and -100 to the other sub-tokens and to the special
+/// tokens. Removes `tokens` and `ner_tags`.
+pub fn tokenize_and_align_labels(
+    ds: &Dataset,
+    tokenizer: &ember_tokenizers::AutoTokenizer,
+    options: &EncodeOptions,
+    batch_size: usize,
+) -> Result<Dataset, DatasetError> {
+    ds.map_batched(batch_size, &["tokens", "ner_tags"], |batch| {
+        let as_list = |v: serde_json::Value, column: &str| match v {
+            serde_json::Value::Array(items) => Ok(items),
+            other => Err(DatasetError::Shape(format!(
+                "column `{column}` holds {other}, not a list"
+            ))),
+        };
+        let words: Vec<Vec<String>> = batch
+            .column_values("tokens")?
+            .into_iter()
+            .map(|v| {
+                Ok(as_list(v, "tokens")?
+                    .into_iter()
+                    .map(|w| w.as_str().unwrap_or_default().to_owned())
+                    .collect())
+            })
+            .collect::<Result<_, DatasetError>>()?;
+        let tags: Vec<Vec<i64>> = batch
+            .column_values("ner_tags")?
+            .into_iter()
+            .map(|v| {
+                Ok(as_list(v, "ner_tags")?
+                    .into_iter()
+                    .map(|t| t.as_i64().unwrap_or(-100))
+                    .collect())
+            })
+            .collect::<Result<_, DatasetError>>()?;
+        let encoded = tokenizer
+            .batch_encode_words(&words, options)
+            .map_err(|e| DatasetError::Shape(format!("tokenizing column `tokens`: {e}")))?;
+        let mut labels = ListBuilder::new(Int64Builder::new());
+        for (i, sentence_tags) in tags.iter().enumerate() {
+            let mut previous = None;
+            let row: Vec<i64> = encoded
+                .word_ids(i)
+                .iter()
+                .map(|word| {
+                    let label = match word {
+                        Some(w) if *word != previous => {
+                            sentence_tags.get(*w as usize).copied().unwrap_or(-100)
+                        }
+                        _ => -100,
+                    };
+                    previous = *word;
+                    label
+                })
+                .collect();
+            labels.values().append_slice(&row);
+            labels.append(true);
+        }
+        let mut columns = encoding_columns(&encoded);
+        columns.push(("labels".into(), Arc::new(labels.finish()) as ArrayRef));
+        Ok(columns)
+    })
+}
