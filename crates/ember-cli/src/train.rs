@@ -52,6 +52,9 @@ pub struct TrainArgs {
     /// Print one JSON line per log entry (loss, eval metrics) on stdout.
     #[arg(long)]
     json: bool,
+    /// `sequence` (a label per text) or `ner` (CoNLL-style files: a tag per word).
+    #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
+    task: String,
 }
 
 /// Arguments of `ember evaluate`.
@@ -193,8 +196,8 @@ pub fn compute_metrics(
     metrics::classification_metrics(&predictions, &labels)
 }
 
-/// Fine-tunes `model` on the prepared splits and saves the final model and tokenizer into
-/// `output_dir`; returns the final evaluation metrics.
+/// Fine-tunes a sequence classifier on the prepared splits and saves the final model and
+/// tokenizer into `output_dir`; returns the final evaluation metrics.
 pub fn fine_tune(
     model: BertForSequenceClassification<TrainBackend>,
     tokenizer: &AutoTokenizer,
@@ -203,16 +206,49 @@ pub fn fine_tune(
     args: TrainingArguments,
     json: bool,
 ) -> Result<BTreeMap<String, f64>> {
-    let output_dir = args.output_dir.clone();
     let collator = DataCollatorWithPadding::new(pad_id(tokenizer));
+    run_trainer(
+        model,
+        tokenizer,
+        collator,
+        (train, eval),
+        args,
+        json,
+        compute_metrics,
+    )
+}
+
+/// Trains any model with the given collator and metrics, evaluates, and saves the model and
+/// tokenizer into `output_dir`.
+fn run_trainer<M, C>(
+    model: M,
+    tokenizer: &AutoTokenizer,
+    collator: C,
+    (train, eval): (Dataset, Dataset),
+    args: TrainingArguments,
+    json: bool,
+    metrics_fn: impl Fn(&ember::train::EvalPrediction) -> ember::train::Result<BTreeMap<String, f64>>
+        + Send
+        + 'static,
+) -> Result<BTreeMap<String, f64>>
+where
+    M: ember::train::TrainableModel<TrainBackend>
+        + ember::burn::module::AutodiffModule<TrainBackend>,
+    M::InnerModule: ember::train::TrainableModel<Backend>,
+    C: ember::datasets::Collator + Clone + 'static,
+{
+    let output_dir = args.output_dir.clone();
     let mut trainer = Trainer::new(args, model, collator, default_device())?
         .train_dataset(train)
         .eval_dataset(eval.clone())
-        .compute_metrics(compute_metrics)
+        .compute_metrics(metrics_fn)
         .callback(PrintLogs { json });
     let summary = trainer.train()?;
     let metrics = trainer.evaluate(&eval)?;
-    trainer.model.save_pretrained(&output_dir)?;
+    trainer
+        .model
+        .save_pretrained(&output_dir)
+        .map_err(anyhow::Error::msg)?;
     tokenizer.save_pretrained(&output_dir)?;
     eprintln!(
         "trained {} steps in {:.1} s ({:.1} samples/s); saved to {}",
@@ -222,6 +258,82 @@ pub fn fine_tune(
         output_dir.display()
     );
     Ok(metrics)
+}
+
+/// `ember train --task ner`: a token classifier on CoNLL-style files, labels aligned to the
+/// first sub-token of each word, scored with seqeval.
+fn train_ner(a: &TrainArgs, model_dir: &Path, data: &Path, args: TrainingArguments) -> Result<()> {
+    let tokenizer = AutoTokenizer::from_pretrained(model_dir)?;
+    let train = ember::datasets::read_conll(data)?;
+    let Some(Feature::List(inner)) = train.features().get("ner_tags").cloned() else {
+        bail!("`{}`: no ner_tags column", data.display());
+    };
+    let Feature::ClassLabel(names) = *inner else {
+        bail!("`{}`: ner_tags are not class labels", data.display())
+    };
+    let (train, eval) = match &a.eval_data {
+        Some(path) => (
+            train,
+            ember::datasets::read_conll_with_labels(path, &names)?,
+        ),
+        None => {
+            let split = train.train_test_split(&SplitOptions {
+                test_size: Some(SplitSize::Fraction(a.test_size)),
+                seed: args.seed,
+                ..Default::default()
+            })?;
+            (split.split("train")?.clone(), split.split("test")?.clone())
+        }
+    };
+    eprintln!(
+        "{} training and {} evaluation sentences, tags {names:?}",
+        train.num_rows(),
+        eval.num_rows()
+    );
+    let options = EncodeOptions::default()
+        .truncation(Truncation::LongestFirst)
+        .max_length(a.max_length);
+    let train = ember::data::tokenize_and_align_labels(&train, &tokenizer, &options, 1000)?;
+    let eval = ember::data::tokenize_and_align_labels(&eval, &tokenizer, &options, 1000)?;
+    let options = FromPretrainedOptions::default()
+        .labels(names.clone())
+        .ignore_mismatched_sizes(true);
+    let (model, report) = ember::models::AutoModelForTokenClassification::from_pretrained_with::<
+        TrainBackend,
+    >(model_dir, &options, &default_device())?;
+    if !report.missing_keys.is_empty() {
+        eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
+    }
+    let collator = ember::datasets::DataCollatorForTokenClassification::new(pad_id(&tokenizer));
+    let metrics = run_trainer(
+        model,
+        &tokenizer,
+        collator,
+        (train, eval),
+        args,
+        a.json,
+        move |p| {
+            let (predicted, labels) = p.token_classes();
+            let tags = |rows: Vec<Vec<usize>>| -> Vec<Vec<String>> {
+                rows.into_iter()
+                    .map(|r| {
+                        r.into_iter()
+                            .map(|i| names.get(i).cloned().unwrap_or_else(|| "O".into()))
+                            .collect()
+                    })
+                    .collect()
+            };
+            let report = metrics::seqeval(&tags(predicted), &tags(labels))?;
+            Ok(BTreeMap::from([
+                ("precision".to_owned(), report.precision),
+                ("recall".to_owned(), report.recall),
+                ("f1".to_owned(), report.f1),
+                ("accuracy".to_owned(), report.accuracy),
+            ]))
+        },
+    )?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
 }
 
 /// Prints each log entry: JSON lines on stdout with `--json`, a short line on stderr otherwise.
@@ -282,6 +394,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     };
     if let Some(dir) = &a.output_dir {
         args.output_dir = dir.clone();
+    }
+    if a.task == "ner" {
+        return train_ner(&a, model_dir, data, args);
     }
     let tokenizer = AutoTokenizer::from_pretrained(model_dir)?;
     let (train, names) = prepare(&read_data(data)?, &a.text_column, &a.label_column, None)?;

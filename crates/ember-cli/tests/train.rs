@@ -254,3 +254,62 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
         "resumed from checkpoint-{newest}: the final weights differ from the uninterrupted run's"
     );
 }
+
+#[test]
+fn ner_fine_tunes_on_conll_files_with_seqeval_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    demo(tmp.path());
+    let people = ["anna", "ben", "carla", "dmitri", "eva", "felix"];
+    let places = ["the room", "the lobby", "the pool", "the view"];
+    let mut conll = String::from("-DOCSTART- O\n\n");
+    for i in 0..120 {
+        let (who, place) = (people[i % people.len()], places[(i / 2) % places.len()]);
+        let mut words = vec![(who.to_owned(), "B-PER")];
+        if i % 3 == 0 {
+            words.push(("smith".into(), "I-PER"));
+        }
+        words.push(("liked".into(), "O"));
+        let mut first = true;
+        for w in place.split(' ') {
+            words.push((w.to_owned(), if first { "B-LOC" } else { "I-LOC" }));
+            first = false;
+        }
+        for (w, t) in words {
+            conll.push_str(&format!("{w} {t}\n"));
+        }
+        conll.push('\n');
+    }
+    std::fs::write(tmp.path().join("ner.txt"), conll).unwrap();
+    std::fs::write(
+        tmp.path().join("ner.json"),
+        r#"{"output_dir": "ner-out", "num_train_epochs": 8, "learning_rate": 2e-3, "per_device_train_batch_size": 8,
+            "eval_strategy": "epoch", "save_strategy": "no", "logging_strategy": "epoch", "disable_tqdm": true}"#,
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = ember(
+        &[
+            "train",
+            "--task",
+            "ner",
+            "--model",
+            "ember-demo",
+            "--data",
+            "ner.txt",
+            "--args",
+            "ner.json",
+            "--test-size",
+            "0.2",
+        ],
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let metrics: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(metrics["eval_f1"].as_f64().unwrap() >= 0.9, "{metrics}");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("ner-out/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["architectures"][0], "BertForTokenClassification");
+    assert_eq!(config["id2label"]["1"], "B-LOC");
+}
