@@ -52,6 +52,10 @@ pub struct TrainArgs {
     /// Print one JSON line per log entry (loss, eval metrics) on stdout.
     #[arg(long)]
     json: bool,
+    /// Start from fresh weights built from --model's config.json (HF's `from_config`) instead
+    /// of its checkpoint: training from scratch with that folder's tokenizer.
+    #[arg(long)]
+    from_scratch: bool,
     /// `sequence` (a label per text) or `ner` (CoNLL-style files: a tag per word).
     #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
     task: String,
@@ -427,17 +431,26 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     );
     let train = tokenize(&train, &tokenizer, &a.text_column, a.max_length)?;
     let eval = tokenize(&eval, &tokenizer, &a.text_column, a.max_length)?;
-    let options = FromPretrainedOptions::default()
-        .labels(names)
-        .ignore_mismatched_sizes(true);
-    let (model, report) = AutoModelForSequenceClassification::from_pretrained_with::<TrainBackend>(
-        model_dir,
-        &options,
-        &default_device(),
-    )?;
-    if !report.missing_keys.is_empty() {
-        eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
-    }
+    let model = if a.from_scratch {
+        let mut config = ember::models::read_config(model_dir)?;
+        config.set_labels(names);
+        eprintln!(
+            "fresh weights from {}",
+            model_dir.join("config.json").display()
+        );
+        AutoModelForSequenceClassification::from_config::<TrainBackend>(&config, &default_device())?
+    } else {
+        let options = FromPretrainedOptions::default()
+            .labels(names)
+            .ignore_mismatched_sizes(true);
+        let (model, report) = AutoModelForSequenceClassification::from_pretrained_with::<
+            TrainBackend,
+        >(model_dir, &options, &default_device())?;
+        if !report.missing_keys.is_empty() {
+            eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
+        }
+        model
+    };
     let metrics = fine_tune(model, &tokenizer, train, eval, args, a.json)?;
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
