@@ -411,18 +411,29 @@ fn one_training_step_matches_pytorch() {
         .with_weight_decay(0.01)
         .init::<AB, BertForSequenceClassification<AB>>();
     let model = optimizer.step(1e-3, model, grads).valid();
+    let mut ill_conditioned = 0;
     for (name, (_, values)) in model.state_dict().unwrap() {
-        // Judged on the scale of the learning rate: Adam turns a gradient that is zero up to
-        // rounding (1e-14 in PyTorch, 0 here) into a step of up to 1e-9.
-        let after = Tensor::<B, 1>::from_floats(values.as_slice(), &device);
-        assert_close_floor(
-            after,
-            &step.flat(&format!("after.{name}")),
-            1e-4,
-            1e-3,
-            &format!("after AdamW {name}"),
-        );
+        // Adam's first step is lr * g / (|g| + eps): where |g| is within ten eps
+        // (1e-8), it amplifies the last bits of the gradient (which differ between any two GEMM
+        // implementations) into a visible part of the step. Those elements are left out; every
+        // other one is judged on the scale of the learning rate.
+        let grad = step.flat(&format!("grad.{name}"));
+        let want = step.flat(&format!("after.{name}"));
+        let (got, want): (Vec<f32>, Vec<f32>) = values
+            .iter()
+            .zip(&want)
+            .zip(&grad)
+            .filter(|(_, g)| {
+                let keep = **g == 0.0 || g.abs() >= 1e-7;
+                ill_conditioned += usize::from(!keep);
+                keep
+            })
+            .map(|((a, b), _)| (*a, *b))
+            .unzip();
+        let after = Tensor::<B, 1>::from_floats(got.as_slice(), &device);
+        assert_close_floor(after, &want, 1e-4, 1e-3, &format!("after AdamW {name}"));
     }
+    eprintln!("after AdamW: {ill_conditioned} elements with 0 < |grad| < 1e-7 left out");
 }
 
 #[test]
