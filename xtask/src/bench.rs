@@ -39,6 +39,12 @@ const PAIRS: &[Pair] = &[
         script: "models_bench.py",
         unit: "sequences",
     },
+    Pair {
+        package: "ember-tests",
+        bench: "trainer",
+        script: "trainer_bench.py",
+        unit: "samples",
+    },
 ];
 
 /// Per bench: Ember's seconds per round, the reference's seconds per round, items, unit.
