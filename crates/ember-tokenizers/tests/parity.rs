@@ -37,7 +37,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// One input's outputs, the same fields the fixture script records.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, serde::Serialize)]
 struct Record {
     tokens: Vec<String>,
     input_ids: Vec<u32>,
@@ -64,20 +64,6 @@ impl Record {
             decoded: tok.decode(&ids, false).unwrap(),
             decoded_skip: tok.decode(&ids, true).unwrap(),
             input_ids: ids,
-        }
-    }
-
-    fn from_json(v: &Value) -> Record {
-        let ints = |k: &str| -> Vec<u32> { serde_json::from_value(v[k].clone()).unwrap() };
-        Record {
-            tokens: serde_json::from_value(v["tokens"].clone()).unwrap(),
-            input_ids: ints("input_ids"),
-            token_type_ids: ints("token_type_ids"),
-            attention_mask: ints("attention_mask"),
-            offset_mapping: serde_json::from_value(v["offset_mapping"].clone()).unwrap(),
-            word_ids: serde_json::from_value(v["word_ids"].clone()).unwrap(),
-            decoded: v["decoded"].as_str().unwrap().to_owned(),
-            decoded_skip: v["decoded_skip"].as_str().unwrap().to_owned(),
         }
     }
 
@@ -108,8 +94,17 @@ impl Record {
 
 fn check_entry(tok: &AutoTokenizer, what: &str, text: &str, entry: &Value) {
     let got = Record::of(tok, text);
-    if let Some(full) = entry.get("full") {
-        assert_eq!(got, Record::from_json(full), "{what}: {text:?}");
+    // Every field the fixture holds in full must match; corpus rows leave out the fields that
+    // spell the sentence out, which the digest still covers.
+    if let Some(full) = entry.get("full").and_then(Value::as_object) {
+        assert!(
+            full.contains_key("input_ids"),
+            "{what}: fixture without ids"
+        );
+        let got = serde_json::to_value(&got).unwrap();
+        for (field, expected) in full {
+            assert_eq!(&got[field], expected, "{what}: {field} of {text:?}");
+        }
     }
     assert_eq!(
         got.input_ids.len() as u64,
