@@ -91,17 +91,24 @@ pub(crate) fn reference_python(root: &Path) -> Option<PathBuf> {
     None
 }
 
-/// Every `tests/fixtures/**/make_fixtures.py`, run with the reference Python.
+/// Every `tests/fixtures/*/make_*fixtures.py`, run with the reference Python.
 fn fixtures(root: &Path) -> Result<()> {
     let Some(python) = reference_python(root) else {
         bail!("no reference Python: set EMBER_PYTHON or provide ../shared/tools/pyref-venv");
     };
     let shared = root.join("../shared");
     let mut scripts = Vec::new();
-    for entry in std::fs::read_dir(root.join("tests/fixtures"))? {
-        let script = entry?.path().join("make_fixtures.py");
-        if script.is_file() {
-            scripts.push(script);
+    for dir in std::fs::read_dir(root.join("tests/fixtures"))? {
+        let dir = dir?.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(&dir)? {
+            let script = file?.path();
+            let name = script.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("make_") && name.ends_with("fixtures.py") {
+                scripts.push(script);
+            }
         }
     }
     scripts.sort();

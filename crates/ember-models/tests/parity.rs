@@ -9,19 +9,17 @@
 //!
 //! Forward values are compared within 1e-5 relative, the training step within 1e-4.
 
+mod common;
+
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor};
+use common::{assert_close, assert_close_floor, fixtures, Expected, B};
 use ember_models::*;
 use std::path::{Path, PathBuf};
 
-type B = burn::backend::Flex;
 type AB = Autodiff<B>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models")
-}
 
 fn minilm() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/all-MiniLM-L6-v2");
@@ -31,84 +29,6 @@ fn minilm() -> Option<PathBuf> {
         eprintln!("SKIP: {} is absent", dir.display());
         None
     }
-}
-
-/// A fixture file of expected values.
-struct Expected(Weights);
-
-impl Expected {
-    fn open(name: &str) -> Self {
-        Self(Weights::open(&fixtures().join(name)).unwrap())
-    }
-
-    fn shape(&self, key: &str) -> Vec<usize> {
-        self.0
-            .shape(key)
-            .unwrap_or_else(|| panic!("fixture has no `{key}`"))
-            .to_vec()
-    }
-
-    fn float<const D: usize>(&self, key: &str) -> Tensor<B, D> {
-        let shape: [usize; D] = self.shape(key).try_into().unwrap();
-        self.0.get(key, shape, &Default::default()).unwrap()
-    }
-
-    fn int<const D: usize>(&self, key: &str) -> Tensor<B, D, Int> {
-        self.float::<D>(key).int()
-    }
-}
-
-impl Expected {
-    /// The values of a fixture tensor of any rank, flat.
-    fn flat(&self, key: &str) -> Vec<f32> {
-        match self.shape(key).len() {
-            1 => self.float::<1>(key).into_data().to_vec().unwrap(),
-            2 => self.float::<2>(key).into_data().to_vec().unwrap(),
-            3 => self.float::<3>(key).into_data().to_vec().unwrap(),
-            4 => self.float::<4>(key).into_data().to_vec().unwrap(),
-            r => panic!("rank {r}"),
-        }
-    }
-}
-
-/// Each value within `tolerance` relative to the larger of its own size and the tensor's root
-/// mean square (so that values near zero are judged on the tensor's scale, not their own).
-fn assert_close<const D: usize>(
-    got: Tensor<impl burn::tensor::backend::Backend, D>,
-    want: &[f32],
-    tolerance: f32,
-    what: &str,
-) {
-    assert_close_floor(got, want, tolerance, 1e-6, what)
-}
-
-/// [`assert_close`] with the smallest scale a value is judged on.
-fn assert_close_floor<const D: usize>(
-    got: Tensor<impl burn::tensor::backend::Backend, D>,
-    want: &[f32],
-    tolerance: f32,
-    floor: f32,
-    what: &str,
-) {
-    let got: Vec<f32> = got.into_data().convert::<f32>().to_vec().unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    // The floor is for tensors that are zero up to rounding (the key bias gradient).
-    let rms = (want.iter().map(|w| w * w).sum::<f32>() / want.len() as f32)
-        .sqrt()
-        .max(floor);
-    let mut worst = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs() / w.abs().max(rms);
-        worst = worst.max(err);
-        assert!(
-            err <= tolerance,
-            "{what}[{i}]: ember {g} python {w} (relative {err:.1e}, rms {rms:.1e})"
-        );
-    }
-    eprintln!(
-        "{what}: worst relative error {worst:.1e} over {} values",
-        got.len()
-    );
 }
 
 fn input(e: &Expected, kind: &str) -> EncoderInput<B> {
