@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod demo;
 mod embed;
+mod generate;
 mod tokenize;
 mod train;
 
@@ -22,6 +23,8 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Sentence embeddings of lines from stdin as JSON lines (mean_normalized, cls).
     Embed(embed::EmbedArgs),
+    /// Continue a prompt from stdin with a causal LM, streaming the text (--json: one JSON object).
+    Generate(generate::GenerateArgs),
     /// Fine-tune a sequence classifier on labelled text (no arguments: the embedded demo).
     Train(train::TrainArgs),
     /// Score a fine-tuned classifier on labelled text (accuracy, F1, precision, recall, loss).
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize(args) => tokenize::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run_train(args),
         Command::Evaluate(args) => train::run_evaluate(args),
         Command::Predict(args) => train::run_predict(args),

@@ -2,32 +2,11 @@
 //! the real all-MiniLM-L6-v2 (fixture `tests/fixtures/models/minilm-embed.json`, made by
 //! `tests/fixtures/models/make_fixtures.py`).
 
-use serde_json::Value;
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
 
-fn ember(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use common::ember;
+use serde_json::Value;
+use std::path::Path;
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()

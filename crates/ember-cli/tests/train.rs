@@ -2,32 +2,15 @@
 //! folder on a CSV, and a run killed (SIGKILL) between checkpoints and resumed, whose final
 //! weights must equal an uninterrupted run's.
 
+mod common;
+
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// `ember ARGS` run in `cwd`.
 fn ember(args: &[&str], cwd: &Path, stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ember"))
-        .args(args)
-        .current_dir(cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    common::ember_in(args, Some(cwd), stdin)
 }
 
 fn json_lines(stdout: &str) -> Vec<Value> {

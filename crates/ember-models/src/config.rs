@@ -153,15 +153,7 @@ impl BertConfig {
 
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        Self::from_json_value(value, path)
+        Self::from_json_value(read_json(path)?, path)
     }
 
     /// Builds a config from parsed JSON; `path` names the source in errors.
@@ -183,8 +175,8 @@ impl BertConfig {
                 object.entry(field).or_insert(default.into());
             }
         }
-        let mut config: Self =
-            serde_json::from_value(value.clone()).map_err(|e| bad(name_bad_field(&value, e)))?;
+        let mut config: Self = serde_json::from_value(value.clone())
+            .map_err(|e| bad(name_bad_field::<Self>(&value, e)))?;
         if config.id2label.is_none() {
             // Old configs carry `num_labels` instead of the label maps.
             if let Some(n) = config.extra.remove("num_labels") {
@@ -344,13 +336,28 @@ impl BertConfig {
     }
 }
 
+/// Reads a JSON file (`config.json`, `generation_config.json`).
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
 /// serde's message for a flattened struct does not name the field; find it by reading each
 /// field alone.
-fn name_bad_field(value: &Value, error: serde_json::Error) -> String {
+pub(crate) fn name_bad_field<T: serde::de::DeserializeOwned>(
+    value: &Value,
+    error: serde_json::Error,
+) -> String {
     let fields = value.as_object().into_iter().flatten();
     for (key, field) in fields {
         let alone = Value::Object(Map::from_iter([(key.clone(), field.clone())]));
-        if let Err(e) = serde_json::from_value::<BertConfig>(alone) {
+        if let Err(e) = serde_json::from_value::<T>(alone) {
             return format!("field `{key}`: {e}");
         }
     }

@@ -15,6 +15,10 @@
 //!   `pytorch_model.bin`, in f32, f16 or bf16, keys with or without the `bert.` / `roberta.`
 //!   prefix ([`Weights`]).
 //!
+//! - Causal LMs: [`LlamaForCausalLM`] (RMSNorm, RoPE with HF's scaling variants, grouped-query
+//!   attention, tied or untied embeddings) through [`AutoModelForCausalLM`], with a key /
+//!   value cache ([`KvCache`]) and the shifted-label loss ([`causal`]).
+//!
 //! - [`pooling`]: sentence-transformers' masked mean pooling and L2 normalisation.
 //!
 //! Every model is generic over the burn backend; dropout is active only on an autodiff
@@ -35,29 +39,48 @@
 //! # Ok::<(), ember_models::ModelError>(())
 //! ```
 
+mod auto_causal;
 mod bert;
+mod bloom;
+pub mod causal;
 mod config;
+mod decoder_attention;
 mod error;
+pub mod generation;
+mod gpt2;
 mod heads;
+mod llama;
 pub mod loss;
 mod params;
 pub mod pooling;
 mod pretrained;
+pub mod rope;
 #[cfg(feature = "train")]
 mod train;
 mod weights;
 
+pub use auto_causal::{AnyCausalLm, AutoModelForCausalLM, CAUSAL_MODEL_TYPES};
 pub use bert::{
     Activation, BaseModelOutput, BertEmbeddings, BertLayer, BertModel, BertOutput,
     BertSelfAttention, EncoderInput, OutputOptions, RobertaModel,
 };
+pub use bloom::{
+    alibi_slopes, BloomAttention, BloomBlock, BloomConfig, BloomForCausalLM, BloomMlp, BloomModel,
+};
+pub use causal::{CausalLm, CausalLmInput, CausalLmOutput, KvCache, LayerKv};
 pub use config::{BertConfig, RobertaConfig, SUPPORTED_ACTIVATIONS};
 pub use error::{ModelError, Result};
+pub use gpt2::{
+    GPT2Attention, GPT2Block, GPT2Config, GPT2LMHeadModel, GPT2Mlp, GPT2Model, GPT2_ACTIVATIONS,
+};
 pub use heads::{
     BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
     BertForTokenClassification, ClassificationHead, QuestionAnsweringOutput, RobertaForMaskedLM,
     RobertaForQuestionAnswering, RobertaForSequenceClassification, RobertaForTokenClassification,
     SequenceClassifierOutput, SequenceLabels, TokenLogitsOutput,
+};
+pub use llama::{
+    LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel,
 };
 pub use params::{NamedParam, StateDict};
 pub use pretrained::{

@@ -64,6 +64,13 @@ impl<B: Backend> VisitParams<B> for LayerNorm<B> {
     }
 }
 
+impl<B: Backend> VisitParams<B> for burn::nn::RmsNorm<B> {
+    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.gamma = v.visit1(&join(prefix, "weight"), self.gamma)?;
+        Ok(self)
+    }
+}
+
 impl<B: Backend> VisitParams<B> for Embedding<B> {
     fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
         self.weight = v.visit2(&join(prefix, "weight"), self.weight, false)?;

@@ -147,16 +147,47 @@ fn load<B: Backend, M: VisitParams<B>>(
     options.apply(&mut config, &dir.join("config.json"))?;
     let weights = Weights::from_dir(dir)?;
     let model = build(&config);
-    let mut loader = Loader {
+    let base_prefix = if is_head {
+        config.base_model_prefix()
+    } else {
+        ""
+    };
+    let source = WeightSource {
         weights: &weights,
-        base_prefix: if is_head {
-            config.base_model_prefix()
-        } else {
-            ""
-        },
-        optional: vec!["pooler.".into()],
+        base_prefix,
+        optional: &["pooler."],
+        ignorable: is_ignorable_key,
+    };
+    load_weights_into(model, &source, options.ignore_mismatched_sizes, class)
+}
+
+/// Where `load_weights_into` reads from, and which of its keys may be left over.
+pub(crate) struct WeightSource<'a> {
+    /// The checkpoint's tensors.
+    pub weights: &'a Weights,
+    /// The base model prefix (`bert`, `model`, `transformer`), empty for a bare base model.
+    pub base_prefix: &'a str,
+    /// Key prefixes (after the base prefix) that may be missing and keep their initialisation.
+    pub optional: &'a [&'a str],
+    /// Checkpoint keys that are not reported when unused (buffers, tied copies).
+    pub ignorable: fn(&str) -> bool,
+}
+
+/// Replaces every parameter of `model` with the checkpoint's tensor at its HF key, and reports
+/// (and logs, with HF's wording) what was missing, unused or re-initialised.
+pub(crate) fn load_weights_into<B: Backend, M: VisitParams<B>>(
+    model: M,
+    source: &WeightSource<'_>,
+    ignore_mismatched_sizes: bool,
+    class: &str,
+) -> Result<(M, LoadReport)> {
+    let weights = source.weights;
+    let mut loader = Loader {
+        weights,
+        base_prefix: source.base_prefix,
+        optional: source.optional.iter().map(|s| s.to_string()).collect(),
         missing: Vec::new(),
-        ignore_mismatched_sizes: options.ignore_mismatched_sizes,
+        ignore_mismatched_sizes,
         mismatched: Vec::new(),
     };
     let model = model.visit("", &mut loader)?;
@@ -165,11 +196,11 @@ fn load<B: Backend, M: VisitParams<B>>(
         unexpected_keys: weights
             .unused_keys()
             .into_iter()
-            .filter(|k| !is_ignorable_key(k))
+            .filter(|k| !(source.ignorable)(k))
             .collect(),
         mismatched_keys: loader.mismatched,
     };
-    let source = dir.display();
+    let source = weights.source().display();
     if !report.missing_keys.is_empty() {
         tracing::warn!(
             "Some weights of {class} were not initialized from the model checkpoint at {source} and are newly initialized: {:?}. \
@@ -197,17 +228,26 @@ fn save<B: Backend, M: VisitParams<B> + Clone>(
     class: &str,
     dir: &Path,
 ) -> Result<()> {
+    let mut config = config.clone();
+    config.architectures = Some(vec![class.to_owned()]);
+    config.extra.entry("dtype").or_insert("float32".into());
+    save_files(model, &config.to_json_string(), dir)
+}
+
+/// Writes `model.safetensors` and the given `config.json` text into `dir`, each atomically.
+pub(crate) fn save_files<B: Backend, M: VisitParams<B> + Clone>(
+    model: &M,
+    config_json: &str,
+    dir: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_owned(),
         source,
     })?;
     let mut collector = Collector::default();
     model.clone().visit("", &mut collector)?;
-    let mut config = config.clone();
-    config.architectures = Some(vec![class.to_owned()]);
-    config.extra.entry("dtype").or_insert("float32".into());
     write_safetensors(&dir.join("model.safetensors"), &collector.tensors)?;
-    write_atomic(&dir.join("config.json"), config.to_json_string().as_bytes())
+    write_atomic(&dir.join("config.json"), config_json.as_bytes())
 }
 
 /// The tensors a model would save, by HF key (shape and f32 values).

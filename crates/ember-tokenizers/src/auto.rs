@@ -80,10 +80,15 @@ impl AutoTokenizer {
         let files = TokenizerFiles {
             dir: dir.to_owned(),
         };
-        let config = match files.file("tokenizer_config.json") {
+        let mut config = match files.file("tokenizer_config.json") {
             Some(p) => TokenizerConfig::from_file(&p)?,
             None => TokenizerConfig::default(),
         };
+        // As in HF, template files take priority over the config's `chat_template` field.
+        let template_files = crate::chat::templates_from_files(dir)?;
+        if !template_files.is_empty() {
+            config.chat_templates = template_files;
+        }
         let config_path = dir.join("tokenizer_config.json");
         let class = config.tokenizer_class.clone();
         let class_is = |list: &[&str]| class.as_deref().is_none_or(|c| list.contains(&c));
@@ -686,6 +691,10 @@ impl AutoTokenizer {
 
     pub(crate) fn parts(&self) -> (&TokenizerConfig, &SpecialTokens) {
         (&self.config, &self.special)
+    }
+
+    pub(crate) fn config_mut(&mut self) -> &mut TokenizerConfig {
+        &mut self.config
     }
 
     pub(crate) fn with_pipeline(&self, pipeline: Value, source: &Path) -> Result<Self> {

@@ -1,6 +1,7 @@
 //! `tokenizer_config.json` and `special_tokens_map.json`: the Hugging Face side files that carry
 //! what `tokenizer.json` does not (special-token roles, `model_max_length`, padding side, ...).
 
+use crate::chat::{templates_from_config, ChatTemplates};
 use crate::error::{Result, TokenizerError};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -218,6 +219,10 @@ pub struct TokenizerConfig {
     pub truncation_side: Side,
     /// `clean_up_tokenization_spaces` (HF 5 default: false).
     pub clean_up_tokenization_spaces: bool,
+    /// The chat templates by name (`"default"` for a single one): from `chat_template.jinja`
+    /// and `additional_chat_templates/` beside the file where present, else from its
+    /// `chat_template` field.
+    pub chat_templates: ChatTemplates,
 }
 
 /// HF writes `int(1e30)` for "no limit"; anything this large means unbounded.
@@ -270,6 +275,7 @@ impl TokenizerConfig {
                 ))
             }
         };
+        let chat_templates = templates_from_config(path, &raw)?;
         Ok(Self {
             raw,
             tokenizer_class,
@@ -277,6 +283,7 @@ impl TokenizerConfig {
             padding_side,
             truncation_side,
             clean_up_tokenization_spaces,
+            chat_templates,
         })
     }
 

@@ -124,6 +124,53 @@ pub enum TokenizerError {
     /// A token the vocabulary does not hold and no `unk_token` to fall back on.
     #[error("token `{0}` is not in the vocabulary and the tokenizer has no unk_token")]
     UnknownToken(String),
+    /// `apply_chat_template` on a tokenizer without a chat template.
+    #[error(
+        "cannot use apply_chat_template: this tokenizer has no chat_template (no \
+         `chat_template.jinja` and no `chat_template` field in `tokenizer_config.json`) and no \
+         template was passed; set one with `set_chat_template` or pass one in \
+         `ChatTemplateOptions::chat_template`"
+    )]
+    NoChatTemplate,
+    /// The tokenizer has several named chat templates, none named `default`, and none was
+    /// asked for by name.
+    #[error(
+        "this tokenizer has several chat templates and none named `default`: pass the name of \
+         one in `ChatTemplateOptions::chat_template`; available: {names:?}"
+    )]
+    NoDefaultChatTemplate {
+        /// The names of the templates it has.
+        names: Vec<String>,
+    },
+    /// A chat template did not compile or failed while rendering.
+    #[error("chat template `{name}` from `{path}` failed{}: {message}", at_line(.line))]
+    ChatTemplate {
+        /// The file the template came from (`<set_chat_template>` for one set in code).
+        path: PathBuf,
+        /// The template's name (`default`, or the name of a named template).
+        name: String,
+        /// The line of the template at fault, where known.
+        line: Option<usize>,
+        /// What the Jinja engine said.
+        message: String,
+    },
+    /// A chat template called `raise_exception(message)`, e.g. because the roles of the
+    /// conversation do not alternate the way the model expects.
+    #[error("chat template `{name}` from `{path}` raised an exception{}: {message}", at_line(.line))]
+    ChatTemplateRaised {
+        /// The file the template came from (`<set_chat_template>` for one set in code).
+        path: PathBuf,
+        /// The template's name.
+        name: String,
+        /// The line of the template that raised, where known.
+        line: Option<usize>,
+        /// The template's message, exactly as it wrote it.
+        message: String,
+    },
+    /// A conversation or options `apply_chat_template` cannot render (an empty conversation,
+    /// `continue_final_message` with `add_generation_prompt`, ...).
+    #[error("apply_chat_template: {0}")]
+    InvalidChat(String),
     /// An error from the tokenizers library while encoding, decoding or training.
     #[error("tokenizer failed while {action}: {message}")]
     Backend {
@@ -148,6 +195,11 @@ impl TokenizerError {
             message: err.to_string(),
         }
     }
+}
+
+/// ` at line N` where the line is known.
+fn at_line(line: &Option<usize>) -> String {
+    line.map(|n| format!(" at line {n}")).unwrap_or_default()
 }
 
 /// This crate's result type.

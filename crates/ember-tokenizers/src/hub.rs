@@ -14,6 +14,7 @@ pub(crate) fn download(name: &str) -> Result<PathBuf> {
         "tokenizer_config.json",
         "special_tokens_map.json",
         "added_tokens.json",
+        "chat_template.jinja",
     ] {
         let _ = repo.get(optional);
     }

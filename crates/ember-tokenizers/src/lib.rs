@@ -5,8 +5,9 @@
 //! `vocab.json` + `merges.txt` (GPT-2 byte-level BPE), with `special_tokens_map.json`,
 //! `added_tokens.json` and `model_max_length`. The API follows `transformers`: `tokenize`,
 //! `encode`, `decode`, batch encoding with HF padding and truncation, offsets and `word_ids()`,
-//! `save_pretrained`, `train_new_from_iterator`. Ids are exactly Python's: the parity tests
-//! compare with `transformers` 5 on real corpora.
+//! `save_pretrained`, `train_new_from_iterator`, and chat templates (`apply_chat_template`,
+//! rendered as `transformers` renders them). Ids are exactly Python's: the parity tests compare
+//! with `transformers` 5 on real corpora.
 //!
 //! ```
 //! use ember_tokenizers::{demo, EncodeOptions, Padding};
@@ -19,6 +20,7 @@
 //! ```
 
 mod auto;
+mod chat;
 mod config;
 pub mod demo;
 mod encode;
@@ -30,6 +32,10 @@ mod save;
 mod train;
 
 pub use auto::{clean_up_tokenization, AutoTokenizer};
+pub use chat::{
+    ChatMessage, ChatTemplate, ChatTemplateOptions, ChatTemplates, CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE, DEFAULT_TEMPLATE_NAME, SET_IN_CODE,
+};
 pub use config::{PaddingSide, Side, SpecialTokens, TokenizerConfig};
 pub use encode::{BatchEncoding, EncodeOptions, Padding, TensorBatch, Truncation};
 pub use error::{Result, TokenizerError};

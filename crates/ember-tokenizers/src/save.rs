@@ -9,12 +9,16 @@ use std::path::{Path, PathBuf};
 
 impl AutoTokenizer {
     /// `save_pretrained(dir)`: writes `tokenizer.json`, `tokenizer_config.json` and
-    /// `special_tokens_map.json` into `dir` (created if needed) and returns their paths.
+    /// `special_tokens_map.json` into `dir` (created if needed) and returns their paths. Chat
+    /// templates go where `transformers` 5 saves them: the default one to
+    /// `chat_template.jinja`, each named one to `additional_chat_templates/<name>.jinja`.
     ///
     /// Each file is written under a temporary name and renamed into place, so an interrupted
     /// save never leaves a truncated file behind a real name.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
         let dir = dir.as_ref();
+        // Checked before anything is written: a template name must be a plain file name.
+        let templates = crate::chat::template_files(&self.parts().0.chat_templates)?;
         std::fs::create_dir_all(dir).map_err(|e| TokenizerError::io(dir, e))?;
         let backend = self.backend_tokenizer();
         let pipeline = backend
@@ -32,6 +36,14 @@ impl AutoTokenizer {
             write_atomic(&path, text.as_bytes())?;
             written.push(path);
         }
+        for (name, text) in templates {
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| TokenizerError::io(parent, e))?;
+            }
+            write_atomic(&path, text.as_bytes())?;
+            written.push(path);
+        }
         Ok(written)
     }
 
@@ -39,6 +51,8 @@ impl AutoTokenizer {
     fn tokenizer_config_json(&self, backend: &tokenizers::Tokenizer) -> Map<String, Value> {
         let (config, special) = self.parts();
         let mut map = config.raw.clone();
+        // The templates are saved as `.jinja` files, which HF reads before this field.
+        map.remove("chat_template");
         let bert_normalizer = match backend.get_normalizer() {
             Some(tokenizers::NormalizerWrapper::BertNormalizer(n)) => serde_json::to_value(n).ok(),
             _ => None,

@@ -90,3 +90,22 @@ pub fn assert_close_floor<const D: usize>(
         got.len()
     );
 }
+
+/// The SmolLM2 folder `make-smollm2` writes, or `None` (printing why) when it is absent.
+pub fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::var_os("EMBER_SMOLLM2")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
+        })?;
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIP: no SmolLM2 at {} (run ../shared/tools/make-smollm2)",
+            dir.display()
+        );
+        None
+    }
+}

@@ -1,0 +1,183 @@
+//! `ember generate`: a prompt on stdin → the model's continuation, streamed as it is produced.
+
+use anyhow::{bail, Context, Result};
+use ember::models::generation::{
+    generate, GenerateOptions, GenerationConfig, Prompt, StopStrings, Streamer,
+};
+use ember::models::AutoModelForCausalLM;
+use ember::tokenizers::{AutoTokenizer, ChatMessage, ChatTemplateOptions};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+/// Arguments of `ember generate`.
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint folder of a causal LM (Llama, Bloom, GPT-2) with its tokenizer files.
+    #[arg(long)]
+    model: PathBuf,
+    /// New tokens to generate at most [default: `max_new_tokens` of generation_config.json,
+    /// else 128].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Greedy decoding (the default unless generation_config.json sets `do_sample`).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sample with this temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Sample from the smallest set of tokens whose probability reaches this, in (0, 1].
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Sample from the k most likely tokens (0: all).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// HF's repetition penalty (1.0: none).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Stop once the output ends with this text (repeatable).
+    #[arg(long = "stop")]
+    stop_strings: Vec<String>,
+    /// The seed of sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt as a user message in the tokenizer's chat template, with the generation
+    /// prompt added.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message first.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Print one JSON object instead of streaming: the text, the prompt's and the generated
+    /// ids, and why generation ended.
+    #[arg(long)]
+    json: bool,
+}
+
+/// HF's `TextStreamer`: decodes a row's new tokens so far and prints the text that became
+/// final since the last call, holding back an incomplete UTF-8 sequence.
+struct TextStreamer<'a, W: Write> {
+    tokenizer: &'a AutoTokenizer,
+    out: W,
+    ids: Vec<u32>,
+    printed: usize,
+    error: Option<std::io::Error>,
+}
+
+impl<W: Write> TextStreamer<'_, W> {
+    fn flush_text(&mut self, last: bool) {
+        let Ok(text) = self.tokenizer.decode(&self.ids, true) else {
+            return;
+        };
+        let mut end = text.len();
+        if !last && text.ends_with('\u{FFFD}') {
+            // A character split across tokens: wait for its remaining bytes.
+            end = text.trim_end_matches('\u{FFFD}').len();
+        }
+        if end > self.printed && text.is_char_boundary(self.printed) {
+            let result = self
+                .out
+                .write_all(&text.as_bytes()[self.printed..end])
+                .and_then(|_| self.out.flush());
+            if let Err(e) = result {
+                self.error.get_or_insert(e);
+            }
+            self.printed = end;
+        }
+    }
+}
+
+impl<W: Write> Streamer for TextStreamer<'_, W> {
+    fn put(&mut self, _rows: &[usize], tokens: &[u32]) {
+        self.ids.extend_from_slice(tokens);
+        self.flush_text(false);
+    }
+
+    fn end(&mut self) {
+        self.flush_text(true);
+        if let Err(e) = self.out.write_all(b"\n").and_then(|_| self.out.flush()) {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+/// Reads the whole of stdin as one prompt and generates its continuation.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let device = ember::default_device();
+    let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
+    let model = AutoModelForCausalLM::from_pretrained::<ember::Backend>(&a.model, &device)?;
+    let mut config = GenerationConfig::from_pretrained(&a.model)?;
+    config.fill_from_model_config(&model.config_json());
+    config.max_new_tokens = a.max_new_tokens.or(config.max_new_tokens).or(Some(128));
+    if a.greedy {
+        config.do_sample = false;
+    }
+    if a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some() {
+        config.do_sample = true;
+    }
+    config.temperature = a.temperature.unwrap_or(config.temperature);
+    config.top_p = a.top_p.unwrap_or(config.top_p);
+    config.top_k = a.top_k.unwrap_or(config.top_k);
+    config.repetition_penalty = a.repetition_penalty.unwrap_or(config.repetition_penalty);
+    let mut stops = config.stop_string_list().map_err(anyhow::Error::msg)?;
+    stops.extend(a.stop_strings.iter().cloned());
+    config.validate().map_err(anyhow::Error::msg)?;
+
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the prompt from stdin")?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &a.system {
+            messages.push(ChatMessage::system(system.clone()));
+        }
+        messages.push(ChatMessage::user(text));
+        tokenizer.apply_chat_template_ids(
+            &messages,
+            &ChatTemplateOptions::default().add_generation_prompt(true),
+        )?
+    } else {
+        tokenizer.encode(text, None, true)?
+    };
+    if ids.is_empty() && config.bos_token_id.is_none() {
+        bail!("the prompt is empty and the model has no bos_token_id to start from");
+    }
+    let mut stop = StopStrings::new(stops, |generated: &[u32]| {
+        tokenizer.decode(generated, false).unwrap_or_default()
+    });
+    let mut streamer = TextStreamer {
+        tokenizer: &tokenizer,
+        out: std::io::stdout().lock(),
+        ids: Vec::new(),
+        printed: 0,
+        error: None,
+    };
+    let eos = config.eos_ids().map_err(anyhow::Error::msg)?;
+    let options = GenerateOptions {
+        seed: Some(a.seed),
+        streamer: (!a.json).then_some(&mut streamer as &mut dyn Streamer),
+        stopping: vec![&mut stop],
+    };
+    let prompt = Prompt::single(ids.clone());
+    let out = generate(&model, &prompt, &config, options, &device)?;
+    if let Some(e) = streamer.error.take() {
+        return Err(e).context("writing to stdout");
+    }
+    if a.json {
+        let new = &out.new_tokens[0];
+        let finish = match new.last() {
+            Some(t) if eos.contains(t) => "eos",
+            _ if new.len() >= config.max_new_tokens.unwrap_or(usize::MAX) => "length",
+            _ => "stop",
+        };
+        let value = serde_json::json!({
+            "text": tokenizer.decode(new, true)?,
+            "prompt_ids": ids,
+            "generated_ids": new,
+            "finish_reason": finish,
+        });
+        println!("{value}");
+    }
+    Ok(())
+}

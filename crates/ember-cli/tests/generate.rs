@@ -1,0 +1,110 @@
+//! `ember generate` on the real SmolLM2-135M-Instruct (built by `../shared/tools/make-smollm2`;
+//! skipped when absent): the prompt ids and greedy ids equal HF's (fixture
+//! `tests/fixtures/models/smollm2-expected.json`), the streamed text is the decoded ids, the chat
+//! template wraps the prompt as Python does, and bad options are one-line errors.
+
+mod common;
+
+use common::ember;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::var_os("EMBER_SMOLLM2")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
+        })?;
+    if dir.join("model.safetensors").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIP: no SmolLM2 at {} (run ../shared/tools/make-smollm2)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn expected() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/smollm2-expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn greedy_json_and_streamed_text_match_hf() {
+    let Some(dir) = smollm2() else { return };
+    let model = dir.to_str().unwrap();
+    let want = &expected()["prompts"][0];
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--max-new-tokens",
+        "32",
+        "--greedy",
+    ];
+    let (ok, out, err) = ember(
+        &[&args[..], &["--json"]].concat(),
+        "The three primary colours are\n",
+    );
+    assert!(ok, "{err}");
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["prompt_ids"], want["input_ids"]);
+    assert_eq!(got["generated_ids"], want["greedy_32"]);
+    // Streaming prints the same text as the JSON's decoded ids, then a newline.
+    let (ok, streamed, err) = ember(&args, "The three primary colours are\n");
+    assert!(ok, "{err}");
+    assert_eq!(streamed, format!("{}\n", got["text"].as_str().unwrap()));
+}
+
+#[test]
+fn chat_wraps_the_prompt_in_the_template() {
+    let Some(dir) = smollm2() else { return };
+    let model = dir.to_str().unwrap();
+    let want = &expected()["prompts"][2];
+    let (ok, out, err) = ember(
+        &[
+            "generate",
+            "--model",
+            model,
+            "--chat",
+            "--max-new-tokens",
+            "32",
+            "--json",
+        ],
+        "Name a fruit that is yellow.",
+    );
+    assert!(ok, "{err}");
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["prompt_ids"], want["input_ids"]);
+    assert_eq!(got["generated_ids"], want["greedy_32"]);
+    assert_eq!(got["finish_reason"], "eos", "{got}");
+}
+
+#[test]
+fn bad_options_are_one_line_errors() {
+    let Some(dir) = smollm2() else { return };
+    let model = dir.to_str().unwrap();
+    for (extra, wanted) in [
+        (vec!["--top-p", "1.5"], "top_p"),
+        (vec!["--top-p", "0"], "top_p"),
+        (vec!["--max-new-tokens", "0"], "max_new_tokens"),
+        (vec!["--temperature=-1"], "temperature"),
+    ] {
+        let (ok, out, err) = ember(
+            &[&["generate", "--model", model][..], &extra].concat(),
+            "hi",
+        );
+        assert!(!ok && out.is_empty(), "{extra:?}: {out}");
+        assert!(
+            err.starts_with("error:") && err.contains(wanted),
+            "{extra:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = ember(&["generate", "--model", "/nonexistent"], "hi");
+    assert!(!ok && err.contains("/nonexistent"), "{err}");
+}

@@ -1,0 +1,273 @@
+//! What every causal language model shares: its input (ids or embeddings, mask, positions,
+//! labels, cache), the key / value cache, the output, the causal attention mask and the
+//! shifted-label loss.
+//!
+//! The cache holds, per layer, keys and values shaped `[batch, kv_heads, seq, head_dim]`, the
+//! layout of HF's `DynamicCache`. The same type carries a prefix of learned key / value tensors
+//! (prefix tuning): a cache the model did not compute itself is attended to the same way.
+
+use crate::error::{ModelError, Result};
+use crate::loss;
+use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
+
+/// The inputs of a causal LM's forward pass, as HF's `forward(input_ids=…, …)` takes them.
+#[derive(Debug, Clone)]
+pub struct CausalLmInput<B: Backend> {
+    /// Token ids `[batch, seq]` (or give `inputs_embeds`).
+    pub input_ids: Option<Tensor<B, 2, Int>>,
+    /// Token embeddings `[batch, seq, hidden]`, used instead of `input_ids` (prompt tuning).
+    pub inputs_embeds: Option<Tensor<B, 3>>,
+    /// 1 for tokens to attend to, 0 for padding, `[batch, past + seq]`: it covers the cached
+    /// positions too, as in HF.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// Positions `[batch, seq]`; by default `past .. past + seq` (HF's `cache_position`).
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+    /// Labels `[batch, seq]`: the loss predicts `labels[t + 1]` from position `t`, skipping
+    /// `-100` (HF shifts them inside the model).
+    pub labels: Option<Tensor<B, 2, Int>>,
+    /// Keys and values of earlier positions (or a learned prefix).
+    pub past_key_values: Option<KvCache<B>>,
+}
+
+impl<B: Backend> CausalLmInput<B> {
+    /// Input from token ids.
+    pub fn new(input_ids: Tensor<B, 2, Int>) -> Self {
+        Self {
+            input_ids: Some(input_ids),
+            inputs_embeds: None,
+            attention_mask: None,
+            position_ids: None,
+            labels: None,
+            past_key_values: None,
+        }
+    }
+
+    /// Input from embeddings instead of ids.
+    pub fn from_embeds(inputs_embeds: Tensor<B, 3>) -> Self {
+        Self {
+            input_ids: None,
+            inputs_embeds: Some(inputs_embeds),
+            ..Self::new(Tensor::empty([0, 0], &Default::default()))
+        }
+    }
+
+    /// With an attention mask `[batch, past + seq]`.
+    pub fn with_attention_mask(mut self, mask: Tensor<B, 2, Int>) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+
+    /// With explicit position ids.
+    pub fn with_position_ids(mut self, ids: Tensor<B, 2, Int>) -> Self {
+        self.position_ids = Some(ids);
+        self
+    }
+
+    /// With labels (usually the input ids, padding set to `-100`).
+    pub fn with_labels(mut self, labels: Tensor<B, 2, Int>) -> Self {
+        self.labels = Some(labels);
+        self
+    }
+
+    /// With a cache of earlier keys and values.
+    pub fn with_past_key_values(mut self, cache: KvCache<B>) -> Self {
+        self.past_key_values = Some(cache);
+        self
+    }
+
+    /// `[batch, seq]` of the new tokens.
+    pub fn dims(&self) -> Result<[usize; 2]> {
+        match (&self.input_ids, &self.inputs_embeds) {
+            (Some(_), Some(_)) => Err(ModelError::Input(
+                "give either input_ids or inputs_embeds, not both".into(),
+            )),
+            (Some(ids), None) => Ok(ids.dims()),
+            (None, Some(e)) => {
+                let [b, s, _] = e.dims();
+                Ok([b, s])
+            }
+            (None, None) => Err(ModelError::Input("give input_ids or inputs_embeds".into())),
+        }
+    }
+}
+
+/// One layer's cached keys and values, `[batch, kv_heads, seq, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerKv<B: Backend> {
+    /// Keys (after the rotary embedding, where the model has one).
+    pub key: Tensor<B, 4>,
+    /// Values.
+    pub value: Tensor<B, 4>,
+}
+
+/// The key / value cache of every layer (HF's `DynamicCache`).
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// One entry per layer, in layer order.
+    pub layers: Vec<LayerKv<B>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// How many positions are cached (0 for an empty cache).
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.key.dims()[2])
+    }
+
+    /// Keeps only the rows `rows` of the batch (drops finished sequences).
+    pub fn select_rows(self, rows: Tensor<B, 1, Int>) -> Self {
+        Self {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| LayerKv {
+                    key: l.key.select(0, rows.clone()),
+                    value: l.value.select(0, rows.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks the cache against a model's layers and head shape.
+    pub(crate) fn check(
+        &self,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        batch: usize,
+    ) -> Result<()> {
+        if self.layers.len() != layers {
+            return Err(ModelError::Input(format!(
+                "past_key_values has {} layers, the model {layers}",
+                self.layers.len()
+            )));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let [b, h, s, d] = l.key.dims();
+            if [b, h, d] != [batch, kv_heads, head_dim] || l.value.dims() != [b, h, s, d] {
+                return Err(ModelError::Input(format!(
+                    "past_key_values layer {i}: keys {:?} and values {:?}, expected [{batch}, {kv_heads}, seq, {head_dim}]",
+                    l.key.dims(),
+                    l.value.dims()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends new keys and values to a layer's cache entry (or starts it).
+pub(crate) fn append_kv<B: Backend>(
+    past: Option<LayerKv<B>>,
+    key: Tensor<B, 4>,
+    value: Tensor<B, 4>,
+) -> LayerKv<B> {
+    match past {
+        Some(p) => LayerKv {
+            key: Tensor::cat(vec![p.key, key], 2),
+            value: Tensor::cat(vec![p.value, value], 2),
+        },
+        None => LayerKv { key, value },
+    }
+}
+
+/// What a causal LM returns.
+#[derive(Debug, Clone)]
+pub struct CausalLmOutput<B: Backend> {
+    /// Next-token logits `[batch, seq, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// The mean shifted cross entropy, when labels were given.
+    pub loss: Option<Tensor<B, 1>>,
+    /// The cache including this call's positions.
+    pub past_key_values: KvCache<B>,
+}
+
+/// HF's causal LM loss: logits at `t` predict `labels[t + 1]`; `-100` is skipped.
+pub fn shifted_cross_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    if seq < 2 {
+        return Tensor::zeros([1], &logits.device());
+    }
+    let predicted = logits
+        .slice([0..batch, 0..seq - 1])
+        .reshape([batch * (seq - 1), vocab]);
+    let targets = labels
+        .slice([0..batch, 1..seq])
+        .reshape([batch * (seq - 1)]);
+    loss::cross_entropy(predicted, targets)
+}
+
+/// The boolean mask (true = masked) for attention over `past + seq` keys from `seq` queries,
+/// on top of the causal mask the attention applies itself, or `None` when nothing is padded.
+///
+/// A padded key is masked, except on a query's own position: a padding query would otherwise
+/// see no key at all, which some backends turn into NaN (HF "unmasks" those rows for the same
+/// reason). Real tokens never attend to padding.
+pub(crate) fn padding_mask<B: Backend>(
+    attention_mask: Option<&Tensor<B, 2, Int>>,
+    seq: usize,
+) -> Result<Option<Tensor<B, 4, Bool>>> {
+    let Some(mask) = attention_mask else {
+        return Ok(None);
+    };
+    let [batch, total] = mask.dims();
+    if total < seq {
+        return Err(ModelError::Input(format!(
+            "attention_mask covers {total} positions, fewer than the {seq} new tokens"
+        )));
+    }
+    let device = mask.device();
+    let pad = mask.clone().equal_elem(0);
+    // Cheap on the host-side shapes we use; skipping the mask keeps the fast causal path.
+    if pad.clone().int().sum().into_scalar().elem::<i64>() == 0 {
+        return Ok(None);
+    }
+    let past = total - seq;
+    let keys = pad
+        .reshape([batch, 1, 1, total])
+        .expand([batch, 1, seq, total]);
+    let rows = Tensor::<B, 1, Int>::arange(past as i64..total as i64, &device)
+        .reshape([1, 1, seq, 1])
+        .expand([batch, 1, seq, total]);
+    let cols = Tensor::<B, 1, Int>::arange(0..total as i64, &device)
+        .reshape([1, 1, 1, total])
+        .expand([batch, 1, seq, total]);
+    let own = rows.equal(cols);
+    Ok(Some(keys.bool_and(own.bool_not())))
+}
+
+/// Repeats each key / value head `n_rep` times for grouped-query attention:
+/// `[b, kv_heads, s, d]` → `[b, kv_heads · n_rep, s, d]` (HF's `repeat_kv`).
+pub(crate) fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, h, s, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, h, n_rep, s, d])
+        .reshape([b, h * n_rep, s, d])
+}
+
+/// Default position ids `past .. past + seq` for every row.
+pub(crate) fn default_positions<B: Backend>(
+    batch: usize,
+    past: usize,
+    seq: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, device)
+        .reshape([1, seq])
+        .expand([batch, seq])
+}
+
+/// The interface generation needs from any causal LM.
+pub trait CausalLm<B: Backend> {
+    /// One forward pass.
+    fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>>;
+    /// The vocabulary size (the logits' last dimension).
+    fn vocab_size(&self) -> usize;
+    /// The longest sequence the model's positions cover, if it has a limit (learned positions).
+    fn max_positions(&self) -> Option<usize>;
+}

@@ -1,0 +1,618 @@
+//! `LlamaForCausalLM`: RMSNorm, rotary positions (with HF's scaling variants), grouped-query
+//! attention and a SwiGLU MLP, tied or untied output embeddings. Covers Llama 2 / 3, TinyLlama,
+//! SmolLM2, and Qwen2-style checkpoints with attention biases.
+//!
+//! One struct per HF sub-module, so that every parameter sits at its HF key
+//! (`model.layers.3.self_attn.q_proj.weight`).
+
+use crate::causal::{
+    append_kv, default_positions, padding_mask, repeat_kv, shifted_cross_entropy, CausalLm,
+    CausalLmInput, CausalLmOutput, KvCache, LayerKv,
+};
+use crate::config::{name_bad_field, read_json};
+use crate::error::{ModelError, Result};
+use crate::params::{init_embedding, init_linear, join, ParamVisitor, VisitParams};
+use crate::rope::{self, RopeParameters};
+use crate::Activation;
+use burn::module::Module;
+use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+fn d_model_type() -> String {
+    "llama".into()
+}
+fn d_vocab() -> usize {
+    32000
+}
+fn d_hidden() -> usize {
+    4096
+}
+fn d_intermediate() -> usize {
+    11008
+}
+fn d_layers() -> usize {
+    32
+}
+fn d_heads() -> usize {
+    32
+}
+fn d_act() -> String {
+    "silu".into()
+}
+fn d_positions() -> usize {
+    2048
+}
+fn d_init() -> f64 {
+    0.02
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_bos() -> Option<i64> {
+    Some(1)
+}
+fn d_eos() -> Option<Value> {
+    Some(2.into())
+}
+
+/// HF `LlamaConfig`, with its field names and defaults. Every other field is kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `model_type`: `llama`.
+    #[serde(default = "d_model_type")]
+    pub model_type: String,
+    /// `architectures`, e.g. `["LlamaForCausalLM"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// `vocab_size` (32000).
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// `hidden_size` (4096).
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    /// `intermediate_size` of the MLP (11008).
+    #[serde(default = "d_intermediate")]
+    pub intermediate_size: usize,
+    /// `num_hidden_layers` (32).
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads` (32).
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// `num_key_value_heads`: fewer than the attention heads for grouped-query attention;
+    /// `num_attention_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// `head_dim`; `hidden_size / num_attention_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// `hidden_act` of the MLP gate (`silu`).
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    /// `max_position_embeddings` (2048).
+    #[serde(default = "d_positions")]
+    pub max_position_embeddings: usize,
+    /// `initializer_range` (0.02): the std of fresh weights.
+    #[serde(default = "d_init")]
+    pub initializer_range: f64,
+    /// `rms_norm_eps` (1e-6).
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    /// `pad_token_id` (none).
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+    /// `bos_token_id` (1).
+    #[serde(default = "d_bos")]
+    pub bos_token_id: Option<i64>,
+    /// `eos_token_id` (2): one id or a list of ids.
+    #[serde(default = "d_eos")]
+    pub eos_token_id: Option<Value>,
+    /// `tie_word_embeddings` (false): the output projection is the input embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// `rope_theta` of transformers 4 configs (in `rope_parameters` in transformers 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// `rope_scaling` of transformers 4 configs: `{"type" / "rope_type", "factor", ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// `rope_parameters` of transformers 5 configs: `{"rope_type", "rope_theta", ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    /// `attention_bias` (false): biases on the q / k / v / o projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// `attention_dropout` (0).
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// `mlp_bias` (false): biases on the gate / up / down projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Every other field of the file, kept as read.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Default for LlamaConfig {
+    fn default() -> Self {
+        serde_json::from_value(Value::Object(Map::new())).expect("every field has a default")
+    }
+}
+
+impl LlamaConfig {
+    /// Reads and checks `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Self::from_json_value(read_json(path)?, path)
+    }
+
+    /// Builds a config from parsed JSON; `path` names the source in errors.
+    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
+        let bad = |message: String| ModelError::Config {
+            path: path.to_owned(),
+            message,
+        };
+        if !value.is_object() {
+            return Err(bad("the config is not a JSON object".into()));
+        }
+        let config: Self = serde_json::from_value(value.clone())
+            .map_err(|e| bad(name_bad_field::<Self>(&value, e)))?;
+        config.validate().map_err(bad)?;
+        Ok(config)
+    }
+
+    /// Checks the values a model cannot be built from.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.model_type != "llama" {
+            return Err(format!(
+                "model_type `{}` is not a Llama model",
+                self.model_type
+            ));
+        }
+        let heads = self.num_attention_heads;
+        let kv = self.num_key_value_heads();
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!(
+                "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {heads}",
+                self.hidden_size
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} must be even for rotary positions",
+                self.head_dim()
+            ));
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act `{}` is not supported for Llama (supported: silu)",
+                self.hidden_act
+            ));
+        }
+        self.rope().map(|_| ())
+    }
+
+    /// Key / value heads.
+    pub fn num_key_value_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// The size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The rotary parameters from `rope_parameters`, or `rope_theta` and `rope_scaling`.
+    pub fn rope(&self) -> std::result::Result<RopeParameters, String> {
+        RopeParameters::from_config(
+            self.rope_parameters.as_ref(),
+            self.rope_scaling.as_ref(),
+            self.rope_theta,
+            self.max_position_embeddings,
+        )
+    }
+
+    /// The config as HF writes `config.json`.
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a config always serializes")
+    }
+}
+
+/// `self_attn`: grouped-query attention with rotary positions.
+#[derive(Module, Debug)]
+pub struct LlamaAttention<B: Backend> {
+    /// `q_proj`.
+    pub q_proj: Linear<B>,
+    /// `k_proj`.
+    pub k_proj: Linear<B>,
+    /// `v_proj`.
+    pub v_proj: Linear<B>,
+    /// `o_proj`.
+    pub o_proj: Linear<B>,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Key / value heads.
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+}
+
+/// `mlp`: `down(act(gate(x)) · up(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaMlp<B: Backend> {
+    /// `gate_proj`.
+    pub gate_proj: Linear<B>,
+    /// `up_proj`.
+    pub up_proj: Linear<B>,
+    /// `down_proj`.
+    pub down_proj: Linear<B>,
+}
+
+/// `model.layers.N`: pre-norm attention and MLP, each with a residual.
+#[derive(Module, Debug)]
+pub struct LlamaDecoderLayer<B: Backend> {
+    /// `self_attn`.
+    pub self_attn: LlamaAttention<B>,
+    /// `mlp`.
+    pub mlp: LlamaMlp<B>,
+    /// `input_layernorm`.
+    pub input_layernorm: RmsNorm<B>,
+    /// `post_attention_layernorm`.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// `LlamaModel` (`model.`): embeddings, decoder layers, final norm.
+#[derive(Module, Debug)]
+pub struct LlamaModel<B: Backend> {
+    /// `embed_tokens`.
+    pub embed_tokens: Embedding<B>,
+    /// `layers`.
+    pub layers: Vec<LlamaDecoderLayer<B>>,
+    /// `norm`.
+    pub norm: RmsNorm<B>,
+}
+
+/// `LlamaForCausalLM`: the decoder and the output projection (`lm_head`, or the input
+/// embeddings when `tie_word_embeddings`).
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM<B: Backend> {
+    /// `model`.
+    pub model: LlamaModel<B>,
+    /// `lm_head`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    /// The configuration (written back by `save_pretrained`).
+    #[module(skip)]
+    pub config: LlamaConfig,
+    /// The rotary parameters resolved from the config.
+    #[module(skip)]
+    pub rope: RopeParameters,
+}
+
+fn linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    c: &LlamaConfig,
+    device: &B::Device,
+) -> Linear<B> {
+    let mut l = init_linear(d_in, d_out, c.initializer_range, device);
+    if !bias {
+        l.bias = None;
+    }
+    l
+}
+
+fn rms_norm<B: Backend>(c: &LlamaConfig, device: &B::Device) -> RmsNorm<B> {
+    RmsNormConfig::new(c.hidden_size)
+        .with_epsilon(c.rms_norm_eps)
+        .init(device)
+}
+
+impl<B: Backend> LlamaAttention<B> {
+    fn new(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (h, d, kv) = (c.num_attention_heads, c.head_dim(), c.num_key_value_heads());
+        let bias = c.attention_bias;
+        Self {
+            q_proj: linear(c.hidden_size, h * d, bias, c, device),
+            k_proj: linear(c.hidden_size, kv * d, bias, c, device),
+            v_proj: linear(c.hidden_size, kv * d, bias, c, device),
+            o_proj: linear(h * d, c.hidden_size, bias, c, device),
+            num_heads: h,
+            num_kv_heads: kv,
+            head_dim: d,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        (cos, sin): (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Option<&Tensor<B, 4, Bool>>,
+        past: Option<LayerKv<B>>,
+    ) -> (Tensor<B, 3>, LayerKv<B>) {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x.clone())
+            .reshape([batch, seq, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k_proj
+            .forward(x.clone())
+            .reshape([batch, seq, kvh, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v_proj
+            .forward(x)
+            .reshape([batch, seq, kvh, d])
+            .swap_dims(1, 2);
+        let q = rope::apply(q, cos, sin);
+        let k = rope::apply(k, cos, sin);
+        let kv = append_kv(past, k, v);
+        let total = kv.key.dims()[2];
+        let mask = mask.map(|m| m.clone().expand([batch, h, seq, total]));
+        let context = attention(
+            q,
+            repeat_kv(kv.key.clone(), h / kvh),
+            repeat_kv(kv.value.clone(), h / kvh),
+            mask,
+            None,
+            AttentionModuleOptions {
+                is_causal: true,
+                ..Default::default()
+            },
+        );
+        let context = context.swap_dims(1, 2).reshape([batch, seq, h * d]);
+        (self.o_proj.forward(context), kv)
+    }
+}
+
+impl<B: Backend> LlamaDecoderLayer<B> {
+    fn new(c: &LlamaConfig, device: &B::Device) -> Self {
+        let (hidden, inter, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Self {
+            self_attn: LlamaAttention::new(c, device),
+            mlp: LlamaMlp {
+                gate_proj: linear(hidden, inter, bias, c, device),
+                up_proj: linear(hidden, inter, bias, c, device),
+                down_proj: linear(inter, hidden, bias, c, device),
+            },
+            input_layernorm: rms_norm(c, device),
+            post_attention_layernorm: rms_norm(c, device),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (&Tensor<B, 4>, &Tensor<B, 4>),
+        mask: Option<&Tensor<B, 4, Bool>>,
+        past: Option<LayerKv<B>>,
+    ) -> (Tensor<B, 3>, LayerKv<B>) {
+        let (attended, kv) =
+            self.self_attn
+                .forward(self.input_layernorm.forward(x.clone()), rope, mask, past);
+        let x = x + attended;
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let m = &self.mlp;
+        let gated = Activation::Silu.forward(m.gate_proj.forward(normed.clone()))
+            * m.up_proj.forward(normed);
+        (x + m.down_proj.forward(gated), kv)
+    }
+}
+
+impl<B: Backend> LlamaForCausalLM<B> {
+    /// A model with fresh weights, initialised as HF does (normal with `initializer_range`,
+    /// zero biases, unit norms).
+    pub fn new(config: &LlamaConfig, device: &B::Device) -> Result<Self> {
+        let rope = config.rope().map_err(|message| ModelError::Config {
+            path: "<LlamaConfig>".into(),
+            message,
+        })?;
+        let c = config;
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens: init_embedding(
+                    c.vocab_size,
+                    c.hidden_size,
+                    c.initializer_range,
+                    c.pad_token_id.map(|p| p as usize),
+                    device,
+                ),
+                layers: (0..c.num_hidden_layers)
+                    .map(|_| LlamaDecoderLayer::new(c, device))
+                    .collect(),
+                norm: rms_norm(c, device),
+            },
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| linear(c.hidden_size, c.vocab_size, false, c, device)),
+            config: config.clone(),
+            rope,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// One forward pass: logits for every new position, the loss when labels are given, and
+    /// the cache extended by the new positions.
+    pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        let [batch, seq] = input.dims()?;
+        let c = &self.config;
+        let past = input.past_key_values;
+        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
+        if let Some(cache) = &past {
+            cache.check(
+                c.num_hidden_layers,
+                c.num_key_value_heads(),
+                c.head_dim(),
+                batch,
+            )?;
+        }
+        let x = match (input.input_ids, input.inputs_embeds) {
+            (Some(ids), _) => {
+                check_ids(&ids, c.vocab_size)?;
+                self.model.embed_tokens.forward(ids)
+            }
+            (None, Some(e)) => {
+                if e.dims()[2] != c.hidden_size {
+                    return Err(ModelError::Input(format!(
+                        "inputs_embeds have width {}, the model's hidden_size is {}",
+                        e.dims()[2],
+                        c.hidden_size
+                    )));
+                }
+                e
+            }
+            (None, None) => unreachable!("checked by dims()"),
+        };
+        let device = x.device();
+        let positions = match input.position_ids {
+            Some(p) if p.dims() != [batch, seq] => {
+                return Err(ModelError::Input(format!(
+                    "position_ids {:?} do not match the input's [{batch}, {seq}]",
+                    p.dims()
+                )))
+            }
+            Some(p) => p,
+            None => default_positions(batch, past_len, seq, &device),
+        };
+        let longest = if self.rope.rope_type == "dynamic" {
+            positions.clone().max().into_scalar().elem::<i64>() as usize + 1
+        } else {
+            past_len + seq
+        };
+        let inv_freq = self.rope.inv_freq(c.head_dim(), longest);
+        let (cos, sin) = rope::cos_sin(&inv_freq, positions);
+        let mask = padding_mask(input.attention_mask.as_ref(), seq)?;
+        if let Some(m) = &input.attention_mask {
+            if m.dims() != [batch, past_len + seq] {
+                return Err(ModelError::Input(format!(
+                    "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
+                    m.dims()
+                )));
+            }
+        }
+        let mut past_layers = past.map(|p| p.layers.into_iter());
+        let mut cache = Vec::with_capacity(self.model.layers.len());
+        let mut x = x;
+        for layer in &self.model.layers {
+            let layer_past = past_layers.as_mut().and_then(Iterator::next);
+            let (out, kv) = layer.forward(x, (&cos, &sin), mask.as_ref(), layer_past);
+            x = out;
+            cache.push(kv);
+        }
+        let x = self.model.norm.forward(x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => tied_logits(x, &self.model.embed_tokens),
+        };
+        let loss = input
+            .labels
+            .map(|l| shifted_cross_entropy(logits.clone(), l));
+        Ok(CausalLmOutput {
+            logits,
+            loss,
+            past_key_values: KvCache { layers: cache },
+        })
+    }
+}
+
+/// Logits through the transposed input embedding matrix (tied output embeddings).
+pub(crate) fn tied_logits<B: Backend>(x: Tensor<B, 3>, embedding: &Embedding<B>) -> Tensor<B, 3> {
+    let [batch, seq, hidden] = x.dims();
+    let weight = embedding.weight.val();
+    let vocab = weight.dims()[0];
+    x.reshape([batch * seq, hidden])
+        .matmul(weight.transpose())
+        .reshape([batch, seq, vocab])
+}
+
+/// Rejects ids outside the vocabulary (an embedding lookup would read out of bounds).
+pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Result<()> {
+    if ids.dims()[1] == 0 {
+        return Err(ModelError::Input("input_ids hold no tokens".into()));
+    }
+    let max = ids.clone().max().into_scalar().elem::<i64>();
+    let min = ids.clone().min().into_scalar().elem::<i64>();
+    if min < 0 || max >= vocab as i64 {
+        return Err(ModelError::Input(format!(
+            "token id {} is outside the vocabulary of {vocab}",
+            if min < 0 { min } else { max }
+        )));
+    }
+    Ok(())
+}
+
+impl<B: Backend> CausalLm<B> for LlamaForCausalLM<B> {
+    fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        LlamaForCausalLM::forward(self, input)
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl<B: Backend> VisitParams<B> for LlamaAttention<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.q_proj = self.q_proj.visit(&join(p, "q_proj"), v)?;
+        self.k_proj = self.k_proj.visit(&join(p, "k_proj"), v)?;
+        self.v_proj = self.v_proj.visit(&join(p, "v_proj"), v)?;
+        self.o_proj = self.o_proj.visit(&join(p, "o_proj"), v)?;
+        Ok(self)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for LlamaDecoderLayer<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        self.self_attn = self.self_attn.visit(&join(p, "self_attn"), v)?;
+        let m = join(p, "mlp");
+        self.mlp.gate_proj = self.mlp.gate_proj.visit(&join(&m, "gate_proj"), v)?;
+        self.mlp.up_proj = self.mlp.up_proj.visit(&join(&m, "up_proj"), v)?;
+        self.mlp.down_proj = self.mlp.down_proj.visit(&join(&m, "down_proj"), v)?;
+        self.input_layernorm = self.input_layernorm.visit(&join(p, "input_layernorm"), v)?;
+        self.post_attention_layernorm = self
+            .post_attention_layernorm
+            .visit(&join(p, "post_attention_layernorm"), v)?;
+        Ok(self)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for LlamaForCausalLM<B> {
+    fn visit(mut self, p: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        let m = join(p, "model");
+        self.model.embed_tokens = self
+            .model
+            .embed_tokens
+            .visit(&join(&m, "embed_tokens"), v)?;
+        let layers = std::mem::take(&mut self.model.layers);
+        for (i, layer) in layers.into_iter().enumerate() {
+            self.model
+                .layers
+                .push(layer.visit(&join(&m, &format!("layers.{i}")), v)?);
+        }
+        self.model.norm = self.model.norm.visit(&join(&m, "norm"), v)?;
+        if let Some(head) = self.lm_head.take() {
+            self.lm_head = Some(head.visit(&join(p, "lm_head"), v)?);
+        }
+        Ok(self)
+    }
+}
