@@ -40,6 +40,12 @@ const PAIRS: &[Pair] = &[
         unit: "sequences",
     },
     Pair {
+        package: "ember-models",
+        bench: "generation",
+        script: "generation_bench.py",
+        unit: "tokens",
+    },
+    Pair {
         package: "ember-tests",
         bench: "trainer",
         script: "trainer_bench.py",

@@ -82,6 +82,9 @@ pub struct EvaluateArgs {
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// `sequence` (a label per text) or `ner` (a CoNLL-style file: seqeval metrics).
+    #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
+    task: String,
 }
 
 /// Arguments of `ember predict`.
@@ -316,26 +319,69 @@ fn train_ner(a: &TrainArgs, model_dir: &Path, data: &Path, args: TrainingArgumen
         (train, eval),
         args,
         a.json,
-        move |p| {
-            let (predicted, labels) = p.token_classes();
-            let tags = |rows: Vec<Vec<usize>>| -> Vec<Vec<String>> {
-                rows.into_iter()
-                    .map(|r| {
-                        r.into_iter()
-                            .map(|i| names.get(i).cloned().unwrap_or_else(|| "O".into()))
-                            .collect()
-                    })
-                    .collect()
-            };
-            let report = metrics::seqeval(&tags(predicted), &tags(labels))?;
-            Ok(BTreeMap::from([
-                ("precision".to_owned(), report.precision),
-                ("recall".to_owned(), report.recall),
-                ("f1".to_owned(), report.f1),
-                ("accuracy".to_owned(), report.accuracy),
-            ]))
-        },
+        ner_metrics(names),
     )?;
+    println!("{}", serde_json::to_string(&metrics)?);
+    Ok(())
+}
+
+/// seqeval's entity-level precision, recall and F1 (and token accuracy) over the positions
+/// that carry a label, with the tag names of `names`.
+fn ner_metrics(
+    names: Vec<String>,
+) -> impl Fn(&ember::train::EvalPrediction) -> ember::train::Result<BTreeMap<String, f64>> + Send + 'static
+{
+    move |p| {
+        let (predicted, labels) = p.token_classes();
+        let tags = |rows: Vec<Vec<usize>>| -> Vec<Vec<String>> {
+            rows.into_iter()
+                .map(|r| {
+                    r.into_iter()
+                        .map(|i| names.get(i).cloned().unwrap_or_else(|| "O".into()))
+                        .collect()
+                })
+                .collect()
+        };
+        let report = metrics::seqeval(&tags(predicted), &tags(labels))?;
+        Ok(BTreeMap::from([
+            ("precision".to_owned(), report.precision),
+            ("recall".to_owned(), report.recall),
+            ("f1".to_owned(), report.f1),
+            ("accuracy".to_owned(), report.accuracy),
+        ]))
+    }
+}
+
+/// `ember evaluate --task ner`: seqeval metrics of a token classifier on a CoNLL-style file.
+fn evaluate_ner(a: &EvaluateArgs) -> Result<()> {
+    let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
+    let model = ember::models::AutoModelForTokenClassification::from_pretrained::<TrainBackend>(
+        &a.model,
+        &default_device(),
+    )?;
+    let names: Vec<String> = model
+        .config()
+        .id2label
+        .clone()
+        .unwrap_or_default()
+        .into_values()
+        .collect();
+    let ds = ember::datasets::read_conll_with_labels(&a.data, &names)?;
+    let options = EncodeOptions::default()
+        .truncation(Truncation::LongestFirst)
+        .max_length(a.max_length);
+    let ds = ember::data::tokenize_and_align_labels(&ds, &tokenizer, &options, 1000)?;
+    let scratch = tempfile::tempdir()?;
+    let args = TrainingArguments {
+        output_dir: scratch.path().to_owned(),
+        per_device_eval_batch_size: a.batch_size,
+        disable_tqdm: true,
+        ..TrainingArguments::default()
+    };
+    let collator = ember::datasets::DataCollatorForTokenClassification::new(pad_id(&tokenizer));
+    let mut trainer =
+        Trainer::new(args, model, collator, default_device())?.compute_metrics(ner_metrics(names));
+    let metrics = trainer.evaluate(&ds)?;
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }
@@ -477,6 +523,9 @@ fn load_classifier(
 }
 
 pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
+    if a.task == "ner" {
+        return evaluate_ner(&a);
+    }
     let (tokenizer, model, names) = load_classifier(&a.model)?;
     let (ds, _) = prepare(
         &read_data(&a.data)?,

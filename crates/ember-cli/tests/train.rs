@@ -295,4 +295,16 @@ fn ner_fine_tunes_on_conll_files_with_seqeval_metrics() {
     .unwrap();
     assert_eq!(config["architectures"][0], "BertForTokenClassification");
     assert_eq!(config["id2label"]["1"], "B-LOC");
+    // The saved model scores the whole file with seqeval from `ember evaluate --task ner`.
+    let (ok, stdout, stderr) = ember(
+        &[
+            "evaluate", "--task", "ner", "--model", "ner-out", "--data", "ner.txt",
+        ],
+        tmp.path(),
+        "",
+    );
+    assert!(ok, "{stderr}");
+    let scored: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(scored["eval_f1"].as_f64().unwrap() >= 0.9, "{scored}");
+    assert!(scored["eval_precision"].as_f64().is_some(), "{scored}");
 }

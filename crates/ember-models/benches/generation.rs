@@ -1,0 +1,113 @@
+//! Generation with the real SmolLM2-135M-Instruct (built by `../shared/tools/make-smollm2`;
+//! skipped, saying so, when absent): prefill of a 16-token prompt, and greedy generation of 64
+//! new tokens after it, at batch 1 and 8, with the cache. `cargo xtask bench` runs
+//! `xtask/bench/generation_bench.py` beside it: HF `generate` on the same ids.
+//!
+//! `bandwidth_bound_b1` reads as many bytes as the model's f32 weights (what one decoding step
+//! at batch 1 must read at least), on every core: its rate in tokens/s is the machine's
+//! memory-bandwidth bound for batch-1 decoding.
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
+use ember_models::{CausalLmInput, LlamaForCausalLM};
+use std::path::PathBuf;
+
+type B = Flex;
+
+const PROMPT: usize = 16;
+const NEW: usize = 64;
+
+fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::var_os("EMBER_SMOLLM2")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
+        })?;
+    dir.join("model.safetensors").is_file().then_some(dir)
+}
+
+/// `batch` prompts of 16 ids, the same as the Python script builds: ids `100 + 37·(row + 1)·t`
+/// modulo 40,000, so rows differ and no padding is needed.
+fn prompts(batch: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|r| {
+            (0..PROMPT)
+                .map(|t| (100 + 37 * (r + 1) * t) as u32 % 40_000)
+                .collect()
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let Some(dir) = smollm2() else {
+        eprintln!("SKIP generation bench: no SmolLM2 (run ../shared/tools/make-smollm2)");
+        return;
+    };
+    let device = Default::default();
+    let model = LlamaForCausalLM::<B>::from_pretrained(&dir, &device).unwrap();
+    let weight_values: usize = model
+        .state_dict()
+        .unwrap()
+        .values()
+        .map(|(_, v)| v.len())
+        .sum();
+    let mut group = c.benchmark_group("generation");
+    group.sample_size(10);
+    for batch in [1, 8] {
+        let rows = prompts(batch);
+        let ids: Vec<i64> = rows.iter().flatten().map(|&t| t as i64).collect();
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, PROMPT]), &device);
+        group.throughput(Throughput::Elements((batch * PROMPT) as u64));
+        group.bench_function(format!("smollm2_prefill_b{batch}_s{PROMPT}"), |b| {
+            b.iter(|| {
+                let out = model.forward(CausalLmInput::new(input.clone())).unwrap();
+                out.logits.into_data()
+            })
+        });
+        // Greedy, EOS ignored, so that every run makes exactly NEW tokens.
+        let config = GenerationConfig {
+            eos_token_id: None,
+            ..GenerationConfig::greedy(NEW)
+        };
+        let prompt = Prompt::left_padded(rows, 0);
+        group.throughput(Throughput::Elements((batch * NEW) as u64));
+        group.bench_function(format!("smollm2_generate_b{batch}_p{PROMPT}_n{NEW}"), |b| {
+            b.iter(|| {
+                generate(
+                    &model,
+                    &prompt,
+                    &config,
+                    GenerateOptions::default(),
+                    &device,
+                )
+                .unwrap()
+            })
+        });
+    }
+    // The bandwidth bound: read the weights' bytes once per "token", on every core.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let weights = vec![1.0f32; weight_values];
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("bandwidth_bound_b1", |b| {
+        b.iter(|| {
+            let chunk = weights.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let parts: Vec<_> = weights
+                    .chunks(chunk)
+                    .map(|part| s.spawn(move || part.iter().sum::<f32>()))
+                    .collect();
+                parts.into_iter().map(|p| p.join().unwrap()).sum::<f32>()
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
