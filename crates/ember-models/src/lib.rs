@@ -16,8 +16,13 @@
 //!   prefix ([`Weights`]).
 //!
 //! - Causal LMs: [`LlamaForCausalLM`] (RMSNorm, RoPE with HF's scaling variants, grouped-query
-//!   attention, tied or untied embeddings) through [`AutoModelForCausalLM`], with a key /
-//!   value cache ([`KvCache`]) and the shifted-label loss ([`causal`]).
+//!   attention, tied or untied embeddings), [`BloomForCausalLM`] (ALiBi, fused
+//!   `query_key_value`) and [`GPT2LMHeadModel`] (Conv1D layout) through
+//!   [`AutoModelForCausalLM`], with a key / value cache ([`KvCache`], also a learned prefix)
+//!   and the shifted-label loss ([`causal`]).
+//! - [`generation`]: HF's `generate` with a `GenerationConfig` (greedy, sampling with
+//!   temperature / top-k / top-p, repetition penalty, EOS ids and stop strings, left-padded
+//!   batches, streaming).
 //!
 //! - [`pooling`]: sentence-transformers' masked mean pooling and L2 normalisation.
 //!

@@ -87,13 +87,15 @@ pub fn backend_name() -> &'static str {
 pub mod prelude {
     pub use crate::{default_device, Backend, Device, TrainBackend};
     pub use burn::tensor::{backend::Backend as BackendTrait, Int, Tensor};
+    pub use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
     pub use ember_models::{
-        AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
-        AutoModelForSequenceClassification, AutoModelForTokenClassification, EncoderInput,
+        AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+        AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+        AutoModelForTokenClassification, CausalLm, CausalLmInput, EncoderInput,
         FromPretrainedOptions, ModelError, OutputOptions, SequenceLabels,
     };
     pub use ember_tokenizers::{
-        AutoTokenizer, BatchEncoding, EncodeOptions, Padding, PaddingSide, TensorBatch,
-        TokenizerError, Truncation,
+        AutoTokenizer, BatchEncoding, ChatMessage, ChatTemplateOptions, EncodeOptions, Padding,
+        PaddingSide, TensorBatch, TokenizerError, Truncation,
     };
 }
