@@ -6,13 +6,12 @@
 //! (`transformer.h.3.self_attention.query_key_value.weight`).
 
 use crate::causal::{
-    append_kv, padding_mask, shifted_cross_entropy, CausalLm, CausalLmInput, CausalLmOutput,
-    KvCache, LayerKv,
+    append_kv, padding_mask, shifted_cross_entropy, tied_logits, CausalLm, CausalLmInput,
+    CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
-use crate::config::{name_bad_field, read_json};
+use crate::config::{parse_config, read_json};
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
-use crate::llama::{check_ids, tied_logits};
 use crate::params::{
     init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
 };
@@ -144,23 +143,8 @@ impl BloomConfig {
     /// Builds a config from parsed JSON; `path` names the source in errors. The old field
     /// names `n_embed`, `num_hidden_layers` and `num_attention_heads` are read as
     /// `hidden_size`, `n_layer` and `n_head`.
-    pub fn from_json_value(mut value: Value, path: &Path) -> Result<Self> {
-        let bad = |message: String| ModelError::Config {
-            path: path.to_owned(),
-            message,
-        };
-        let Some(object) = value.as_object_mut() else {
-            return Err(bad("the config is not a JSON object".into()));
-        };
-        for (old, new) in ALIASES {
-            if let Some(v) = object.remove(old) {
-                object.insert(new.to_owned(), v);
-            }
-        }
-        let config: Self = serde_json::from_value(value.clone())
-            .map_err(|e| bad(name_bad_field::<Self>(&value, e)))?;
-        config.validate().map_err(bad)?;
-        Ok(config)
+    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
+        parse_config(value, path, &ALIASES, Self::validate)
     }
 
     /// Checks the values a model cannot be built from.
@@ -446,49 +430,31 @@ impl<B: Backend> BloomForCausalLM<B> {
     /// Bloom has no position ids: ALiBi numbers the keys by the attention mask (covering the
     /// cached positions too), so `position_ids` is ignored, as HF ignores it.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
-        let [batch, seq] = input.dims()?;
         let c = &self.config;
-        let past = input.past_key_values;
-        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
-        if let Some(cache) = &past {
-            cache.check(c.n_layer, c.n_head, c.head_dim(), batch)?;
-        }
-        let total = past_len + seq;
-        if let Some(m) = &input.attention_mask {
-            if m.dims() != [batch, total] {
-                return Err(ModelError::Input(format!(
-                    "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
-                    m.dims()
-                )));
-            }
-        }
-        let x = match (input.input_ids, input.inputs_embeds) {
-            (Some(ids), _) => {
-                check_ids(&ids, c.vocab_size)?;
-                self.transformer.word_embeddings.forward(ids)
-            }
-            (None, Some(e)) => {
-                if e.dims()[2] != c.hidden_size {
-                    return Err(ModelError::Input(format!(
-                        "inputs_embeds have width {}, the model's hidden_size is {}",
-                        e.dims()[2],
-                        c.hidden_size
-                    )));
-                }
-                e
-            }
-            (None, None) => unreachable!("checked by dims()"),
+        let shape = ModelShape {
+            layers: c.n_layer,
+            kv_heads: c.n_head,
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
         };
+        let ForwardStart {
+            batch,
+            seq,
+            past_len,
+            past,
+            x,
+            attention_mask,
+            // ALiBi numbers the keys by the mask; HF ignores position ids too.
+            position_ids: _,
+            labels,
+        } = input.start(&shape, &self.transformer.word_embeddings)?;
+        let total = past_len + seq;
         let device = x.device();
         let heads = c.n_head;
-        let mask = padding_mask(input.attention_mask.as_ref(), seq)?
+        let mask = padding_mask(attention_mask.as_ref(), seq)?
             .map(|m| m.expand([batch, heads, seq, total]));
-        let alibi = alibi_bias(
-            input.attention_mask.as_ref(),
-            heads,
-            [batch, seq, total],
-            &device,
-        );
+        let alibi = alibi_bias(attention_mask.as_ref(), heads, [batch, seq, total], &device);
         let mut x = self.transformer.word_embeddings_layernorm.forward(x);
         let mut past_layers = past.map(|p| p.layers.into_iter());
         let mut cache = Vec::with_capacity(self.transformer.h.len());
@@ -503,9 +469,7 @@ impl<B: Backend> BloomForCausalLM<B> {
             Some(head) => head.forward(x),
             None => tied_logits(x, &self.transformer.word_embeddings),
         };
-        let loss = input
-            .labels
-            .map(|l| shifted_cross_entropy(logits.clone(), l));
+        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,
             loss,

@@ -91,6 +91,128 @@ impl<B: Backend> CausalLmInput<B> {
     }
 }
 
+/// The sizes a causal LM checks its input against.
+pub(crate) struct ModelShape {
+    /// Decoder layers (entries of the cache).
+    pub layers: usize,
+    /// Key / value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Width of the embeddings.
+    pub hidden: usize,
+}
+
+/// A checked input with its token embeddings: the shared start of every causal LM's forward.
+pub(crate) struct ForwardStart<B: Backend> {
+    /// Rows.
+    pub batch: usize,
+    /// New positions.
+    pub seq: usize,
+    /// Cached positions.
+    pub past_len: usize,
+    /// The cache, checked against the model.
+    pub past: Option<KvCache<B>>,
+    /// Token embeddings `[batch, seq, hidden]`.
+    pub x: Tensor<B, 3>,
+    /// The attention mask, checked to cover `past_len + seq` positions.
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// Position ids, checked to be `[batch, seq]`.
+    pub position_ids: Option<Tensor<B, 2, Int>>,
+    /// Labels.
+    pub labels: Option<Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> CausalLmInput<B> {
+    /// Checks the input against the model and embeds the ids (or takes `inputs_embeds`).
+    pub(crate) fn start(
+        self,
+        shape: &ModelShape,
+        embeddings: &burn::nn::Embedding<B>,
+    ) -> Result<ForwardStart<B>> {
+        let [batch, seq] = self.dims()?;
+        let past = self.past_key_values;
+        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
+        if let Some(cache) = &past {
+            cache.check(shape.layers, shape.kv_heads, shape.head_dim, batch)?;
+        }
+        if let Some(m) = &self.attention_mask {
+            if m.dims() != [batch, past_len + seq] {
+                return Err(ModelError::Input(format!(
+                    "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
+                    m.dims()
+                )));
+            }
+        }
+        if let Some(p) = &self.position_ids {
+            if p.dims() != [batch, seq] {
+                return Err(ModelError::Input(format!(
+                    "position_ids {:?} do not match the input's [{batch}, {seq}]",
+                    p.dims()
+                )));
+            }
+        }
+        let x = match (self.input_ids, self.inputs_embeds) {
+            (Some(ids), _) => {
+                check_ids(&ids, shape.vocab)?;
+                embeddings.forward(ids)
+            }
+            (None, Some(e)) => {
+                if e.dims()[2] != shape.hidden {
+                    return Err(ModelError::Input(format!(
+                        "inputs_embeds have width {}, the model's hidden size is {}",
+                        e.dims()[2],
+                        shape.hidden
+                    )));
+                }
+                e
+            }
+            (None, None) => unreachable!("checked by dims()"),
+        };
+        Ok(ForwardStart {
+            batch,
+            seq,
+            past_len,
+            past,
+            x,
+            attention_mask: self.attention_mask,
+            position_ids: self.position_ids,
+            labels: self.labels,
+        })
+    }
+}
+
+/// Rejects ids outside the vocabulary (an embedding lookup would read out of bounds).
+pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Result<()> {
+    if ids.dims()[1] == 0 {
+        return Err(ModelError::Input("input_ids hold no tokens".into()));
+    }
+    let max = ids.clone().max().into_scalar().elem::<i64>();
+    let min = ids.clone().min().into_scalar().elem::<i64>();
+    if min < 0 || max >= vocab as i64 {
+        return Err(ModelError::Input(format!(
+            "token id {} is outside the vocabulary of {vocab}",
+            if min < 0 { min } else { max }
+        )));
+    }
+    Ok(())
+}
+
+/// Logits through the transposed input embedding matrix (tied output embeddings).
+pub(crate) fn tied_logits<B: Backend>(
+    x: Tensor<B, 3>,
+    embedding: &burn::nn::Embedding<B>,
+) -> Tensor<B, 3> {
+    let [batch, seq, hidden] = x.dims();
+    let weight = embedding.weight.val();
+    let vocab = weight.dims()[0];
+    x.reshape([batch * seq, hidden])
+        .matmul(weight.transpose())
+        .reshape([batch, seq, vocab])
+}
+
 /// One layer's cached keys and values, `[batch, kv_heads, seq, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {

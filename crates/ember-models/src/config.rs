@@ -348,6 +348,32 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Parses a config object: renames the `aliases` (old name → field), deserializes with the
+/// failing field named, and checks it with `validate`; every error names `path`.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
+    mut value: Value,
+    path: &Path,
+    aliases: &[(&str, &str)],
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    let bad = |message: String| ModelError::Config {
+        path: path.to_owned(),
+        message,
+    };
+    let Some(object) = value.as_object_mut() else {
+        return Err(bad("the config is not a JSON object".into()));
+    };
+    for (alias, field) in aliases {
+        if let Some(v) = object.remove(*alias) {
+            object.insert((*field).to_owned(), v);
+        }
+    }
+    let config: T =
+        serde_json::from_value(value.clone()).map_err(|e| bad(name_bad_field::<T>(&value, e)))?;
+    validate(&config).map_err(bad)?;
+    Ok(config)
+}
+
 /// serde's message for a flattened struct does not name the field; find it by reading each
 /// field alone.
 pub(crate) fn name_bad_field<T: serde::de::DeserializeOwned>(

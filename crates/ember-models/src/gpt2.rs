@@ -7,13 +7,12 @@
 //! which is burn's `Linear` layout: those weights are read and written untransposed.
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, shifted_cross_entropy, CausalLm, CausalLmInput,
-    CausalLmOutput, KvCache, LayerKv,
+    append_kv, default_positions, padding_mask, shifted_cross_entropy, tied_logits, CausalLm,
+    CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
-use crate::config::{name_bad_field, read_json};
+use crate::config::{parse_config, read_json};
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
-use crate::llama::{check_ids, tied_logits};
 use crate::params::{
     init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
 };
@@ -178,23 +177,8 @@ impl GPT2Config {
     /// Builds a config from parsed JSON; `path` names the source in errors. The generic names
     /// `hidden_size`, `max_position_embeddings`, `num_attention_heads` and
     /// `num_hidden_layers` are read as `n_embd`, `n_positions`, `n_head` and `n_layer`.
-    pub fn from_json_value(mut value: Value, path: &Path) -> Result<Self> {
-        let bad = |message: String| ModelError::Config {
-            path: path.to_owned(),
-            message,
-        };
-        let Some(object) = value.as_object_mut() else {
-            return Err(bad("the config is not a JSON object".into()));
-        };
-        for (alias, field) in ALIASES {
-            if let Some(v) = object.remove(alias) {
-                object.insert(field.to_owned(), v);
-            }
-        }
-        let config: Self = serde_json::from_value(value.clone())
-            .map_err(|e| bad(name_bad_field::<Self>(&value, e)))?;
-        config.validate().map_err(bad)?;
-        Ok(config)
+    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
+        parse_config(value, path, &ALIASES, Self::validate)
     }
 
     /// Checks the values a model cannot be built from.
@@ -474,47 +458,27 @@ impl<B: Backend> GPT2LMHeadModel<B> {
     /// batch give `position_ids` counted from the mask, as HF's `generate` does. A position at
     /// or past `n_positions` is an [`ModelError::Input`] error.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
-        let [batch, seq] = input.dims()?;
         let c = &self.config;
-        let past = input.past_key_values;
-        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
-        if let Some(cache) = &past {
-            cache.check(c.n_layer, c.n_head, c.head_dim(), batch)?;
-        }
-        let total = past_len + seq;
-        if let Some(m) = &input.attention_mask {
-            if m.dims() != [batch, total] {
-                return Err(ModelError::Input(format!(
-                    "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
-                    m.dims()
-                )));
-            }
-        }
-        let x = match (input.input_ids, input.inputs_embeds) {
-            (Some(ids), _) => {
-                check_ids(&ids, c.vocab_size)?;
-                self.transformer.wte.forward(ids)
-            }
-            (None, Some(e)) => {
-                if e.dims()[2] != c.n_embd {
-                    return Err(ModelError::Input(format!(
-                        "inputs_embeds have width {}, the model's n_embd is {}",
-                        e.dims()[2],
-                        c.n_embd
-                    )));
-                }
-                e
-            }
-            (None, None) => unreachable!("checked by dims()"),
+        let shape = ModelShape {
+            layers: c.n_layer,
+            kv_heads: c.n_head,
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
+            hidden: c.n_embd,
         };
+        let ForwardStart {
+            batch,
+            seq,
+            past_len,
+            past,
+            x,
+            attention_mask,
+            position_ids,
+            labels,
+        } = input.start(&shape, &self.transformer.wte)?;
+        let total = past_len + seq;
         let device = x.device();
-        let positions = match input.position_ids {
-            Some(p) if p.dims() != [batch, seq] => {
-                return Err(ModelError::Input(format!(
-                    "position_ids {:?} do not match the input's [{batch}, {seq}]",
-                    p.dims()
-                )))
-            }
+        let positions = match position_ids {
             Some(p) => {
                 let max = p.clone().max().into_scalar().elem::<i64>();
                 let min = p.clone().min().into_scalar().elem::<i64>();
@@ -539,7 +503,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             }
         };
         let heads = c.n_head;
-        let mask = padding_mask(input.attention_mask.as_ref(), seq)?
+        let mask = padding_mask(attention_mask.as_ref(), seq)?
             .map(|m| m.expand([batch, heads, seq, total]));
         let x = x + self.transformer.wpe.forward(positions);
         let mut x = self.transformer.drop.forward(x);
@@ -556,9 +520,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             Some(head) => head.forward(x),
             None => tied_logits(x, &self.transformer.wte),
         };
-        let loss = input
-            .labels
-            .map(|l| shifted_cross_entropy(logits.clone(), l));
+        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,
             loss,

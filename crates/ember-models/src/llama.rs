@@ -6,10 +6,10 @@
 //! (`model.layers.3.self_attn.q_proj.weight`).
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, repeat_kv, shifted_cross_entropy, CausalLm,
-    CausalLmInput, CausalLmOutput, KvCache, LayerKv,
+    append_kv, default_positions, padding_mask, repeat_kv, shifted_cross_entropy, tied_logits,
+    CausalLm, CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
-use crate::config::{name_bad_field, read_json};
+use crate::config::{parse_config, read_json};
 use crate::error::{ModelError, Result};
 use crate::params::{init_embedding, init_linear, join, ParamVisitor, VisitParams};
 use crate::rope::{self, RopeParameters};
@@ -18,7 +18,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
+use burn::tensor::{backend::Backend, Bool, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -152,17 +152,7 @@ impl LlamaConfig {
 
     /// Builds a config from parsed JSON; `path` names the source in errors.
     pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
-        let bad = |message: String| ModelError::Config {
-            path: path.to_owned(),
-            message,
-        };
-        if !value.is_object() {
-            return Err(bad("the config is not a JSON object".into()));
-        }
-        let config: Self = serde_json::from_value(value.clone())
-            .map_err(|e| bad(name_bad_field::<Self>(&value, e)))?;
-        config.validate().map_err(bad)?;
-        Ok(config)
+        parse_config(value, path, &[], Self::validate)
     }
 
     /// Checks the values a model cannot be built from.
@@ -450,46 +440,26 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// One forward pass: logits for every new position, the loss when labels are given, and
     /// the cache extended by the new positions.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
-        let [batch, seq] = input.dims()?;
         let c = &self.config;
-        let past = input.past_key_values;
-        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
-        if let Some(cache) = &past {
-            cache.check(
-                c.num_hidden_layers,
-                c.num_key_value_heads(),
-                c.head_dim(),
-                batch,
-            )?;
-        }
-        let x = match (input.input_ids, input.inputs_embeds) {
-            (Some(ids), _) => {
-                check_ids(&ids, c.vocab_size)?;
-                self.model.embed_tokens.forward(ids)
-            }
-            (None, Some(e)) => {
-                if e.dims()[2] != c.hidden_size {
-                    return Err(ModelError::Input(format!(
-                        "inputs_embeds have width {}, the model's hidden_size is {}",
-                        e.dims()[2],
-                        c.hidden_size
-                    )));
-                }
-                e
-            }
-            (None, None) => unreachable!("checked by dims()"),
+        let shape = ModelShape {
+            layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads(),
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
         };
-        let device = x.device();
-        let positions = match input.position_ids {
-            Some(p) if p.dims() != [batch, seq] => {
-                return Err(ModelError::Input(format!(
-                    "position_ids {:?} do not match the input's [{batch}, {seq}]",
-                    p.dims()
-                )))
-            }
-            Some(p) => p,
-            None => default_positions(batch, past_len, seq, &device),
-        };
+        let ForwardStart {
+            batch,
+            seq,
+            past_len,
+            past,
+            x,
+            attention_mask,
+            position_ids,
+            labels,
+        } = input.start(&shape, &self.model.embed_tokens)?;
+        let positions =
+            position_ids.unwrap_or_else(|| default_positions(batch, past_len, seq, &x.device()));
         let longest = if self.rope.rope_type == "dynamic" {
             positions.clone().max().into_scalar().elem::<i64>() as usize + 1
         } else {
@@ -497,15 +467,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         };
         let inv_freq = self.rope.inv_freq(c.head_dim(), longest);
         let (cos, sin) = rope::cos_sin(&inv_freq, positions);
-        let mask = padding_mask(input.attention_mask.as_ref(), seq)?;
-        if let Some(m) = &input.attention_mask {
-            if m.dims() != [batch, past_len + seq] {
-                return Err(ModelError::Input(format!(
-                    "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
-                    m.dims()
-                )));
-            }
-        }
+        let mask = padding_mask(attention_mask.as_ref(), seq)?;
         let mut past_layers = past.map(|p| p.layers.into_iter());
         let mut cache = Vec::with_capacity(self.model.layers.len());
         let mut x = x;
@@ -520,41 +482,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
             Some(head) => head.forward(x),
             None => tied_logits(x, &self.model.embed_tokens),
         };
-        let loss = input
-            .labels
-            .map(|l| shifted_cross_entropy(logits.clone(), l));
+        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,
             loss,
             past_key_values: KvCache { layers: cache },
         })
     }
-}
-
-/// Logits through the transposed input embedding matrix (tied output embeddings).
-pub(crate) fn tied_logits<B: Backend>(x: Tensor<B, 3>, embedding: &Embedding<B>) -> Tensor<B, 3> {
-    let [batch, seq, hidden] = x.dims();
-    let weight = embedding.weight.val();
-    let vocab = weight.dims()[0];
-    x.reshape([batch * seq, hidden])
-        .matmul(weight.transpose())
-        .reshape([batch, seq, vocab])
-}
-
-/// Rejects ids outside the vocabulary (an embedding lookup would read out of bounds).
-pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Result<()> {
-    if ids.dims()[1] == 0 {
-        return Err(ModelError::Input("input_ids hold no tokens".into()));
-    }
-    let max = ids.clone().max().into_scalar().elem::<i64>();
-    let min = ids.clone().min().into_scalar().elem::<i64>();
-    if min < 0 || max >= vocab as i64 {
-        return Err(ModelError::Input(format!(
-            "token id {} is outside the vocabulary of {vocab}",
-            if min < 0 { min } else { max }
-        )));
-    }
-    Ok(())
 }
 
 impl<B: Backend> CausalLm<B> for LlamaForCausalLM<B> {
