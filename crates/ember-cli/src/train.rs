@@ -395,15 +395,26 @@ impl ember::train::TrainerCallback for PrintLogs {
     fn on_log(
         &mut self,
         _: &TrainingArguments,
-        _: &ember::train::TrainerState,
+        state: &ember::train::TrainerState,
         logs: &serde_json::Map<String, serde_json::Value>,
     ) {
         if self.json {
             println!("{}", serde_json::Value::Object(logs.clone()));
             return;
         }
+        let get = |k: &str| logs.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        if logs.contains_key("loss") {
+            // HF prints every training log entry too, progress bar or not.
+            eprintln!(
+                "step {} (epoch {:.2}): loss {:.4}  learning_rate {:.3e}  grad_norm {:.3}",
+                state.global_step,
+                get("epoch"),
+                get("loss"),
+                get("learning_rate"),
+                get("grad_norm")
+            );
+        }
         if logs.contains_key("eval_loss") {
-            let get = |k: &str| logs.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
             eprintln!(
                 "epoch {:.2}: eval_loss {:.4}  accuracy {:.4}  f1 {:.4}",
                 get("epoch"),
