@@ -225,7 +225,7 @@ impl<'a> Loader<'a> {
 
 impl<B: Backend> ParamVisitor<B> for Loader<'_> {
     fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
-        let shape: [usize; 1] = param.shape().dims();
+        let shape: [usize; 1] = param.lazy_shape().dims();
         match self.find(key, &shape) {
             Some(found) => {
                 let t = self
@@ -243,7 +243,7 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
         param: Param<Tensor<B, 2>>,
         transposed: bool,
     ) -> Result<Param<Tensor<B, 2>>> {
-        let [a, b]: [usize; 2] = param.shape().dims();
+        let [a, b]: [usize; 2] = param.lazy_shape().dims();
         let file_shape = if transposed { [b, a] } else { [a, b] };
         match self.find(key, &file_shape) {
             Some(found) => {
@@ -303,7 +303,7 @@ impl<B: Backend> ParamVisitor<B> for NameCollector {
         self.params.push(NamedParam {
             name: key.to_owned(),
             id: param.id,
-            shape: param.shape().to_vec(),
+            shape: param.lazy_shape().to_vec(),
             transposed: false,
         });
         Ok(param)
@@ -318,7 +318,7 @@ impl<B: Backend> ParamVisitor<B> for NameCollector {
         self.params.push(NamedParam {
             name: key.to_owned(),
             id: param.id,
-            shape: param.shape().to_vec(),
+            shape: param.lazy_shape().to_vec(),
             transposed,
         });
         Ok(param)

@@ -289,3 +289,24 @@ fn smollm2_logits_match_python() {
         }
     }
 }
+
+#[test]
+fn loading_draws_no_random_numbers() {
+    // Fresh weights are created lazily: a loaded model never draws the values it replaces
+    // (drawing them cost SmolLM2 several seconds of loading).
+    use burn::tensor::{backend::Backend, Distribution};
+    let device = Default::default();
+    let draw = || {
+        let v: Vec<f32> = Tensor::<B, 1>::random([4], Distribution::Default, &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        v
+    };
+    B::seed(&device, 7);
+    let untouched = draw();
+    B::seed(&device, 7);
+    let model = load("tiny-llama-gqa");
+    assert_eq!(draw(), untouched, "loading consumed random numbers");
+    drop(model);
+}
