@@ -8,7 +8,7 @@
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
+    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
 };
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
@@ -269,7 +269,7 @@ impl<B: Backend> BertOutput<B> {
 
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(self.dense.forward_flat(x)) + residual)
     }
 }
 
@@ -311,9 +311,9 @@ impl<B: Backend> BertLayer<B> {
         let heads = a.num_heads;
         let d = hidden / heads;
         let split = |t: Tensor<B, 3>| t.reshape([batch, seq, heads, d]).swap_dims(1, 2);
-        let q = split(a.query.forward(x.clone()));
-        let k = split(a.key.forward(x.clone()));
-        let v = split(a.value.forward(x.clone()));
+        let q = split(a.query.forward_flat(x.clone()));
+        let k = split(a.key.forward_flat(x.clone()));
+        let v = split(a.value.forward_flat(x.clone()));
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         let (context, probs) = if want_probs || dropout_active {
             let mut scores = q
@@ -338,7 +338,7 @@ impl<B: Backend> BertLayer<B> {
         let attended = self.attention_output.forward(context, x);
         let inner = self
             .activation
-            .forward(self.intermediate.forward(attended.clone()));
+            .forward(self.intermediate.forward_flat(attended.clone()));
         (self.output.forward(inner, attended), probs)
     }
 }

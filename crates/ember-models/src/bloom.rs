@@ -13,7 +13,7 @@ use crate::config::{parse_config, read_json};
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
+    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
@@ -314,7 +314,7 @@ impl<B: Backend> BloomAttention<B> {
         let d = hidden / h;
         let fused = self
             .query_key_value
-            .forward(x)
+            .forward_flat(x)
             .reshape([batch, seq, h, 3, d]);
         let part = |i: usize| {
             fused
@@ -335,7 +335,7 @@ impl<B: Backend> BloomAttention<B> {
             &self.attention_dropout,
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        (self.dense.forward(context), kv)
+        (self.dense.forward_flat(context), kv)
     }
 }
 
@@ -381,8 +381,8 @@ impl<B: Backend> BloomBlock<B> {
         } else {
             x
         };
-        let inner = Activation::GeluTanh.forward(self.mlp.dense_h_to_4h.forward(normed));
-        let out = self.mlp.dense_4h_to_h.forward(inner);
+        let inner = Activation::GeluTanh.forward(self.mlp.dense_h_to_4h.forward_flat(normed));
+        let out = self.mlp.dense_4h_to_h.forward_flat(inner);
         (self.hidden_dropout.forward(out) + residual, kv)
     }
 }
@@ -466,7 +466,7 @@ impl<B: Backend> BloomForCausalLM<B> {
         }
         let x = self.transformer.ln_f.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward_flat(x),
             None => tied_logits(x, &self.transformer.word_embeddings),
         };
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));

@@ -14,7 +14,7 @@ use crate::config::{parse_config, read_json};
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
+    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
@@ -342,7 +342,7 @@ impl<B: Backend> GPT2Attention<B> {
         let [batch, seq, hidden] = x.dims();
         let h = self.num_heads;
         let d = hidden / h;
-        let fused = self.c_attn.forward(x);
+        let fused = self.c_attn.forward_flat(x);
         let part = |i: usize| {
             fused
                 .clone()
@@ -362,7 +362,9 @@ impl<B: Backend> GPT2Attention<B> {
             &self.attn_dropout,
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        let out = self.resid_dropout.forward(self.c_proj.forward(context));
+        let out = self
+            .resid_dropout
+            .forward(self.c_proj.forward_flat(context));
         (out, kv)
     }
 }
@@ -411,8 +413,8 @@ impl<B: Backend> GPT2Block<B> {
         let m = &self.mlp;
         let inner = m
             .activation
-            .forward(m.c_fc.forward(self.ln_2.forward(x.clone())));
-        (x + m.dropout.forward(m.c_proj.forward(inner)), kv)
+            .forward(m.c_fc.forward_flat(self.ln_2.forward(x.clone())));
+        (x + m.dropout.forward(m.c_proj.forward_flat(inner)), kv)
     }
 }
 
@@ -517,7 +519,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
         }
         let x = self.transformer.ln_f.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward_flat(x),
             None => tied_logits(x, &self.transformer.wte),
         };
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));

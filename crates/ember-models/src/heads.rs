@@ -9,7 +9,7 @@ use crate::bert::{
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::loss::{binary_cross_entropy_with_logits, cross_entropy, mse};
-use crate::params::{init_layer_norm, init_linear, ParamVisitor, VisitParams};
+use crate::params::{init_layer_norm, init_linear, FlatLinear, ParamVisitor, VisitParams};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -296,7 +296,7 @@ impl<B: Backend> BertForTokenClassification<B> {
             .forward(input, OutputOptions::from_config(self.config()))?;
         let logits = self
             .classifier
-            .forward(self.dropout.forward(out.last_hidden_state));
+            .forward_flat(self.dropout.forward(out.last_hidden_state));
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {
             logits,
@@ -371,12 +371,15 @@ impl<B: Backend> BertForMaskedLM<B> {
             .forward(input, OutputOptions::from_config(self.config()))?;
         let x = self
             .activation
-            .forward(self.transform.forward(out.last_hidden_state));
+            .forward(self.transform.forward_flat(out.last_hidden_state));
         let x = self.transform_layer_norm.forward(x);
         // The decoder is the word embedding table, transposed (tied weights).
         let table = self.base_model.embeddings.word_embeddings.weight.val();
-        let logits =
-            burn::tensor::module::linear(x, table.transpose(), Some(self.decoder_bias.val()));
+        let [batch, seq, hidden] = x.dims();
+        let vocab = table.dims()[0];
+        let logits = (x.reshape([batch * seq, hidden]).matmul(table.transpose())
+            + self.decoder_bias.val().unsqueeze_dim(0))
+        .reshape([batch, seq, vocab]);
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {
             logits,
@@ -433,7 +436,7 @@ impl<B: Backend> BertForQuestionAnswering<B> {
         let out = self
             .base_model
             .forward(input, OutputOptions::from_config(self.config()))?;
-        let logits = self.qa_outputs.forward(out.last_hidden_state);
+        let logits = self.qa_outputs.forward_flat(out.last_hidden_state);
         let [batch, seq, _] = logits.dims();
         let start_logits = logits.clone().narrow(2, 0, 1).reshape([batch, seq]);
         let end_logits = logits.narrow(2, 1, 1).reshape([batch, seq]);

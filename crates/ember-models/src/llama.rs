@@ -11,7 +11,7 @@ use crate::causal::{
 };
 use crate::config::{parse_config, read_json};
 use crate::error::{ModelError, Result};
-use crate::params::{init_embedding, init_linear, join, ParamVisitor, VisitParams};
+use crate::params::{init_embedding, init_linear, join, FlatLinear, ParamVisitor, VisitParams};
 use crate::rope::{self, RopeParameters};
 use crate::Activation;
 use burn::module::Module;
@@ -334,17 +334,17 @@ impl<B: Backend> LlamaAttention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self
             .q_proj
-            .forward(x.clone())
+            .forward_flat(x.clone())
             .reshape([batch, seq, h, d])
             .swap_dims(1, 2);
         let k = self
             .k_proj
-            .forward(x.clone())
+            .forward_flat(x.clone())
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
         let v = self
             .v_proj
-            .forward(x)
+            .forward_flat(x)
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
         let q = rope::apply(q, cos, sin);
@@ -364,7 +364,7 @@ impl<B: Backend> LlamaAttention<B> {
             },
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, h * d]);
-        (self.o_proj.forward(context), kv)
+        (self.o_proj.forward_flat(context), kv)
     }
 }
 
@@ -396,9 +396,9 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         let x = x + attended;
         let normed = self.post_attention_layernorm.forward(x.clone());
         let m = &self.mlp;
-        let gated = Activation::Silu.forward(m.gate_proj.forward(normed.clone()))
-            * m.up_proj.forward(normed);
-        (x + m.down_proj.forward(gated), kv)
+        let gated = Activation::Silu.forward(m.gate_proj.forward_flat(normed.clone()))
+            * m.up_proj.forward_flat(normed);
+        (x + m.down_proj.forward_flat(gated), kv)
     }
 }
 
@@ -479,7 +479,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         }
         let x = self.model.norm.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward_flat(x),
             None => tied_logits(x, &self.model.embed_tokens),
         };
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
