@@ -106,13 +106,8 @@ impl Weights {
         }
     }
 
-    /// The tensor at `key`, checked against `shape`.
-    pub fn get<B: Backend, const D: usize>(
-        &self,
-        key: &str,
-        shape: [usize; D],
-        device: &B::Device,
-    ) -> Result<Tensor<B, D>> {
+    /// The entry at `key`, checked against `shape` and marked used.
+    fn checked(&self, key: &str, shape: &[usize]) -> Result<&Entry> {
         let entry = self
             .entries
             .get(key)
@@ -129,6 +124,17 @@ impl Weights {
             });
         }
         self.used.borrow_mut().insert(key.to_owned());
+        Ok(entry)
+    }
+
+    /// The tensor at `key`, checked against `shape`.
+    pub fn get<B: Backend, const D: usize>(
+        &self,
+        key: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        let entry = self.checked(key, &shape)?;
         Ok(Tensor::from_data(
             TensorData::new(entry.values.clone(), shape),
             device,
@@ -146,9 +152,7 @@ impl Weights {
         device: &B::Device,
     ) -> Result<Tensor<B, 2>> {
         let [rows, cols] = shape;
-        // Checks presence and shape, and marks the key used.
-        drop(self.get::<B, 2>(key, shape, device)?);
-        let values = &self.entries[key].values;
+        let values = &self.checked(key, &shape)?.values;
         let mut out = vec![0f32; values.len()];
         for (r, row) in values.chunks_exact(cols).enumerate() {
             for (c, v) in row.iter().enumerate() {
