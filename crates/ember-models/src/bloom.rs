@@ -6,7 +6,7 @@
 //! (`transformer.h.3.self_attention.query_key_value.weight`).
 
 use crate::causal::{
-    append_kv, padding_mask, shifted_cross_entropy, tied_logits, CausalLm, CausalLmInput,
+    append_kv, padding_mask, project_logits, shifted_cross_entropy, CausalLm, CausalLmInput,
     CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
 use crate::config::{parse_config, read_json};
@@ -448,6 +448,7 @@ impl<B: Backend> BloomForCausalLM<B> {
             // ALiBi numbers the keys by the mask; HF ignores position ids too.
             position_ids: _,
             labels,
+            logits_to_keep,
         } = input.start(&shape, &self.transformer.word_embeddings)?;
         let total = past_len + seq;
         let device = x.device();
@@ -465,10 +466,12 @@ impl<B: Backend> BloomForCausalLM<B> {
             cache.push(kv);
         }
         let x = self.transformer.ln_f.forward(x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_flat(x),
-            None => tied_logits(x, &self.transformer.word_embeddings),
-        };
+        let logits = project_logits(
+            x,
+            logits_to_keep,
+            self.lm_head.as_ref(),
+            &self.transformer.word_embeddings,
+        );
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,

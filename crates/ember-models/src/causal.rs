@@ -27,6 +27,9 @@ pub struct CausalLmInput<B: Backend> {
     pub labels: Option<Tensor<B, 2, Int>>,
     /// Keys and values of earlier positions (or a learned prefix).
     pub past_key_values: Option<KvCache<B>>,
+    /// HF's `logits_to_keep`: project only the last this many positions to logits (0: all).
+    /// Generation keeps 1. Ignored when labels are given, since the loss needs every position.
+    pub logits_to_keep: usize,
 }
 
 impl<B: Backend> CausalLmInput<B> {
@@ -39,6 +42,7 @@ impl<B: Backend> CausalLmInput<B> {
             position_ids: None,
             labels: None,
             past_key_values: None,
+            logits_to_keep: 0,
         }
     }
 
@@ -72,6 +76,12 @@ impl<B: Backend> CausalLmInput<B> {
     /// With a cache of earlier keys and values.
     pub fn with_past_key_values(mut self, cache: KvCache<B>) -> Self {
         self.past_key_values = Some(cache);
+        self
+    }
+
+    /// Logits for the last `n` positions only (0: all), as HF's `logits_to_keep`.
+    pub fn with_logits_to_keep(mut self, n: usize) -> Self {
+        self.logits_to_keep = n;
         self
     }
 
@@ -123,6 +133,8 @@ pub(crate) struct ForwardStart<B: Backend> {
     pub position_ids: Option<Tensor<B, 2, Int>>,
     /// Labels.
     pub labels: Option<Tensor<B, 2, Int>>,
+    /// Positions to project to logits, counted from the end (0: all).
+    pub logits_to_keep: usize,
 }
 
 impl<B: Backend> CausalLmInput<B> {
@@ -179,6 +191,11 @@ impl<B: Backend> CausalLmInput<B> {
             x,
             attention_mask: self.attention_mask,
             position_ids: self.position_ids,
+            logits_to_keep: if self.labels.is_some() {
+                0
+            } else {
+                self.logits_to_keep
+            },
             labels: self.labels,
         })
     }
@@ -198,6 +215,26 @@ pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Re
         )));
     }
     Ok(())
+}
+
+/// The logits of the last `keep` positions (all when 0): through `head`, or through the
+/// transposed input embedding matrix when the output embeddings are tied.
+pub(crate) fn project_logits<B: Backend>(
+    x: Tensor<B, 3>,
+    keep: usize,
+    head: Option<&burn::nn::Linear<B>>,
+    embedding: &burn::nn::Embedding<B>,
+) -> Tensor<B, 3> {
+    let [batch, seq, _] = x.dims();
+    let x = if keep > 0 && keep < seq {
+        x.slice([0..batch, seq - keep..seq])
+    } else {
+        x
+    };
+    match head {
+        Some(head) => crate::params::FlatLinear::forward_flat(head, x),
+        None => tied_logits(x, embedding),
+    }
 }
 
 /// Logits through the transposed input embedding matrix (tied output embeddings).

@@ -416,7 +416,8 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         .with_position_ids(Tensor::from_data(
             TensorData::new(positions(&mask, from), [batch, step]),
             device,
-        ));
+        ))
+        .with_logits_to_keep(1);
         if let Some(c) = cache.take() {
             input = input.with_past_key_values(c);
         }
@@ -426,7 +427,6 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         }
         let last: Vec<f32> = out
             .logits
-            .slice([0..batch, step - 1..step])
             .reshape([batch, vocab])
             .into_data()
             .convert::<f32>()

@@ -7,7 +7,7 @@
 //! which is burn's `Linear` layout: those weights are read and written untransposed.
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, shifted_cross_entropy, tied_logits, CausalLm,
+    append_kv, default_positions, padding_mask, project_logits, shifted_cross_entropy, CausalLm,
     CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
 use crate::config::{parse_config, read_json};
@@ -477,6 +477,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             attention_mask,
             position_ids,
             labels,
+            logits_to_keep,
         } = input.start(&shape, &self.transformer.wte)?;
         let total = past_len + seq;
         let device = x.device();
@@ -518,10 +519,12 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             cache.push(kv);
         }
         let x = self.transformer.ln_f.forward(x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_flat(x),
-            None => tied_logits(x, &self.transformer.wte),
-        };
+        let logits = project_logits(
+            x,
+            logits_to_keep,
+            self.lm_head.as_ref(),
+            &self.transformer.wte,
+        );
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,

@@ -6,7 +6,7 @@
 //! (`model.layers.3.self_attn.q_proj.weight`).
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, repeat_kv, shifted_cross_entropy, tied_logits,
+    append_kv, default_positions, padding_mask, project_logits, repeat_kv, shifted_cross_entropy,
     CausalLm, CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
 };
 use crate::config::{parse_config, read_json};
@@ -351,18 +351,35 @@ impl<B: Backend> LlamaAttention<B> {
         let k = rope::apply(k, cos, sin);
         let kv = append_kv(past, k, v);
         let total = kv.key.dims()[2];
-        let mask = mask.map(|m| m.clone().expand([batch, h, seq, total]));
-        let context = attention(
-            q,
-            repeat_kv(kv.key.clone(), h / kvh),
-            repeat_kv(kv.value.clone(), h / kvh),
-            mask,
-            None,
-            AttentionModuleOptions {
-                is_causal: true,
-                ..Default::default()
-            },
-        );
+        let n_rep = h / kvh;
+        let context = if seq == 1 && n_rep > 1 {
+            // One new token (decoding): the query heads sharing a key / value head become rows
+            // of one attention over that head, so the cache is never copied per query head.
+            // The single query sees every cached key, so nothing is causally masked.
+            let mask = mask.map(|m| m.clone().expand([batch, kvh, n_rep, total]));
+            attention(
+                q.reshape([batch, kvh, n_rep, d]),
+                kv.key.clone(),
+                kv.value.clone(),
+                mask,
+                None,
+                AttentionModuleOptions::default(),
+            )
+            .reshape([batch, h, 1, d])
+        } else {
+            let mask = mask.map(|m| m.clone().expand([batch, h, seq, total]));
+            attention(
+                q,
+                repeat_kv(kv.key.clone(), n_rep),
+                repeat_kv(kv.value.clone(), n_rep),
+                mask,
+                None,
+                AttentionModuleOptions {
+                    is_causal: true,
+                    ..Default::default()
+                },
+            )
+        };
         let context = context.swap_dims(1, 2).reshape([batch, seq, h * d]);
         (self.o_proj.forward_flat(context), kv)
     }
@@ -457,6 +474,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             attention_mask,
             position_ids,
             labels,
+            logits_to_keep,
         } = input.start(&shape, &self.model.embed_tokens)?;
         let positions =
             position_ids.unwrap_or_else(|| default_positions(batch, past_len, seq, &x.device()));
@@ -478,10 +496,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
             cache.push(kv);
         }
         let x = self.model.norm.forward(x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_flat(x),
-            None => tied_logits(x, &self.model.embed_tokens),
-        };
+        let logits = project_logits(
+            x,
+            logits_to_keep,
+            self.lm_head.as_ref(),
+            &self.model.embed_tokens,
+        );
         let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
         Ok(CausalLmOutput {
             logits,

@@ -310,3 +310,26 @@ fn loading_draws_no_random_numbers() {
     assert_eq!(draw(), untouched, "loading consumed random numbers");
     drop(model);
 }
+
+#[test]
+fn logits_to_keep_gives_the_last_positions() {
+    let e = Expected::open("llama-expected.safetensors");
+    let model = load("tiny-llama-tied");
+    let ids: Tensor<B, 2, Int> = e.int("right_ids");
+    let [batch, seq] = ids.dims();
+    let full = model
+        .forward(CausalLmInput::new(ids.clone()))
+        .unwrap()
+        .logits;
+    let kept = model
+        .forward(CausalLmInput::new(ids).with_logits_to_keep(2))
+        .unwrap()
+        .logits;
+    assert_eq!(kept.dims(), [batch, 2, 96]);
+    let want: Vec<f32> = full
+        .slice([0..batch, seq - 2..seq])
+        .into_data()
+        .to_vec()
+        .unwrap();
+    assert_close(kept, &want, 1e-6, "logits_to_keep");
+}
