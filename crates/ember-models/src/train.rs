@@ -1,10 +1,15 @@
-//! `ember_train::TrainableModel` for the encoder heads (feature `train`), so that the
-//! `Trainer` fine-tunes them: a collated batch in, HF's loss and the logits out.
+//! `ember_train::TrainableModel` for the encoder heads and the causal LMs (feature `train`), so
+//! that the `Trainer` fine-tunes them: a collated batch in, HF's loss and the logits out.
 
 use crate::bert::EncoderInput;
+use crate::bloom::BloomForCausalLM;
+use crate::causal::{CausalLmInput, CausalLmOutput};
+use crate::gpt2::GPT2LMHeadModel;
 use crate::heads::{
     BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, SequenceLabels,
+    TokenLogitsOutput,
 };
+use crate::llama::LlamaForCausalLM;
 use burn::tensor::backend::Backend;
 use ember_datasets::{Batch, BatchLabels};
 use ember_train::{require_labels, ModelOutput, TrainableModel, TrainableParam};
@@ -28,6 +33,33 @@ fn token_labels<B: Backend>(
             Err("this model needs one label per token; the batch has one per sequence".into())
         }
     }
+}
+
+/// The Trainer's view of a per-token head's output (token classifier, masked LM).
+fn token_output<B: Backend>(
+    out: crate::Result<TokenLogitsOutput<B>>,
+) -> Result<ModelOutput<B>, String> {
+    let out = out.map_err(|e| e.to_string())?;
+    Ok(ModelOutput {
+        loss: out.loss.expect("labels were given"),
+        logits: out.logits,
+    })
+}
+
+/// A causal LM's forward pass on a collated batch: ids, mask and the labels that
+/// `DataCollatorForLanguageModeling` writes (shifted inside the model).
+fn causal_forward<B: Backend>(
+    batch: &Batch<B>,
+    forward: impl FnOnce(CausalLmInput<B>) -> crate::Result<CausalLmOutput<B>>,
+) -> Result<ModelOutput<B>, String> {
+    let input = CausalLmInput::new(batch.input_ids.clone())
+        .with_attention_mask(batch.attention_mask.clone())
+        .with_labels(token_labels(batch)?);
+    let out = forward(input).map_err(|e| e.to_string())?;
+    Ok(ModelOutput {
+        loss: out.loss.expect("labels were given"),
+        logits: out.logits,
+    })
 }
 
 macro_rules! trainable {
@@ -83,21 +115,21 @@ trainable!(BertForSequenceClassification, |m, batch| {
 });
 
 trainable!(BertForTokenClassification, |m, batch| {
-    let out = m
-        .forward(input(&batch), Some(token_labels(&batch)?))
-        .map_err(|e| e.to_string())?;
-    Ok(ModelOutput {
-        loss: out.loss.expect("labels were given"),
-        logits: out.logits,
-    })
+    token_output(m.forward(input(&batch), Some(token_labels(&batch)?)))
 });
 
 trainable!(BertForMaskedLM, |m, batch| {
-    let out = m
-        .forward(input(&batch), Some(token_labels(&batch)?))
-        .map_err(|e| e.to_string())?;
-    Ok(ModelOutput {
-        loss: out.loss.expect("labels were given"),
-        logits: out.logits,
-    })
+    token_output(m.forward(input(&batch), Some(token_labels(&batch)?)))
+});
+
+trainable!(LlamaForCausalLM, |m, batch| {
+    causal_forward(&batch, |i| m.forward(i))
+});
+
+trainable!(BloomForCausalLM, |m, batch| {
+    causal_forward(&batch, |i| m.forward(i))
+});
+
+trainable!(GPT2LMHeadModel, |m, batch| {
+    causal_forward(&batch, |i| m.forward(i))
 });
