@@ -6,10 +6,10 @@
 //! (`transformer.h.3.self_attention.query_key_value.weight`).
 
 use crate::causal::{
-    append_kv, padding_mask, project_logits, shifted_cross_entropy, CausalLm, CausalLmInput,
-    CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
+    append_kv, causal_output, padding_mask, CausalLm, CausalLmInput, CausalLmOutput, ForwardStart,
+    LayerKv, ModelShape,
 };
-use crate::config::{parse_config, read_json};
+use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
@@ -128,25 +128,9 @@ pub struct BloomConfig {
     pub extra: Map<String, Value>,
 }
 
-impl Default for BloomConfig {
-    fn default() -> Self {
-        serde_json::from_value(Value::Object(Map::new())).expect("every field has a default")
-    }
-}
+config_io!(BloomConfig, &ALIASES);
 
 impl BloomConfig {
-    /// Reads and checks `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json_value(read_json(path)?, path)
-    }
-
-    /// Builds a config from parsed JSON; `path` names the source in errors. The old field
-    /// names `n_embed`, `num_hidden_layers` and `num_attention_heads` are read as
-    /// `hidden_size`, `n_layer` and `n_head`.
-    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
-        parse_config(value, path, &ALIASES, Self::validate)
-    }
-
     /// Checks the values a model cannot be built from.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.model_type != "bloom" {
@@ -466,18 +450,13 @@ impl<B: Backend> BloomForCausalLM<B> {
             cache.push(kv);
         }
         let x = self.transformer.ln_f.forward(x);
-        let logits = project_logits(
+        Ok(causal_output(
             x,
             logits_to_keep,
-            self.lm_head.as_ref(),
-            &self.transformer.word_embeddings,
-        );
-        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
-        Ok(CausalLmOutput {
-            logits,
-            loss,
-            past_key_values: KvCache { layers: cache },
-        })
+            (self.lm_head.as_ref(), &self.transformer.word_embeddings),
+            labels,
+            cache,
+        ))
     }
 }
 

@@ -217,6 +217,24 @@ pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Re
     Ok(())
 }
 
+/// The end of every causal LM's forward pass: the logits of the last `keep` positions (see
+/// [`project_logits`]), the shifted loss when labels are given, and the new cache.
+pub(crate) fn causal_output<B: Backend>(
+    x: Tensor<B, 3>,
+    keep: usize,
+    (head, embedding): (Option<&burn::nn::Linear<B>>, &burn::nn::Embedding<B>),
+    labels: Option<Tensor<B, 2, Int>>,
+    layers: Vec<LayerKv<B>>,
+) -> CausalLmOutput<B> {
+    let logits = project_logits(x, keep, head, embedding);
+    let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
+    CausalLmOutput {
+        logits,
+        loss,
+        past_key_values: KvCache { layers },
+    }
+}
+
 /// The logits of the last `keep` positions (all when 0): through `head`, or through the
 /// transposed input embedding matrix when the output embeddings are tied.
 pub(crate) fn project_logits<B: Backend>(

@@ -348,6 +348,34 @@ pub(crate) fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// `Default` (every field at HF's default), `from_file` and `from_json_value` for a causal LM
+/// config whose `validate` method checks it; `$aliases` maps other spellings of fields to
+/// this config's names.
+macro_rules! config_io {
+    ($config:ident, $aliases:expr) => {
+        impl Default for $config {
+            fn default() -> Self {
+                serde_json::from_value(Value::Object(Map::new()))
+                    .expect("every field has a default")
+            }
+        }
+
+        impl $config {
+            /// Reads and checks `config.json`.
+            pub fn from_file(path: &Path) -> Result<Self> {
+                Self::from_json_value(crate::config::read_json(path)?, path)
+            }
+
+            /// Builds a config from parsed JSON, reading other spellings of fields (see
+            /// the aliases above the struct); `path` names the source in errors.
+            pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
+                crate::config::parse_config(value, path, $aliases, Self::validate)
+            }
+        }
+    };
+}
+pub(crate) use config_io;
+
 /// Parses a config object: renames the `aliases` (old name → field), deserializes with the
 /// failing field named, and checks it with `validate`; every error names `path`.
 pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(

@@ -7,10 +7,10 @@
 //! which is burn's `Linear` layout: those weights are read and written untransposed.
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, project_logits, shifted_cross_entropy, CausalLm,
-    CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
+    append_kv, causal_output, default_positions, padding_mask, CausalLm, CausalLmInput,
+    CausalLmOutput, ForwardStart, LayerKv, ModelShape,
 };
-use crate::config::{parse_config, read_json};
+use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
@@ -162,25 +162,9 @@ pub struct GPT2Config {
     pub extra: Map<String, Value>,
 }
 
-impl Default for GPT2Config {
-    fn default() -> Self {
-        serde_json::from_value(Value::Object(Map::new())).expect("every field has a default")
-    }
-}
+config_io!(GPT2Config, &ALIASES);
 
 impl GPT2Config {
-    /// Reads and checks `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json_value(read_json(path)?, path)
-    }
-
-    /// Builds a config from parsed JSON; `path` names the source in errors. The generic names
-    /// `hidden_size`, `max_position_embeddings`, `num_attention_heads` and
-    /// `num_hidden_layers` are read as `n_embd`, `n_positions`, `n_head` and `n_layer`.
-    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
-        parse_config(value, path, &ALIASES, Self::validate)
-    }
-
     /// Checks the values a model cannot be built from.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.model_type != "gpt2" {
@@ -519,18 +503,13 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             cache.push(kv);
         }
         let x = self.transformer.ln_f.forward(x);
-        let logits = project_logits(
+        Ok(causal_output(
             x,
             logits_to_keep,
-            self.lm_head.as_ref(),
-            &self.transformer.wte,
-        );
-        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
-        Ok(CausalLmOutput {
-            logits,
-            loss,
-            past_key_values: KvCache { layers: cache },
-        })
+            (self.lm_head.as_ref(), &self.transformer.wte),
+            labels,
+            cache,
+        ))
     }
 }
 

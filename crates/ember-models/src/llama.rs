@@ -6,10 +6,10 @@
 //! (`model.layers.3.self_attn.q_proj.weight`).
 
 use crate::causal::{
-    append_kv, default_positions, padding_mask, project_logits, repeat_kv, shifted_cross_entropy,
-    CausalLm, CausalLmInput, CausalLmOutput, ForwardStart, KvCache, LayerKv, ModelShape,
+    append_kv, causal_output, default_positions, padding_mask, repeat_kv, CausalLm, CausalLmInput,
+    CausalLmOutput, ForwardStart, LayerKv, ModelShape,
 };
-use crate::config::{parse_config, read_json};
+use crate::config::config_io;
 use crate::error::{ModelError, Result};
 use crate::params::{init_embedding, init_linear, join, FlatLinear, ParamVisitor, VisitParams};
 use crate::rope::{self, RopeParameters};
@@ -138,23 +138,9 @@ pub struct LlamaConfig {
     pub extra: Map<String, Value>,
 }
 
-impl Default for LlamaConfig {
-    fn default() -> Self {
-        serde_json::from_value(Value::Object(Map::new())).expect("every field has a default")
-    }
-}
+config_io!(LlamaConfig, &[]);
 
 impl LlamaConfig {
-    /// Reads and checks `config.json`.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json_value(read_json(path)?, path)
-    }
-
-    /// Builds a config from parsed JSON; `path` names the source in errors.
-    pub fn from_json_value(value: Value, path: &Path) -> Result<Self> {
-        parse_config(value, path, &[], Self::validate)
-    }
-
     /// Checks the values a model cannot be built from.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.model_type != "llama" {
@@ -496,18 +482,13 @@ impl<B: Backend> LlamaForCausalLM<B> {
             cache.push(kv);
         }
         let x = self.model.norm.forward(x);
-        let logits = project_logits(
+        Ok(causal_output(
             x,
             logits_to_keep,
-            self.lm_head.as_ref(),
-            &self.model.embed_tokens,
-        );
-        let loss = labels.map(|l| shifted_cross_entropy(logits.clone(), l));
-        Ok(CausalLmOutput {
-            logits,
-            loss,
-            past_key_values: KvCache { layers: cache },
-        })
+            (self.lm_head.as_ref(), &self.model.embed_tokens),
+            labels,
+            cache,
+        ))
     }
 }
 
