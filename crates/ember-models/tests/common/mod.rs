@@ -109,3 +109,44 @@ pub fn smollm2() -> Option<PathBuf> {
         None
     }
 }
+
+/// Every how many values of a vector the summaries probe (`SUMMARY_STRIDE` in
+/// `make_fixtures.py`).
+pub const SUMMARY_STRIDE: usize = 24;
+
+/// Compares Ember's vectors (`width` values each, flat) with Python's summary of them in the
+/// fixture (`{key}.probe`, `{key}.norm`, `{key}.sum`): the real model's outputs are not stored.
+/// Probes within `tolerance` of the larger of their size and the vector's RMS; norm and sum
+/// (float64) within `tolerance` of the norm.
+pub fn assert_summary(got: &[f32], width: usize, e: &Expected, key: &str, tolerance: f64) {
+    let probes = e.flat(&format!("{key}.probe"));
+    let norms = e.flat(&format!("{key}.norm"));
+    let sums = e.flat(&format!("{key}.sum"));
+    let per_vector = width.div_ceil(SUMMARY_STRIDE);
+    assert_eq!(got.len(), norms.len() * width, "{key}: size");
+    let mut worst = 0f64;
+    for (i, v) in got.chunks_exact(width).enumerate() {
+        let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let sum = v.iter().map(|x| *x as f64).sum::<f64>();
+        let want_norm = norms[i] as f64;
+        let rms = want_norm / (width as f64).sqrt();
+        let mut check = |got: f64, want: f64, scale: f64, what: &str| {
+            let err = (got - want).abs() / scale.max(1e-12);
+            worst = worst.max(err);
+            assert!(
+                err <= tolerance,
+                "{key}[{i}] {what}: ember {got} python {want} ({err:.1e})"
+            );
+        };
+        check(norm, want_norm, want_norm, "norm");
+        check(sum, sums[i] as f64, want_norm, "sum");
+        for (j, p) in v.iter().step_by(SUMMARY_STRIDE).enumerate() {
+            let want = probes[i * per_vector + j] as f64;
+            check(*p as f64, want, want.abs().max(rms), "probe");
+        }
+    }
+    eprintln!(
+        "{key}: worst relative error {worst:.1e} over {} vectors",
+        norms.len()
+    );
+}
