@@ -7,25 +7,7 @@ mod common;
 
 use common::ember;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("EMBER_SMOLLM2")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
-        })?;
-    if dir.join("model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIP: no SmolLM2 at {} (run ../shared/tools/make-smollm2)",
-            dir.display()
-        );
-        None
-    }
-}
+use std::path::Path;
 
 fn expected() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,7 +17,9 @@ fn expected() -> Value {
 
 #[test]
 fn greedy_json_and_streamed_text_match_hf() {
-    let Some(dir) = smollm2() else { return };
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
     let model = dir.to_str().unwrap();
     let want = &expected()["prompts"][0];
     let args = [
@@ -62,7 +46,9 @@ fn greedy_json_and_streamed_text_match_hf() {
 
 #[test]
 fn chat_wraps_the_prompt_in_the_template() {
-    let Some(dir) = smollm2() else { return };
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
     let model = dir.to_str().unwrap();
     let want = &expected()["prompts"][2];
     let (ok, out, err) = ember(
@@ -86,7 +72,9 @@ fn chat_wraps_the_prompt_in_the_template() {
 
 #[test]
 fn bad_options_are_one_line_errors() {
-    let Some(dir) = smollm2() else { return };
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
     let model = dir.to_str().unwrap();
     for (extra, wanted) in [
         (vec!["--top-p", "1.5"], "top_p"),

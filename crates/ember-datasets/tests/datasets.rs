@@ -124,20 +124,9 @@ fn loads_what_python_saved() {
     }
 }
 
-fn reference_python() -> Option<PathBuf> {
-    let p = std::env::var_os("EMBER_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
-        })?;
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn python_loads_what_ember_saved() {
-    let Some(python) = reference_python() else {
-        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+    let Some(python) = ember_testkit::reference_python() else {
         return;
     };
     // Built in Ember (not copied from the Python fixture), then saved.

@@ -15,22 +15,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
 use ember_models::{CausalLmInput, LlamaForCausalLM};
-use std::path::PathBuf;
 
 type B = Flex;
 
 const PROMPT: usize = 16;
 const NEW: usize = 64;
-
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("EMBER_SMOLLM2")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
-        })?;
-    dir.join("model.safetensors").is_file().then_some(dir)
-}
 
 /// `batch` prompts of 16 ids, the same as the Python script builds: ids `100 + 37·(row + 1)·t`
 /// modulo 40,000, so rows differ and no padding is needed.
@@ -59,8 +48,7 @@ fn sum_lanes(values: &[f32]) -> f32 {
 }
 
 fn bench(c: &mut Criterion) {
-    let Some(dir) = smollm2() else {
-        eprintln!("SKIP generation bench: no SmolLM2 (run ../shared/tools/make-smollm2)");
+    let Some(dir) = ember_testkit::smollm2() else {
         return;
     };
     let device = Default::default();

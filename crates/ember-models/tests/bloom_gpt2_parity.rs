@@ -19,7 +19,7 @@ use burn::backend::Autodiff;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{assert_close, fixtures, Expected, B};
 use ember_models::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Fixture folder, prefix in the expected file.
 const MODELS: [(&str, &str); 3] = [
@@ -616,17 +616,6 @@ fn bad_input_and_configs_are_typed_errors() {
     );
 }
 
-/// The pinned reference Python (`EMBER_PYTHON`, or `~/.cache/ember/pyref-venv`).
-fn reference_python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("EMBER_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
-        })?;
-    candidate.is_file().then_some(candidate)
-}
-
 #[test]
 fn ember_saved_folders_load_in_python() {
     let e = expected();
@@ -674,8 +663,7 @@ fn ember_saved_folders_load_in_python() {
         .unwrap();
         folders.push(out);
     }
-    let Some(python) = reference_python() else {
-        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+    let Some(python) = ember_testkit::reference_python() else {
         return;
     };
     let status = std::process::Command::new(python)

@@ -4,11 +4,12 @@
 
 mod common;
 
-use common::{fixtures, smollm2, B};
+use common::{fixtures, B};
 use ember_models::generation::{
     generate, GenerateOptions, GenerateOutput, GenerationConfig, Prompt, StopStrings, Streamer,
 };
 use ember_models::*;
+use ember_testkit::smollm2;
 
 fn tiny() -> LlamaForCausalLM<B> {
     LlamaForCausalLM::from_pretrained(fixtures().join("tiny-llama-gqa"), &Default::default())

@@ -12,8 +12,9 @@
 mod common;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{assert_close, fixtures, smollm2, Expected, B};
+use common::{assert_close, fixtures, Expected, B};
 use ember_models::*;
+use ember_testkit::smollm2;
 
 const MODELS: [&str; 3] = ["tiny-llama-gqa", "tiny-llama-tied", "tiny-llama3-rope"];
 

@@ -22,16 +22,6 @@ use std::path::{Path, PathBuf};
 
 type AB = Autodiff<B>;
 
-fn minilm() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models/all-MiniLM-L6-v2");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("SKIP: {} is absent", dir.display());
-        None
-    }
-}
-
 fn input(e: &Expected, kind: &str) -> EncoderInput<B> {
     EncoderInput::new(e.int(&format!("{kind}.input_ids")))
         .with_attention_mask(e.int(&format!("{kind}.attention_mask")))
@@ -40,7 +30,9 @@ fn input(e: &Expected, kind: &str) -> EncoderInput<B> {
 
 #[test]
 fn minilm_matches_python_transformers() {
-    let Some(dir) = minilm() else { return };
+    let Some(dir) = ember_testkit::minilm() else {
+        return;
+    };
     let device = Default::default();
     let model = BertModel::<B>::from_pretrained(&dir, &device).unwrap();
     let e = Expected::open("minilm-summary.safetensors");
@@ -438,7 +430,9 @@ fn new_heads_are_reported_like_hf() {
     assert_eq!(model.config().id2label.as_ref().unwrap()[&4], "LABEL_4");
 
     // A bare encoder checkpoint (MiniLM has no `bert.` prefix) under a new head.
-    let Some(minilm) = minilm() else { return };
+    let Some(minilm) = ember_testkit::minilm() else {
+        return;
+    };
     let options = FromPretrainedOptions::default().labels(["neg", "pos"]);
     let (model, report) =
         AutoModelForTokenClassification::from_pretrained_with::<B>(&minilm, &options, &device)
@@ -562,17 +556,6 @@ fn bad_inputs_and_files_are_typed_errors() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
-/// The pinned reference Python (`EMBER_PYTHON`, or the venv `../shared/tools/pyref-venv` makes).
-fn reference_python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("EMBER_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
-        })?;
-    candidate.is_file().then_some(candidate)
-}
-
 /// Saves a model into a folder.
 type SaveFn = Box<dyn Fn(&Path)>;
 
@@ -658,8 +641,7 @@ fn ember_saved_folders_load_in_python() {
             dirs.push(dir);
         }
     }
-    let Some(python) = reference_python() else {
-        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+    let Some(python) = ember_testkit::reference_python() else {
         return;
     };
     let status = std::process::Command::new(python)

@@ -311,21 +311,9 @@ fn train_new_from_iterator_learns_wordpiece_and_bpe() {
     assert_eq!(retrained.special_token_id("eos_token"), Some(0));
 }
 
-/// The pinned reference Python (`EMBER_PYTHON`, or the venv `../shared/tools/pyref-venv` makes).
-fn reference_python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("EMBER_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
-        })?;
-    candidate.is_file().then_some(candidate)
-}
-
 #[test]
 fn saved_folders_load_in_python_with_the_same_ids() {
-    let Some(python) = reference_python() else {
-        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+    let Some(python) = ember_testkit::reference_python() else {
         return;
     };
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");

@@ -40,26 +40,6 @@ fn shared() -> Option<PathBuf> {
     }
 }
 
-/// The SmolLM2-135M-Instruct folder `../shared/tools/make-smollm2` builds (`EMBER_SMOLLM2`, else
-/// `~/.cache/ember/models/SmolLM2-135M-Instruct`); `None`, with a message, when absent.
-fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("EMBER_SMOLLM2")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
-        })?;
-    if dir.join("tokenizer.json").is_file() && dir.join(CHAT_TEMPLATE_FILE).is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIP: no SmolLM2-135M-Instruct at {} (run ../shared/tools/make-smollm2)",
-            dir.display()
-        );
-        None
-    }
-}
-
 fn chat_tiny() -> AutoTokenizer {
     AutoTokenizer::from_pretrained(fixtures().join("chat-tiny")).unwrap()
 }
@@ -152,7 +132,9 @@ fn minilm_with_a_template_set_in_code_matches_python() {
 
 #[test]
 fn smollm2_own_template_matches_python() {
-    let Some(dir) = smollm2() else { return };
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
     let tok = AutoTokenizer::from_pretrained(&dir).unwrap();
     let on_disk = std::fs::read_to_string(dir.join(CHAT_TEMPLATE_FILE)).unwrap();
     assert_eq!(tok.chat_template(), Some(on_disk.as_str()));
@@ -419,23 +401,11 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The pinned reference Python (`EMBER_PYTHON`, or `~/.cache/ember/pyref-venv`).
-fn reference_python() -> Option<PathBuf> {
-    let candidate = std::env::var_os("EMBER_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/pyref-venv/bin/python"))
-        })?;
-    candidate.is_file().then_some(candidate)
-}
-
 /// Folders Ember saved load in Python with the same templates: `apply_chat_template` there
 /// renders what Ember renders (checked by `check_saved.py`).
 #[test]
 fn saved_templates_render_the_same_in_python() {
-    let Some(python) = reference_python() else {
-        eprintln!("SKIP: no reference Python (set EMBER_PYTHON or run ../shared/tools/pyref-venv)");
+    let Some(python) = ember_testkit::reference_python() else {
         return;
     };
     let tok = chat_tiny();

@@ -91,25 +91,6 @@ pub fn assert_close_floor<const D: usize>(
     );
 }
 
-/// The SmolLM2 folder `make-smollm2` writes, or `None` (printing why) when it is absent.
-pub fn smollm2() -> Option<PathBuf> {
-    let dir = std::env::var_os("EMBER_SMOLLM2")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/ember/models/SmolLM2-135M-Instruct"))
-        })?;
-    if dir.join("model.safetensors").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIP: no SmolLM2 at {} (run ../shared/tools/make-smollm2)",
-            dir.display()
-        );
-        None
-    }
-}
-
 /// Every how many values of a vector the summaries probe (`SUMMARY_STRIDE` in
 /// `make_fixtures.py`).
 pub const SUMMARY_STRIDE: usize = 24;
