@@ -8,7 +8,8 @@
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
+    init_embedding, init_layer_norm, init_linear, join, layer_norm, FlatLinear, ParamVisitor,
+    VisitParams,
 };
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
@@ -43,7 +44,7 @@ impl Activation {
     /// Applies the activation.
     pub fn forward<B: Backend, const D: usize>(self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => ember_kernels::gelu_erf(&x).unwrap_or_else(|| activation::gelu(x)),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Relu => activation::relu(x),
             Self::Silu => activation::silu(x),
@@ -105,6 +106,9 @@ pub struct BertEmbeddings<B: Backend> {
     pub token_type_embeddings: Embedding<B>,
     /// `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
+    /// `layer_norm_eps` (burn's `LayerNorm` keeps its own private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
     /// Dropout after the LayerNorm (`hidden_dropout_prob`).
     pub dropout: Dropout,
     /// `pad_token_id`: PyTorch's `padding_idx`, whose row gets no gradient.
@@ -151,6 +155,7 @@ impl<B: Backend> BertEmbeddings<B> {
                 device,
             ),
             layer_norm: init_layer_norm(c.hidden_size, c.layer_norm_eps, device),
+            layer_norm_eps: c.layer_norm_eps,
             dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
             padding_idx: pad,
             roberta_padding_idx: if c.is_roberta() { pad } else { None },
@@ -191,7 +196,8 @@ impl<B: Backend> BertEmbeddings<B> {
                 self.roberta_padding_idx,
             )
             + self.token_type_embeddings.forward(types);
-        self.dropout.forward(self.layer_norm.forward(x))
+        self.dropout
+            .forward(layer_norm(&self.layer_norm, self.layer_norm_eps, x, None))
     }
 }
 
@@ -231,6 +237,9 @@ pub struct BertOutput<B: Backend> {
     pub dense: Linear<B>,
     /// `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
+    /// `layer_norm_eps` (burn's `LayerNorm` keeps its own private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
     /// Dropout before the residual (`hidden_dropout_prob`).
     pub dropout: Dropout,
 }
@@ -263,13 +272,14 @@ impl<B: Backend> BertOutput<B> {
         Self {
             dense: init_linear(d_in, c.hidden_size, c.initializer_range, device),
             layer_norm: init_layer_norm(c.hidden_size, c.layer_norm_eps, device),
+            layer_norm_eps: c.layer_norm_eps,
             dropout: DropoutConfig::new(c.hidden_dropout_prob).init(),
         }
     }
 
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward_flat(x)) + residual)
+        let x = self.dropout.forward(self.dense.forward_flat(x));
+        layer_norm(&self.layer_norm, self.layer_norm_eps, x, Some(residual))
     }
 }
 
@@ -319,10 +329,28 @@ impl<B: Backend> BertLayer<B> {
                 .reshape([batch * heads, seq, d])
                 .reshape([batch, heads, seq, d])
         };
-        let q = split(a.query.forward_flat(x.clone()));
-        let k = split(a.key.forward_flat(x.clone()));
-        let v = split(a.value.forward_flat(x.clone()));
+        let (q, k, v) = (
+            a.query.forward_flat(x.clone()),
+            a.key.forward_flat(x.clone()),
+            a.value.forward_flat(x.clone()),
+        );
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
+        if !want_probs && !dropout_active {
+            // The fused CPU kernel reads the heads in place and writes them back as rows.
+            let heads_view = |t: &Tensor<B, 3>| t.clone().reshape([batch, seq, heads, d]).swap_dims(1, 2);
+            let padding = mask.map(|m| m.padding.clone().reshape([batch, seq]));
+            let kernel_mask = ember_kernels::AttentionMask {
+                key_padding: padding.as_ref(),
+                causal: false,
+            };
+            if let Some(context) =
+                ember_kernels::attention(&heads_view(&q), &heads_view(&k), &heads_view(&v), kernel_mask)
+            {
+                let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+                return self.finish(context, x, None);
+            }
+        }
+        let (q, k, v) = (split(q), split(k), split(v));
         let (context, probs) = if want_probs || dropout_active {
             let mut scores = q
                 .matmul(k.swap_dims(2, 3))
@@ -343,6 +371,17 @@ impl<B: Backend> BertLayer<B> {
             )
         };
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+        self.finish(context, x, probs)
+    }
+
+    /// The rest of the layer after attention: output projection, residual and LayerNorm, then
+    /// the feed-forward block.
+    fn finish(
+        &self,
+        context: Tensor<B, 3>,
+        x: Tensor<B, 3>,
+        probs: Option<Tensor<B, 4>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let attended = self.attention_output.forward(context, x);
         let inner = self
             .activation

@@ -80,7 +80,8 @@ impl<B: Backend> VisitParams<B> for Embedding<B> {
 
 /// `Linear::forward` for `[batch, seq, d_in]` inputs, run as one 2-D GEMM over `batch · seq`
 /// rows. burn's own 3-D path runs a batched GEMM with a broadcast weight, which on the CPU costs
-/// 1.3-2x as much for the shapes of these models.
+/// 1.3-2x as much for the shapes of these models; on Flex the bias is folded into the GEMM
+/// ([`ember_kernels::linear`]).
 pub(crate) trait FlatLinear<B: Backend> {
     /// `x · W + b` with `x` flattened to rows.
     fn forward_flat(&self, x: Tensor<B, 3>) -> Tensor<B, 3>;
@@ -91,13 +92,36 @@ impl<B: Backend> FlatLinear<B> for Linear<B> {
         let [batch, seq, d_in] = x.dims();
         let weight = self.weight.val();
         let d_out = weight.dims()[1];
-        let y = x.reshape([batch * seq, d_in]).matmul(weight);
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
-        };
+        let rows = x.reshape([batch * seq, d_in]);
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let y = ember_kernels::linear(&rows, &weight, bias.as_ref()).unwrap_or_else(|| {
+            let y = rows.matmul(weight);
+            match bias {
+                Some(b) => y + b.unsqueeze_dim(0),
+                None => y,
+            }
+        });
         y.reshape([batch, seq, d_out])
     }
+}
+
+/// `LayerNorm(x + residual)` with the layer's `eps`, in one pass per row where the fused
+/// kernel applies ([`ember_kernels::layer_norm`]; burn's `LayerNorm` keeps its epsilon private,
+/// so the caller passes the config's).
+pub(crate) fn layer_norm<B: Backend>(
+    ln: &LayerNorm<B>,
+    eps: f64,
+    x: Tensor<B, 3>,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    let beta = ln.beta.as_ref().map(|b| b.val());
+    ember_kernels::layer_norm(&x, residual.as_ref(), &ln.gamma.val(), beta.as_ref(), eps)
+        .unwrap_or_else(|| {
+            ln.forward(match residual {
+                Some(r) => x + r,
+                None => x,
+            })
+        })
 }
 
 /// HF's initialisation: a `[d_in → d_out]` linear layer with weights from N(0, std) and zero

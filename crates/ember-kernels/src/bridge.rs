@@ -1,0 +1,76 @@
+//! Between burn's generic tensors and Flex's concrete ones.
+//!
+//! A backend's tensor primitive is a `'static` type, so a generic `Tensor<B, D>` whose backend
+//! is Flex can be taken apart with `Any` and put back together without copying: the kernels
+//! then read and write the f32 buffers directly. For any other backend the downcast fails and
+//! the caller falls back to burn's operations.
+
+use burn::tensor::{backend::Backend, Bool, Tensor, TensorData, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor, Layout};
+use std::any::{Any, TypeId};
+
+/// Whether `B` is the Flex backend itself (not wrapped in autodiff or fusion).
+pub(crate) fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>()
+}
+
+/// The Flex tensor behind a float tensor, when `B` is Flex and the values are f32.
+pub(crate) fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
+    if !is_flex::<B>() {
+        return None;
+    }
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let f = (&p as &dyn Any).downcast_ref::<FlexTensor>()?.clone();
+            (f.dtype() == burn::tensor::DType::F32).then_some(f)
+        }
+        TensorPrimitive::QFloat(_) => None,
+    }
+}
+
+/// The Flex tensor behind a bool tensor (stored one byte per value).
+pub(crate) fn flex_bool<B: Backend, const D: usize>(
+    t: &Tensor<B, D, Bool>,
+) -> Option<FlexTensor> {
+    if !is_flex::<B>() {
+        return None;
+    }
+    let p = t.clone().into_primitive();
+    (&p as &dyn Any).downcast_ref::<FlexTensor>().cloned()
+}
+
+/// Wraps a Flex tensor as a float tensor of backend `B` (which the caller checked is Flex).
+pub(crate) fn wrap<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    let p = boxed
+        .downcast::<B::FloatTensorPrimitive>()
+        .unwrap_or_else(|_| unreachable!("wrap is only called after is_flex::<B>()"));
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// A new contiguous f32 tensor of `shape` holding `values`.
+pub(crate) fn from_vec(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+/// A tensor of `shape` over `values`, laid out with `strides` (in elements).
+pub(crate) fn from_vec_strided(values: Vec<f32>, shape: &[usize], strides: &[isize]) -> FlexTensor {
+    let t = from_vec(values, &[shape.iter().product::<usize>()]);
+    let layout = Layout::new(shape.to_vec().into(), strides.to_vec(), 0);
+    t.with_layout(layout)
+}
+
+/// The values of a tensor whose layout is contiguous (row-major), as one slice.
+pub(crate) fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
+    t.as_slice::<f32>()
+}
+
+/// The tensor's values with every dimension but the last flattened to rows, copied only when
+/// the layout is not already contiguous.
+pub(crate) fn rows(t: &FlexTensor) -> FlexTensor {
+    if contiguous(t).is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}

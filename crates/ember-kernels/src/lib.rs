@@ -1,0 +1,34 @@
+//! Fused CPU kernels for Ember's models on burn's Flex backend.
+//!
+//! burn's CPU backend (Flex) runs each tensor operation on its own: a bias add after a GEMM is
+//! a second pass over the output through its strided broadcast path, LayerNorm is half a dozen
+//! passes, the erf GELU calls a scalar `erff` per element, and attention wants its heads copied
+//! into contiguous tensors first. At BERT shapes that costs as much as the GEMMs themselves.
+//! This crate does each of those in one pass over contiguous memory:
+//!
+//! - [`linear`]: `x · W + b` as one GEMM that starts from the bias rows;
+//! - [`layer_norm`]: residual add and LayerNorm in one pass per row; [`rms_norm`] likewise;
+//! - [`gelu_erf`] and [`silu_mul`]: vectorised GELU and SwiGLU gating;
+//! - [`attention`]: scaled dot-product attention over strided `[batch, heads, seq, head_dim]`
+//!   views (head split and merge cost nothing), with a key padding mask, a causal mask and
+//!   grouped key / value heads.
+//!
+//! Every function is generic over the burn backend and returns `None` when it does not apply:
+//! another backend (CUDA, autodiff during training), another dtype than f32, or a layout it
+//! does not read. The caller then runs burn's own operations, so results never depend on
+//! whether a kernel ran beyond float rounding (the models' parity tests run through both).
+
+mod attention;
+mod bridge;
+mod linear;
+mod math;
+mod norm;
+
+pub use attention::{attention, AttentionMask};
+pub use linear::linear;
+pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
+
+/// Whether the kernels of this crate run for backend `B` (Flex, f32 tensors).
+pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
+    bridge::is_flex::<B>()
+}

@@ -1,0 +1,237 @@
+//! Elementwise functions written so that the compiler vectorises them: no calls into `libm`,
+//! only multiplies, adds, a division, min / max and integer bit tricks.
+//!
+//! The loops are compiled twice, once for the baseline target and once with AVX2 + FMA, and
+//! [`dispatch!`] picks the second at run time where the CPU has it (any x86-64 of the last ten
+//! years), without asking users for `-C target-cpu`.
+
+/// Runs `$body` (a block using only inlined code) compiled for AVX2 + FMA when the CPU has
+/// them, else compiled for the baseline target.
+macro_rules! dispatch {
+    ($body:block) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports the features `fast` is compiled for.
+                unsafe { fast(|| $body) }
+            } else {
+                $body
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body
+        }
+    }};
+}
+pub(crate) use dispatch;
+
+/// Lanes used for reductions: eight independent partial sums, which the compiler keeps in one
+/// vector register (a single running sum would serialise on the add).
+pub(crate) const LANES: usize = 8;
+
+/// `e^x` to within about 2 ulp (Cephes' `expf` polynomial after reducing by powers of two);
+/// exactly 0 below -87.3, where f32 underflows.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that n · ln 2 is exact in the high part.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.7);
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let scale = f32::from_bits(((k + 127) << 23) as u32);
+    if x < -87.3 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+/// `erf(x)` to within a few ulp: the rational approximation Eigen and XLA use for f32
+/// (`generic_fast_erf_float`), exact to f32 rounding beyond |x| = 4.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = -2.726_142_3e-10;
+    let p = p * x2 + 2.770_681_4e-8;
+    let p = p * x2 + -2.101_024e-6;
+    let p = p * x2 + -5.692_506_4e-5;
+    let p = p * x2 + -7.349_906_3e-4;
+    let p = p * x2 + -2.954_600_5e-3;
+    let p = p * x2 + -1.609_603_3e-2;
+    let q = -1.456_607_2e-5;
+    let q = q * x2 + -2.133_740_6e-4;
+    let q = q * x2 + -1.682_827e-3;
+    let q = q * x2 + -7.373_329_5e-3;
+    let q = q * x2 + -1.426_474e-2;
+    x * p / q
+}
+
+/// The exact GELU, `x · Φ(x) = x/2 · (1 + erf(x / √2))` (PyTorch's `gelu`, HF's `"gelu"`).
+#[inline(always)]
+pub(crate) fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `x · sigmoid(x)` (SiLU, HF's `"silu"`).
+#[inline(always)]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// Sum of a slice in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// Sum of squared deviations from `mean`, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            let d = c[i] - mean;
+            acc[i] += d * d;
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
+}
+
+/// Largest value of a non-empty slice, in [`LANES`] partial maxima.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// Softmax of one row in place: `exp(x - max) / Σ`.
+#[inline(always)]
+pub(crate) fn softmax_row(x: &mut [f32]) {
+    let m = max(x);
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
+    let inv = 1.0 / sum(x);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Largest error relative to the f64 reference, over a dense grid of `[lo, hi]`.
+    fn worst(f: fn(f32) -> f32, reference: fn(f64) -> f64, lo: f32, hi: f32) -> f64 {
+        let n = 200_000;
+        (0..=n)
+            .map(|i| {
+                let x = lo + (hi - lo) * i as f32 / n as f32;
+                let want = reference(x as f64);
+                (f(x) as f64 - want).abs() / want.abs().max(1e-30)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn exp_is_within_a_few_ulp() {
+        assert!(worst(exp, f64::exp, -87.0, 88.0) < 4e-7);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::MIN), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn gelu_matches_the_erf_definition() {
+        // erf from the series of libm through f64, the reference PyTorch's own erf is close to.
+        fn gelu64(x: f64) -> f64 {
+            0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2))
+        }
+        fn erf64(x: f64) -> f64 {
+            // Abramowitz-Stegun 7.1.28 is too coarse; integrate the Taylor series instead.
+            if x.abs() > 5.0 {
+                return x.signum();
+            }
+            let (mut term, mut total, mut n) = (x, x, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -x * x / n;
+                total += term / (2.0 * n + 1.0);
+            }
+            total * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        // Absolute error against the scale of the input: 1 + erf(x/√2) cancels for negative
+        // x in any f32 evaluation (PyTorch's too), so relative error is no measure there.
+        let n = 400_000;
+        let worst_abs = (0..=n)
+            .map(|i| {
+                let x = -8.0 + 16.0 * i as f32 / n as f32;
+                (gelu(x) as f64 - gelu64(x as f64)).abs() / (x.abs() as f64).max(1.0)
+            })
+            .fold(0.0, f64::max);
+        assert!(worst_abs < 4e-7, "{worst_abs}");
+        assert!(worst(gelu, gelu64, 0.05, 8.0) < 1e-6);
+    }
+
+    #[test]
+    fn softmax_row_sums_to_one_and_ignores_minimum_scores() {
+        let mut row = [1.0f32, 2.0, f32::MIN, 3.0, 0.5, -1.0, 4.0, 2.5, 1.5, 0.0];
+        softmax_row(&mut row);
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(row[2], 0.0);
+        let z: f64 = [1.0f64, 2.0, 3.0, 0.5, -1.0, 4.0, 2.5, 1.5, 0.0]
+            .iter()
+            .map(|v| v.exp())
+            .sum();
+        assert!((row[6] as f64 - 4f64.exp() / z).abs() < 1e-7);
+        // Every score masked: uniform, as `softmax(scores.masked_fill(mask, f32::MIN))` gives.
+        let mut all = [f32::MIN; 4];
+        softmax_row(&mut all);
+        assert_eq!(all, [0.25; 4]);
+    }
+
+    #[test]
+    fn reductions_cover_the_tail() {
+        let x: Vec<f32> = (0..19).map(|i| i as f32).collect();
+        assert_eq!(sum(&x), 171.0);
+        assert_eq!(max(&x), 18.0);
+        assert_eq!(sum_sq_dev(&[1.0, 3.0], 2.0), 2.0);
+        assert_eq!(dispatch!({ sum(&x) }), 171.0);
+    }
+}
