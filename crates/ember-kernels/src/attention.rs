@@ -8,7 +8,7 @@
 //! merging the heads afterwards is a free reshape.
 
 use crate::bridge;
-use crate::math::{self, dispatch};
+use crate::math;
 use burn::tensor::{backend::Backend, Bool, BoolStore, DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
@@ -90,6 +90,7 @@ pub fn attention<B: Backend>(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let causal = mask.causal;
+    let no_padding = vec![false; seq_k];
     let causal_offset = seq_k as isize - seq_q as isize;
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
     let out_ptr = SharedOut(out.as_mut_ptr());
@@ -129,27 +130,12 @@ pub fn attention<B: Backend>(
                 gemm::Parallelism::None,
             );
         }
-        dispatch!({
-            for (i, row) in scores.chunks_exact_mut(seq_k).enumerate() {
-                if !padding.is_empty() {
-                    let pad = &padding[bi * seq_k..(bi + 1) * seq_k];
-                    for (s, &p) in row.iter_mut().zip(pad) {
-                        if p {
-                            *s = f32::MIN;
-                        }
-                    }
-                }
-                if causal {
-                    let last = i as isize + causal_offset;
-                    for (j, s) in row.iter_mut().enumerate() {
-                        if j as isize > last {
-                            *s = f32::MIN;
-                        }
-                    }
-                }
-                math::softmax_row(row);
-            }
-        });
+        let pad = if padding.is_empty() {
+            &no_padding[..]
+        } else {
+            &padding[bi * seq_k..(bi + 1) * seq_k]
+        };
+        math::masked_softmax_rows(&mut scores, pad, causal.then_some(causal_offset));
         let row_stride = (heads * dv) as isize;
         unsafe {
             gemm::gemm(

@@ -18,6 +18,8 @@
 //! does not read. The caller then runs burn's own operations, so results never depend on
 //! whether a kernel ran beyond float rounding (the models' parity tests run through both).
 
+#![warn(unsafe_op_in_unsafe_fn)]
+
 mod attention;
 mod bridge;
 mod linear;
@@ -31,4 +33,19 @@ pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
 /// Whether the kernels of this crate run for backend `B` (Flex, f32 tensors).
 pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
     bridge::is_flex::<B>()
+}
+
+/// Runs `f` on one of rayon's worker threads when `B` is Flex, else on the calling thread.
+///
+/// Flex and these kernels run their parallel loops in rayon's pool, one worker per core.
+/// Called from outside the pool, every parallel loop hands its work to the workers while the
+/// calling thread waits, and between loops the idle workers spin for work: one more thread
+/// than cores, which on a 2-core machine cost about a fifth of a decoding step in scheduler
+/// time. From inside the pool the calling worker takes part in the loops itself.
+pub fn on_worker<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if !applies::<B>() || rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
 }

@@ -1,6 +1,6 @@
 //! A linear layer as one GEMM that starts from the bias.
 
-use crate::bridge;
+use crate::{bridge, math};
 use burn::tensor::{backend::Backend, Tensor};
 use burn_flex::FlexTensor;
 
@@ -46,32 +46,41 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
-/// `out (+)= lhs · rhs` over the tensors' own strides; `accumulate` keeps what `out` holds.
-fn gemm_into(out: &mut [f32], lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3], accumulate: bool) {
+/// `out (+)= lhs · rhs` over the tensors' own strides. `out` starts as zeros or the bias rows;
+/// `accumulate` says it holds a bias, which `gemm` must then read.
+///
+/// Large products let `gemm` split the work over the threads. A product with few rows and a
+/// large weight (decoding: one row per sequence) is below `gemm`'s threshold yet reads the
+/// whole weight from memory, which one core cannot do at the memory's rate: its columns are
+/// split over the threads instead, each thread reading its own part of every weight row.
+fn gemm_into(
+    out: &mut [f32],
+    lhs: &FlexTensor,
+    rhs: &FlexTensor,
+    [m, k, n]: [usize; 3],
+    accumulate: bool,
+) {
     let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
-    let lhs_data = lhs.storage::<f32>();
-    let rhs_data = rhs.storage::<f32>();
-    let parallelism = if m * n * k >= PARALLEL_WORK {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the pointers address the tensors' own buffers at their layouts' start offsets,
-    // and every element the strides reach lies inside those buffers (burn checked the layouts
-    // when it built the views); `out` holds m · n values written row-major.
-    unsafe {
+    let lhs_ptr = Shared(lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr());
+    let rhs_ptr = Shared(rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr());
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    // SAFETY (both calls): the pointers address the tensors' own buffers at their layouts'
+    // start offsets, and every element the strides reach over `[m, k]` / `[k, n]` lies inside
+    // them (burn checked the layouts when it built the views); `out` holds m · n values written
+    // row-major, and each task writes only its own columns `cols` of it.
+    let run = |cols: std::ops::Range<usize>, parallelism| unsafe {
         gemm::gemm(
             m,
-            n,
+            cols.len(),
             k,
-            out.as_mut_ptr(),
+            out_ptr.at(cols.start as isize),
             1,
             n as isize,
             accumulate,
-            lhs_data.as_ptr().add(lhs.layout().start_offset()),
+            lhs_ptr.at(0),
             ls[1],
             ls[0],
-            rhs_data.as_ptr().add(rhs.layout().start_offset()),
+            rhs_ptr.at(cols.start as isize * rs[1]),
             rs[1],
             rs[0],
             1.0,
@@ -81,6 +90,142 @@ fn gemm_into(out: &mut [f32], lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [us
             false,
             parallelism,
         );
+    };
+    let threads = rayon::current_num_threads();
+    let lhs_rows = ls[1] == 1 || m == 1;
+    // Dot products (a column-major weight) pay off for one or two rows only; more rows are
+    // compute-bound there, where `gemm` is faster.
+    let few_rows_layout = rs[1] == 1 || (rs[0] == 1 && m <= 2);
+    if m <= FEW_ROWS && lhs_rows && few_rows_layout {
+        // SAFETY: as above; `lhs` rows are contiguous (or there is one row) and `rhs` is row-
+        // or column-major, which is what `few_rows` reads.
+        unsafe { few_rows(out_ptr, lhs_ptr, ls[0], rhs_ptr, rs, [m, k, n], threads) };
+    } else if m * n * k >= PARALLEL_WORK {
+        run(0..n, gemm::Parallelism::Rayon(0));
+    } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
+        use rayon::prelude::*;
+        // Chunks of a multiple of 16 columns (two AVX-512 vectors), about two per thread.
+        let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None)
+        });
+    } else {
+        run(0..n, gemm::Parallelism::None);
+    }
+}
+
+/// Up to this many rows, [`few_rows`] reads the weight once for all of them.
+const FEW_ROWS: usize = 8;
+
+/// `out += lhs · rhs` for a few rows (decoding), reading the weight from memory once, at the
+/// memory's rate, on every thread.
+///
+/// `gemm`'s path for one row reads a weight that does not fit in the caches at 11-17 GB/s on
+/// this machine, on one thread, against about 33 GB/s for both cores. Here the columns are
+/// split over the threads; a row-major weight (`[d_in, d_out]`, burn's `Linear`) is streamed
+/// row by row into a tile of accumulators per output row, and a column-major one (a tied
+/// embedding table read as its transpose) as one dot product per table row.
+///
+/// # Safety
+/// `out` holds `m · n` values; `lhs` holds `m` rows of `k` contiguous values `lhs_row_stride`
+/// apart; `rhs` holds `[k, n]` values at strides `rs`, one of which is 1.
+unsafe fn few_rows(
+    out: SharedMut,
+    lhs: Shared,
+    lhs_row_stride: isize,
+    rhs: Shared,
+    rs: &[isize],
+    [m, k, n]: [usize; 3],
+    threads: usize,
+) {
+    use rayon::prelude::*;
+    let parts = if k * n >= SPLIT_WEIGHT { threads.max(1) } else { 1 };
+    // The input rows, gathered contiguously (they are few and small).
+    let xs: Vec<f32> = (0..m)
+        .flat_map(|r| {
+            // SAFETY: row r of `lhs` holds k contiguous values.
+            unsafe { std::slice::from_raw_parts(lhs.at(r as isize * lhs_row_stride), k) }
+        })
+        .copied()
+        .collect();
+    if rs[1] == 1 {
+        // Row-major weight: the threads take contiguous blocks of its rows, so each streams
+        // its memory front to back, and their partial sums are added at the end.
+        let w_stride = rs[0] as usize;
+        // SAFETY: rows 0..k of the weight, n values each, `w_stride` apart.
+        let w = unsafe { std::slice::from_raw_parts(rhs.at(0), (k - 1) * w_stride + n) };
+        let block = k.div_ceil(parts);
+        let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
+            .into_par_iter()
+            .map(|p| {
+                let mut ys = vec![0.0f32; m * n];
+                math::few_rows_axpy(&mut ys, &xs, k, p * block..((p + 1) * block).min(k), w, w_stride);
+                ys
+            })
+            .collect();
+        // SAFETY: `out` holds m · n values; no task runs any more.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.at(0), m * n) };
+        for ys in partials {
+            for (o, y) in out.iter_mut().zip(ys) {
+                *o += y;
+            }
+        }
+        return;
+    }
+    // Column-major weight (a transposed table): the threads take contiguous blocks of its
+    // columns, each column one dot product per input row.
+    let part = n.div_ceil(parts).next_multiple_of(16).max(16);
+    let w_stride = rs[1] as usize;
+    (0..n.div_ceil(part)).into_par_iter().for_each(|p| {
+        let cols = p * part..((p + 1) * part).min(n);
+        let width = cols.len();
+        let mut ys = vec![0.0f32; m * width];
+        // SAFETY: columns `cols` of the weight, k contiguous values each.
+        let w = unsafe {
+            std::slice::from_raw_parts(
+                rhs.at(cols.start as isize * rs[1]),
+                (width - 1) * w_stride + k,
+            )
+        };
+        math::few_rows_dots(&mut ys, &xs, w, k, w_stride);
+        for r in 0..m {
+            // SAFETY: this task alone writes columns `cols` of `out`.
+            let row = unsafe { std::slice::from_raw_parts_mut(out.at((r * n + cols.start) as isize), width) };
+            for (o, y) in row.iter_mut().zip(&ys[r * width..(r + 1) * width]) {
+                *o += y;
+            }
+        }
+    });
+}
+
+/// Weights of at least this many values are read by all threads even for a single row.
+const SPLIT_WEIGHT: usize = 1 << 16;
+
+/// A read-only pointer shared by the GEMM tasks.
+#[derive(Clone, Copy)]
+struct Shared(*const f32);
+// SAFETY: the buffer is only read while the tasks run.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer `n` elements further on; the caller keeps it inside the buffer.
+    unsafe fn at(self, n: isize) -> *const f32 {
+        unsafe { self.0.offset(n) }
+    }
+}
+
+/// The output pointer shared by the GEMM tasks, each writing its own columns.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint columns.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer `n` elements further on; the caller keeps it inside the buffer.
+    unsafe fn at(self, n: isize) -> *mut f32 {
+        unsafe { self.0.offset(n) }
     }
 }
 
@@ -89,6 +234,12 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::{Distribution, Tolerance};
+
+    /// Sums of a few hundred products of N(0, 1) values are of order 10-20: 1e-5 relative to
+    /// that scale, for outputs that cancel to near zero.
+    fn tolerance() -> Tolerance<f32> {
+        Tolerance::rel_abs(1e-5, 1e-4)
+    }
 
     #[test]
     fn equals_matmul_plus_bias_for_plain_and_transposed_weights() {
@@ -99,13 +250,13 @@ mod tests {
         let want = x.clone().matmul(w.clone()) + b.clone().unsqueeze_dim(0);
         let got = linear(&x, &w, Some(&b)).unwrap();
         got.into_data()
-            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance());
         // A tied output matrix: the embedding `[vocab, d]` read as `[d, vocab]`.
         let table = Tensor::<Flex, 2>::random([70, 50], Distribution::Normal(0.0, 1.0), &device);
         let want = x.clone().matmul(table.clone().transpose());
         let got = linear(&x, &table.transpose(), None).unwrap();
         got.into_data()
-            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance());
     }
 
     #[test]
@@ -116,7 +267,24 @@ mod tests {
         let want = x.clone().matmul(w.clone());
         let got = linear(&x, &w, None).unwrap();
         got.into_data()
-            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-5, 1e-5));
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance());
+    }
+
+    #[test]
+    fn single_rows_split_over_threads_with_the_same_result() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::random([2, 300], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<Flex, 2>::random([300, 1000], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<Flex, 1>::random([1000], Distribution::Normal(0.0, 1.0), &device);
+        let want = x.clone().matmul(w.clone()) + b.clone().unsqueeze_dim(0);
+        let got = linear(&x, &w, Some(&b)).unwrap();
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance());
+        let table = Tensor::<Flex, 2>::random([1000, 300], Distribution::Normal(0.0, 1.0), &device);
+        let want = x.clone().matmul(table.clone().transpose());
+        let got = linear(&x, &table.transpose(), None).unwrap();
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), tolerance());
     }
 
     #[test]

@@ -1,34 +1,35 @@
 //! Elementwise functions written so that the compiler vectorises them: no calls into `libm`,
 //! only multiplies, adds, a division, min / max and integer bit tricks.
 //!
-//! The loops are compiled twice, once for the baseline target and once with AVX2 + FMA, and
-//! [`dispatch!`] picks the second at run time where the CPU has it (any x86-64 of the last ten
-//! years), without asking users for `-C target-cpu`.
+//! Each kernel loop is declared with [`simd_fn!`], which compiles it twice, once for the
+//! baseline target and once with AVX2 + FMA, and picks the second at run time where the CPU
+//! has it (any x86-64 of the last ten years), without asking users for `-C target-cpu`.
 
-/// Runs `$body` (a block using only inlined code) compiled for AVX2 + FMA when the CPU has
-/// them, else compiled for the baseline target.
-macro_rules! dispatch {
-    ($body:block) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn fast<R>(f: impl FnOnce() -> R) -> R {
-                f()
+/// Declares `fn name(args) -> ret { body }` whose body is compiled a second time with AVX2 and
+/// FMA enabled, and called that way when the CPU has them. The body is an `#[inline(always)]`
+/// function so that it (and the `#[inline(always)]` helpers it calls) is generated inside the
+/// `#[target_feature]` wrapper; a closure would stay a separate baseline-compiled function.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `fast` is compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features `fast` is compiled for.
-                unsafe { fast(|| $body) }
-            } else {
-                $body
-            }
+            imp($($arg),*)
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
+    };
 }
-pub(crate) use dispatch;
 
 /// Lanes used for reductions: eight independent partial sums, which the compiler keeps in one
 /// vector register (a single running sum would serialise on the add).
@@ -126,6 +127,21 @@ pub(crate) fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
 }
 
+/// Dot product of two slices of equal length, in two vectors of [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 2 * LANES];
+    let chunks = a.chunks_exact(2 * LANES).zip(b.chunks_exact(2 * LANES));
+    for (x, y) in chunks {
+        for i in 0..2 * LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let done = a.len() / (2 * LANES) * (2 * LANES);
+    let tail: f32 = a[done..].iter().zip(&b[done..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Largest value of a non-empty slice, in [`LANES`] partial maxima.
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
@@ -150,6 +166,139 @@ pub(crate) fn softmax_row(x: &mut [f32]) {
     let inv = 1.0 / sum(x);
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+simd_fn! {
+    /// `out[i] = gelu(x[i])`.
+    pub(crate) fn gelu_slice(x: &[f32], out: &mut [f32]) {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = gelu(*v);
+        }
+    }
+}
+
+simd_fn! {
+    /// `out[i] = silu(gate[i]) · up[i]`.
+    pub(crate) fn silu_mul_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = silu(*g) * u;
+        }
+    }
+}
+
+simd_fn! {
+    /// `out = LayerNorm(x + residual) · gamma + beta` over rows of `gamma.len()` values.
+    pub(crate) fn layer_norm_rows(
+        x: &[f32],
+        residual: Option<&[f32]>,
+        gamma: &[f32],
+        beta: Option<&[f32]>,
+        eps: f32,
+        out: &mut [f32],
+    ) {
+        let cols = gamma.len();
+        for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+            let at = i * cols;
+            row.copy_from_slice(&x[at..at + cols]);
+            if let Some(r) = residual {
+                for (v, r) in row.iter_mut().zip(&r[at..at + cols]) {
+                    *v += r;
+                }
+            }
+            let mean = sum(row) / cols as f32;
+            let inv = 1.0 / (sum_sq_dev(row, mean) / cols as f32 + eps).sqrt();
+            match beta {
+                Some(b) => {
+                    for ((v, g), b) in row.iter_mut().zip(gamma).zip(b) {
+                        *v = (*v - mean) * inv * g + b;
+                    }
+                }
+                None => {
+                    for (v, g) in row.iter_mut().zip(gamma) {
+                        *v = (*v - mean) * inv * g;
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `out = x / sqrt(mean(x²) + eps) · gamma` over rows of `gamma.len()` values.
+    pub(crate) fn rms_norm_rows(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+        let cols = gamma.len();
+        for (row, src) in out.chunks_exact_mut(cols).zip(x.chunks_exact(cols)) {
+            let inv = 1.0 / (sum_sq_dev(src, 0.0) / cols as f32 + eps).sqrt();
+            for ((v, x), g) in row.iter_mut().zip(src).zip(gamma) {
+                *v = g * (x * inv);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Masks and normalises attention scores, rows of `padding.len()` keys: a key flagged in
+    /// `padding`, or (with `causal_offset`) a key after `row + offset`, gets `f32::MIN`; then
+    /// each row goes through softmax.
+    pub(crate) fn masked_softmax_rows(scores: &mut [f32], padding: &[bool], causal_offset: Option<isize>) {
+        let keys = padding.len();
+        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+            for (s, &p) in row.iter_mut().zip(padding) {
+                if p {
+                    *s = f32::MIN;
+                }
+            }
+            if let Some(offset) = causal_offset {
+                let first_hidden = (i as isize + offset + 1).clamp(0, keys as isize) as usize;
+                for s in &mut row[first_hidden..] {
+                    *s = f32::MIN;
+                }
+            }
+            softmax_row(row);
+        }
+    }
+}
+
+simd_fn! {
+    /// `ys[r] += Σ_{kk in k_rows} xs[r · k + kk] · w[kk · w_stride ..][..n]` for the `rows` rows
+    /// of `ys` (`n = ys.len() / rows`): one block of weight rows of a product with few rows,
+    /// read front to back once, each weight row used for every input row while it is in L1.
+    pub(crate) fn few_rows_axpy(
+        ys: &mut [f32],
+        xs: &[f32],
+        k: usize,
+        k_rows: std::ops::Range<usize>,
+        w: &[f32],
+        w_stride: usize,
+    ) {
+        let rows = xs.len() / k;
+        let n = ys.len() / rows;
+        for kk in k_rows {
+            let seg = &w[kk * w_stride..kk * w_stride + n];
+            for r in 0..rows {
+                let xk = xs[r * k + kk];
+                for (y, w) in ys[r * n..(r + 1) * n].iter_mut().zip(seg) {
+                    *y += xk * w;
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `ys[r · cols + j] += dot(xs[r], w[j · w_stride ..][..k])` for `cols = ys.len() / rows`
+    /// weight columns stored contiguously (a transposed, column-major weight), where `xs`
+    /// holds `rows` rows of `k` values.
+    pub(crate) fn few_rows_dots(ys: &mut [f32], xs: &[f32], w: &[f32], k: usize, w_stride: usize) {
+        let rows = xs.len() / k;
+        let cols = ys.len() / rows;
+        for j in 0..cols {
+            let col = &w[j * w_stride..j * w_stride + k];
+            for r in 0..rows {
+                ys[r * cols + j] += dot(&xs[r * k..(r + 1) * k], col);
+            }
+        }
     }
 }
 
@@ -232,6 +381,5 @@ mod tests {
         assert_eq!(sum(&x), 171.0);
         assert_eq!(max(&x), 18.0);
         assert_eq!(sum_sq_dev(&[1.0, 3.0], 2.0), 2.0);
-        assert_eq!(dispatch!({ sum(&x) }), 171.0);
     }
 }

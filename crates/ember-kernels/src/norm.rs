@@ -1,7 +1,7 @@
 //! Row-wise normalisations and elementwise activations, one pass each.
 
 use crate::bridge;
-use crate::math::{self, dispatch};
+use crate::math;
 use burn::tensor::{backend::Backend, Tensor};
 use rayon::prelude::*;
 
@@ -65,32 +65,9 @@ pub fn layer_norm<B: Backend, const D: usize>(
     out.par_chunks_mut(per_task)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let start = task * per_task;
-            dispatch!({
-                for (i, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                    let at = start + i * cols;
-                    row.copy_from_slice(&xs[at..at + cols]);
-                    if let Some(rs) = rs {
-                        for (v, r) in row.iter_mut().zip(&rs[at..at + cols]) {
-                            *v += r;
-                        }
-                    }
-                    let mean = math::sum(row) / cols as f32;
-                    let inv = 1.0 / (math::sum_sq_dev(row, mean) / cols as f32 + eps).sqrt();
-                    match b {
-                        Some(b) => {
-                            for ((v, g), b) in row.iter_mut().zip(g).zip(b) {
-                                *v = (*v - mean) * inv * g + b;
-                            }
-                        }
-                        None => {
-                            for (v, g) in row.iter_mut().zip(g) {
-                                *v = (*v - mean) * inv * g;
-                            }
-                        }
-                    }
-                }
-            })
+            let at = task * per_task..task * per_task + chunk.len();
+            let residual = rs.map(|r| &r[at.clone()]);
+            math::layer_norm_rows(&xs[at], residual, g, b, eps, chunk);
         });
     Some(bridge::wrap(bridge::from_vec(out, &shape)))
 }
@@ -113,16 +90,8 @@ pub fn rms_norm<B: Backend, const D: usize>(
     out.par_chunks_mut(per_task)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let start = task * per_task;
-            dispatch!({
-                for (i, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                    let src = &xs[start + i * cols..start + (i + 1) * cols];
-                    let inv = 1.0 / (math::sum_sq_dev(src, 0.0) / cols as f32 + eps).sqrt();
-                    for ((v, x), g) in row.iter_mut().zip(src).zip(g) {
-                        *v = g * (x * inv);
-                    }
-                }
-            })
+            let at = task * per_task..task * per_task + chunk.len();
+            math::rms_norm_rows(&xs[at], g, eps, chunk);
         });
     Some(bridge::wrap(bridge::from_vec(out, &shape)))
 }
@@ -145,13 +114,7 @@ fn map<B: Backend, const D: usize>(
 /// The exact (erf) GELU of every value, HF's `"gelu"` activation; within 4e-7 · max(1, |x|)
 /// of the f64 definition (`libm`'s scalar `erff` is what Flex calls per element).
 pub fn gelu_erf<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
-    map(x, |i, o| {
-        dispatch!({
-            for (o, i) in o.iter_mut().zip(i) {
-                *o = math::gelu(*i);
-            }
-        })
-    })
+    map(x, |i, o| math::gelu_slice(i, o))
 }
 
 /// SwiGLU's gating, `silu(gate) · up`, for Llama's MLP (`act_fn(gate_proj(x)) * up_proj(x)`).
@@ -170,13 +133,7 @@ pub fn silu_mul<B: Backend, const D: usize>(
     out.par_chunks_mut(PARALLEL_VALUES)
         .zip(gs.par_chunks(PARALLEL_VALUES))
         .zip(us.par_chunks(PARALLEL_VALUES))
-        .for_each(|((o, g), u)| {
-            dispatch!({
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = math::silu(*g) * u;
-                }
-            })
-        });
+        .for_each(|((o, g), u)| math::silu_mul_slice(g, u, o));
     Some(bridge::wrap(bridge::from_vec(out, &shape)))
 }
 

@@ -545,6 +545,15 @@ impl<B: Backend> BertModel<B> {
         input: EncoderInput<B>,
         options: OutputOptions,
     ) -> Result<BaseModelOutput<B>> {
+        ember_kernels::on_worker::<B, _>(|| self.forward_inner(input, options))
+    }
+
+    /// [`Self::forward`], on the calling thread.
+    fn forward_inner(
+        &self,
+        input: EncoderInput<B>,
+        options: OutputOptions,
+    ) -> Result<BaseModelOutput<B>> {
         self.check_input(&input)?;
         // A batch without padding needs no mask: masked attention costs about twice as much.
         let mask = input

@@ -414,6 +414,11 @@ impl<B: Backend> BloomForCausalLM<B> {
     /// Bloom has no position ids: ALiBi numbers the keys by the attention mask (covering the
     /// cached positions too), so `position_ids` is ignored, as HF ignores it.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        ember_kernels::on_worker::<B, _>(|| self.forward_inner(input))
+    }
+
+    /// [`Self::forward`], on the calling thread.
+    fn forward_inner(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
         let c = &self.config;
         let shape = ModelShape {
             layers: c.n_layer,

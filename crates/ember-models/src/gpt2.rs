@@ -444,6 +444,11 @@ impl<B: Backend> GPT2LMHeadModel<B> {
     /// batch give `position_ids` counted from the mask, as HF's `generate` does. A position at
     /// or past `n_positions` is an [`ModelError::Input`] error.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        ember_kernels::on_worker::<B, _>(|| self.forward_inner(input))
+    }
+
+    /// [`Self::forward`], on the calling thread.
+    fn forward_inner(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
         let c = &self.config;
         let shape = ModelShape {
             layers: c.n_layer,

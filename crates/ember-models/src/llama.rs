@@ -11,7 +11,9 @@ use crate::causal::{
 };
 use crate::config::config_io;
 use crate::error::{ModelError, Result};
-use crate::params::{init_embedding, init_linear, join, FlatLinear, ParamVisitor, VisitParams};
+use crate::params::{
+    init_embedding, init_linear, join, apply_rms_norm, FlatLinear, ParamVisitor, VisitParams,
+};
 use crate::rope::{self, RopeParameters};
 use crate::Activation;
 use burn::module::Module;
@@ -338,7 +340,23 @@ impl<B: Backend> LlamaAttention<B> {
         let kv = append_kv(past, k, v);
         let total = kv.key.dims()[2];
         let n_rep = h / kvh;
-        let context = if seq == 1 && n_rep > 1 {
+        let fused = match mask {
+            // The fused CPU kernel reads the grouped key / value heads in place. With padding,
+            // burn's path below keeps HF's rule for queries that see no real key.
+            None => ember_kernels::attention(
+                &q,
+                &kv.key,
+                &kv.value,
+                ember_kernels::AttentionMask {
+                    key_padding: None,
+                    causal: true,
+                },
+            ),
+            Some(_) => None,
+        };
+        let context = if let Some(context) = fused {
+            context
+        } else if seq == 1 && n_rep > 1 {
             // One new token (decoding): the query heads sharing a key / value head become rows
             // of one attention over that head, so the cache is never copied per query head.
             // The single query sees every cached key, so nothing is causally masked.
@@ -393,14 +411,15 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         mask: Option<&Tensor<B, 4, Bool>>,
         past: Option<LayerKv<B>>,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
-        let (attended, kv) =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), rope, mask, past);
+        let normed = apply_rms_norm(&self.input_layernorm, x.clone());
+        let (attended, kv) = self.self_attn.forward(normed, rope, mask, past);
         let x = x + attended;
-        let normed = self.post_attention_layernorm.forward(x.clone());
+        let normed = apply_rms_norm(&self.post_attention_layernorm, x.clone());
         let m = &self.mlp;
-        let gated = Activation::Silu.forward(m.gate_proj.forward_flat(normed.clone()))
-            * m.up_proj.forward_flat(normed);
+        let gate = m.gate_proj.forward_flat(normed.clone());
+        let up = m.up_proj.forward_flat(normed);
+        let gated = ember_kernels::silu_mul(&gate, &up)
+            .unwrap_or_else(|| Activation::Silu.forward(gate) * up);
         (x + m.down_proj.forward_flat(gated), kv)
     }
 }
@@ -443,6 +462,11 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// One forward pass: logits for every new position, the loss when labels are given, and
     /// the cache extended by the new positions.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        ember_kernels::on_worker::<B, _>(|| self.forward_inner(input))
+    }
+
+    /// [`Self::forward`], on the calling thread.
+    fn forward_inner(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
         let c = &self.config;
         let shape = ModelShape {
             layers: c.num_hidden_layers,
@@ -481,7 +505,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             x = out;
             cache.push(kv);
         }
-        let x = self.model.norm.forward(x);
+        let x = apply_rms_norm(&self.model.norm, x);
         Ok(causal_output(
             x,
             logits_to_keep,
