@@ -64,16 +64,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         match (flag.as_str(), rest.next()) {
             ("--rounds", Some(n)) => rounds = n.parse().context("--rounds takes a number")?,
             ("--only", Some(name)) => only = Some(name.clone()),
-            _ => anyhow::bail!("usage: cargo xtask bench [--rounds N] [--only BENCH]"),
+            _ => anyhow::bail!("usage: cargo xtask bench [--rounds N] [--only BENCH | memory]"),
         }
     }
     let pairs: Vec<&Pair> = PAIRS
         .iter()
         .filter(|p| only.as_deref().is_none_or(|o| o == p.bench))
         .collect();
+    let with_memory = only.as_deref().is_none_or(|o| o == "memory");
     anyhow::ensure!(
-        !pairs.is_empty(),
-        "no bench named {}",
+        !pairs.is_empty() || with_memory,
+        "no bench named {} (nor `memory`)",
         only.unwrap_or_default()
     );
     let shared = root.join("../shared");
@@ -83,7 +84,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Results::new();
+    let mut memory = Memory::new();
     for round in 0..rounds {
+        if with_memory {
+            eprintln!("round {}/{rounds}: peak memory of the training step", round + 1);
+            measure_memory(root, python.as_deref(), &shared, &mut memory)?;
+        }
         for pair in &pairs {
             eprintln!(
                 "round {}/{rounds}: {} {}",
@@ -133,18 +139,104 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
     }
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let report = table(
+    let mut report = table(
         &results,
         rounds,
         load_before.trim(),
         load_after.trim(),
         python.is_some(),
     );
+    if with_memory {
+        report.push_str(&memory_table(&memory));
+    }
     println!("{report}");
     let path = root.join("target/bench-report.md");
     std::fs::write(&path, &report)?;
     eprintln!("wrote {}", path.display());
     Ok(())
+}
+
+/// Peak resident memory per workload: Ember's MiB per round, the reference's MiB per round.
+type Memory = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
+
+/// Runs the peak-memory probes (`ember-models`' `train_step_memory` example and
+/// `xtask/bench/memory_bench.py`), each in a fresh process, and records their `peak_rss_mib`.
+fn measure_memory(
+    root: &Path,
+    python: Option<&Path>,
+    shared: &Path,
+    memory: &mut Memory,
+) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut ember = Command::new(cargo);
+    ember.current_dir(root).args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "ember-models",
+        "--example",
+        "train_step_memory",
+    ]);
+    record_memory(ember, "train_step_memory", memory, |e| &mut e.0)?;
+    if let Some(py) = python {
+        let mut reference = Command::new(py);
+        reference
+            .arg(root.join("xtask/bench/memory_bench.py"))
+            .arg(shared);
+        record_memory(reference, "memory_bench.py", memory, |e| &mut e.1)?;
+    }
+    Ok(())
+}
+
+/// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to `side`.
+fn record_memory(
+    mut command: Command,
+    what: &str,
+    memory: &mut Memory,
+    side: fn(&mut (Vec<f64>, Vec<f64>)) -> &mut Vec<f64>,
+) -> Result<()> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
+        let name = v["bench"].as_str().unwrap_or_default().to_owned();
+        let mib = v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+        side(memory.entry(name).or_default()).push(mib);
+    }
+    Ok(())
+}
+
+/// The peak-memory section of the report.
+fn memory_table(memory: &Memory) -> String {
+    let mut s = String::from(
+        "\n## Peak resident memory (VmHWM of a fresh process, medians)\n\n\
+         | workload | Ember | reference | Ember / reference |\n|---|---|---|---|\n",
+    );
+    for (name, (ember, reference)) in memory {
+        let (e, r) = (median(ember), median(reference));
+        let mib = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.0} MiB")
+            } else {
+                "-".into()
+            }
+        };
+        let ratio = if e.is_finite() && r.is_finite() {
+            format!("{:.2}", e / r)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(s, "| {name} | {} | {} | {ratio} |", mib(e), mib(r));
+    }
+    s
 }
 
 /// Median time per iteration of every benchmark of a criterion group, from

@@ -1,0 +1,60 @@
+//! Peak resident memory of the `encoders/rbt3_train_step_b32_s128` workload: a 3-layer,
+//! hidden-768, vocab-21,128 BERT classifier (the shape of hfl/rbt3), batch 32, seq 128, AdamW,
+//! three training steps. Prints one JSON line with the process's peak resident set (`VmHWM`
+//! of `/proc/self/status`, Linux only), which `cargo xtask bench` compares with
+//! `xtask/bench/memory_bench.py`, the same steps in PyTorch.
+//!
+//! ```sh
+//! cargo run --release -p ember-models --example train_step_memory
+//! ```
+
+use burn::backend::{Autodiff, Flex};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Distribution, Tensor};
+use ember_models::{BertConfig, BertForSequenceClassification, EncoderInput, SequenceLabels};
+
+type B = Autodiff<Flex>;
+
+/// `VmHWM` (peak resident set) of this process in MiB, from `/proc/self/status`.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() {
+    let device = Default::default();
+    let config = BertConfig {
+        vocab_size: 21128,
+        hidden_size: 768,
+        num_hidden_layers: 3,
+        num_attention_heads: 12,
+        intermediate_size: 3072,
+        ..BertConfig::default()
+    };
+    let mut model = BertForSequenceClassification::<B>::new(&config, &device);
+    let mut optimizer = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<B, BertForSequenceClassification<B>>();
+    let ids = Tensor::<B, 2>::random([32, 128], Distribution::Uniform(0.0, 21128.0), &device).int();
+    let input = EncoderInput::new(ids).with_attention_mask(Tensor::ones([32, 128], &device));
+    let labels = Tensor::<B, 1>::random([32], Distribution::Uniform(0.0, 2.0), &device).int();
+    for _ in 0..3 {
+        let loss = model
+            .forward(input.clone(), Some(SequenceLabels::Classes(labels.clone())))
+            .expect("the inputs match the model")
+            .loss
+            .expect("labels were given");
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(2e-5, model, grads);
+    }
+    let _ = model.classifier.out_proj.weight.val().into_data();
+    match peak_rss_mib() {
+        Some(mib) => println!(
+            "{{\"bench\": \"memory/rbt3_train_step_b32_s128\", \"peak_rss_mib\": {mib:.1}}}"
+        ),
+        None => eprintln!("SKIP peak memory: /proc/self/status has no VmHWM on this system"),
+    }
+}

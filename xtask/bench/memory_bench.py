@@ -1,0 +1,45 @@
+"""The Python side of the peak-memory row: three training steps of the
+`encoders/rbt3_train_step_b32_s128` workload (a 3-layer, hidden-768, vocab-21,128
+`BertForSequenceClassification`, batch 32, seq 128, AdamW) in PyTorch 2.15 + `transformers`
+5.24, then the process's peak resident set (`VmHWM`) as one JSON line. The Rust side is
+`cargo run --release -p ember-models --example train_step_memory`.
+
+    python xtask/bench/memory_bench.py SHARED_DIR
+"""
+
+import json
+
+import torch
+import transformers
+from transformers import BertConfig, BertForSequenceClassification
+
+transformers.logging.set_verbosity_error()
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def main():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=3, num_attention_heads=12,
+                     intermediate_size=3072)
+    model = BertForSequenceClassification(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.01)
+    ids = torch.randint(0, cfg.vocab_size, (32, 128))
+    mask = torch.ones(32, 128, dtype=torch.int64)
+    labels = torch.randint(0, 2, (32,))
+    for _ in range(3):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(json.dumps({"bench": "memory/rbt3_train_step_b32_s128", "peak_rss_mib": peak_rss_mib()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
