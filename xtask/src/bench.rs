@@ -87,7 +87,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut memory = Memory::new();
     for round in 0..rounds {
         if with_memory {
-            eprintln!("round {}/{rounds}: peak memory of the training step", round + 1);
+            eprintln!(
+                "round {}/{rounds}: peak memory of the training step",
+                round + 1
+            );
             measure_memory(root, python.as_deref(), &shared, &mut memory)?;
         }
         for pair in &pairs {
@@ -178,23 +181,24 @@ fn measure_memory(
         "--example",
         "train_step_memory",
     ]);
-    record_memory(ember, "train_step_memory", memory, |e| &mut e.0)?;
+    record_memory(ember, "train_step_memory", memory, false)?;
     if let Some(py) = python {
         let mut reference = Command::new(py);
         reference
             .arg(root.join("xtask/bench/memory_bench.py"))
             .arg(shared);
-        record_memory(reference, "memory_bench.py", memory, |e| &mut e.1)?;
+        record_memory(reference, "memory_bench.py", memory, true)?;
     }
     Ok(())
 }
 
-/// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to `side`.
+/// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to Ember's or
+/// (`reference`) the reference's column.
 fn record_memory(
     mut command: Command,
     what: &str,
     memory: &mut Memory,
-    side: fn(&mut (Vec<f64>, Vec<f64>)) -> &mut Vec<f64>,
+    reference: bool,
 ) -> Result<()> {
     let out = command
         .output()
@@ -209,7 +213,8 @@ fn record_memory(
             serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
         let name = v["bench"].as_str().unwrap_or_default().to_owned();
         let mib = v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
-        side(memory.entry(name).or_default()).push(mib);
+        let (ember, python) = memory.entry(name).or_default();
+        if reference { python } else { ember }.push(mib);
     }
     Ok(())
 }

@@ -94,12 +94,12 @@ pub fn attention<B: Backend>(
     let causal_offset = seq_k as isize - seq_q as isize;
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let (qs, ks, vs_) = (qf.layout().strides(), kf.layout().strides(), vf.layout().strides());
-    let (q_data, k_data, v_data) = (
-        base(&qf),
-        base(&kf),
-        base(&vf),
+    let (qs, ks, vs_) = (
+        qf.layout().strides(),
+        kf.layout().strides(),
+        vf.layout().strides(),
     );
+    let (q_data, k_data, v_data) = (base(&qf), base(&kf), base(&vf));
     (0..batch * heads).into_par_iter().for_each(|task| {
         let (bi, hi) = (task / heads, task % heads);
         let kh = hi / group;
@@ -207,7 +207,12 @@ fn key_padding(m: &FlexTensor) -> Option<Vec<bool>> {
     }
     let c = m.to_contiguous();
     let (start, end) = c.layout().contiguous_offsets()?;
-    Some(c.storage::<u8>()[start..end].iter().map(|&b| b != 0).collect())
+    Some(
+        c.storage::<u8>()[start..end]
+            .iter()
+            .map(|&b| b != 0)
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -229,7 +234,13 @@ mod tests {
         random([batch, seq, heads, d]).swap_dims(1, 2)
     }
 
-    fn reference(q: &T4, k: &T4, v: &T4, padding: Option<&Tensor<Flex, 2, Bool>>, causal: bool) -> T4 {
+    fn reference(
+        q: &T4,
+        k: &T4,
+        v: &T4,
+        padding: Option<&Tensor<Flex, 2, Bool>>,
+        causal: bool,
+    ) -> T4 {
         let [b, h, sq, _] = q.dims();
         let [_, kvh, sk, _] = k.dims();
         let (k, v) = if kvh == h {
@@ -260,7 +271,11 @@ mod tests {
     #[test]
     fn equals_burns_attention_on_head_views_with_padding() {
         let (b, s, h, d) = (3, 17, 4, 8);
-        let (q, k, v) = (heads_view(b, s, h, d), heads_view(b, s, h, d), heads_view(b, s, h, d));
+        let (q, k, v) = (
+            heads_view(b, s, h, d),
+            heads_view(b, s, h, d),
+            heads_view(b, s, h, d),
+        );
         let device = Default::default();
         let lengths = [17usize, 9, 1];
         let flags: Vec<bool> = lengths
@@ -291,7 +306,10 @@ mod tests {
             key_padding: None,
             causal: true,
         };
-        close(attention(&q, &k, &v, mask).unwrap(), reference(&q, &k, &v, None, true));
+        close(
+            attention(&q, &k, &v, mask).unwrap(),
+            reference(&q, &k, &v, None, true),
+        );
     }
 
     #[test]

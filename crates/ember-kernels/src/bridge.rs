@@ -29,9 +29,7 @@ pub(crate) fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexT
 }
 
 /// The Flex tensor behind a bool tensor (stored one byte per value).
-pub(crate) fn flex_bool<B: Backend, const D: usize>(
-    t: &Tensor<B, D, Bool>,
-) -> Option<FlexTensor> {
+pub(crate) fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<FlexTensor> {
     if !is_flex::<B>() {
         return None;
     }

@@ -106,9 +106,9 @@ fn gemm_into(
         use rayon::prelude::*;
         // Chunks of a multiple of 16 columns (two AVX-512 vectors), about two per thread.
         let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
-        (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None)
-        });
+        (0..n.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None));
     } else {
         run(0..n, gemm::Parallelism::None);
     }
@@ -139,7 +139,11 @@ unsafe fn few_rows(
     threads: usize,
 ) {
     use rayon::prelude::*;
-    let parts = if k * n >= SPLIT_WEIGHT { threads.max(1) } else { 1 };
+    let parts = if k * n >= SPLIT_WEIGHT {
+        threads.max(1)
+    } else {
+        1
+    };
     // The input rows, gathered contiguously (they are few and small).
     let xs: Vec<f32> = (0..m)
         .flat_map(|r| {
@@ -159,7 +163,14 @@ unsafe fn few_rows(
             .into_par_iter()
             .map(|p| {
                 let mut ys = vec![0.0f32; m * n];
-                math::few_rows_axpy(&mut ys, &xs, k, p * block..((p + 1) * block).min(k), w, w_stride);
+                math::few_rows_axpy(
+                    &mut ys,
+                    &xs,
+                    k,
+                    p * block..((p + 1) * block).min(k),
+                    w,
+                    w_stride,
+                );
                 ys
             })
             .collect();
@@ -190,7 +201,9 @@ unsafe fn few_rows(
         math::few_rows_dots(&mut ys, &xs, w, k, w_stride);
         for r in 0..m {
             // SAFETY: this task alone writes columns `cols` of `out`.
-            let row = unsafe { std::slice::from_raw_parts_mut(out.at((r * n + cols.start) as isize), width) };
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(out.at((r * n + cols.start) as isize), width)
+            };
             for (o, y) in row.iter_mut().zip(&ys[r * width..(r + 1) * width]) {
                 *o += y;
             }

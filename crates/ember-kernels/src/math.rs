@@ -54,7 +54,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     let k = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let scale = f32::from_bits(((k + 127) << 23) as u32);
@@ -153,7 +153,9 @@ pub(crate) fn max(x: &[f32]) -> f32 {
             acc[i] = acc[i].max(c[i]);
         }
     }
-    acc.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+    acc.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 /// Softmax of one row in place: `exp(x - max) / Σ`.

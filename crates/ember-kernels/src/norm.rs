@@ -44,7 +44,10 @@ pub fn layer_norm<B: Backend, const D: usize>(
         None => None,
     };
     let xs = bridge::contiguous(&xf)?;
-    if rf.as_ref().is_some_and(|r| r.layout().shape().to_vec() != shape) {
+    if rf
+        .as_ref()
+        .is_some_and(|r| r.layout().shape().to_vec() != shape)
+    {
         return None;
     }
     let rs = match &rf {
@@ -114,7 +117,7 @@ fn map<B: Backend, const D: usize>(
 /// The exact (erf) GELU of every value, HF's `"gelu"` activation; within 4e-7 · max(1, |x|)
 /// of the f64 definition (`libm`'s scalar `erff` is what Flex calls per element).
 pub fn gelu_erf<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
-    map(x, |i, o| math::gelu_slice(i, o))
+    map(x, math::gelu_slice)
 }
 
 /// SwiGLU's gating, `silu(gate) · up`, for Llama's MLP (`act_fn(gate_proj(x)) * up_proj(x)`).

@@ -337,15 +337,19 @@ impl<B: Backend> BertLayer<B> {
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         if !want_probs && !dropout_active {
             // The fused CPU kernel reads the heads in place and writes them back as rows.
-            let heads_view = |t: &Tensor<B, 3>| t.clone().reshape([batch, seq, heads, d]).swap_dims(1, 2);
+            let heads_view =
+                |t: &Tensor<B, 3>| t.clone().reshape([batch, seq, heads, d]).swap_dims(1, 2);
             let padding = mask.map(|m| m.padding.clone().reshape([batch, seq]));
             let kernel_mask = ember_kernels::AttentionMask {
                 key_padding: padding.as_ref(),
                 causal: false,
             };
-            if let Some(context) =
-                ember_kernels::attention(&heads_view(&q), &heads_view(&k), &heads_view(&v), kernel_mask)
-            {
+            if let Some(context) = ember_kernels::attention(
+                &heads_view(&q),
+                &heads_view(&k),
+                &heads_view(&v),
+                kernel_mask,
+            ) {
                 let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
                 return self.finish(context, x, None);
             }

@@ -12,7 +12,7 @@ use crate::causal::{
 use crate::config::config_io;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_linear, join, apply_rms_norm, FlatLinear, ParamVisitor, VisitParams,
+    apply_rms_norm, init_embedding, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
 };
 use crate::rope::{self, RopeParameters};
 use crate::Activation;

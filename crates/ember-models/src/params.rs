@@ -125,9 +125,11 @@ pub(crate) fn layer_norm<B: Backend>(
 }
 
 /// `RMSNorm(x)` (HF's `LlamaRMSNorm`), in one pass per row where the fused kernel applies.
-pub(crate) fn apply_rms_norm<B: Backend>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    ember_kernels::rms_norm(&x, &norm.gamma.val(), norm.epsilon)
-        .unwrap_or_else(|| norm.forward(x))
+pub(crate) fn apply_rms_norm<B: Backend>(
+    norm: &burn::nn::RmsNorm<B>,
+    x: Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    ember_kernels::rms_norm(&x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|| norm.forward(x))
 }
 
 /// HF's initialisation: a `[d_in → d_out]` linear layer with weights from N(0, std) and zero
