@@ -100,7 +100,8 @@ pub fn attention<B: Backend>(
         vf.layout().strides(),
     );
     let (q_data, k_data, v_data) = (base(&qf), base(&kf), base(&vf));
-    (0..batch * heads).into_par_iter().for_each(|task| {
+    let tasks = if seq_q == 0 { 0 } else { batch * heads };
+    (0..tasks).into_par_iter().for_each(|task| {
         let (bi, hi) = (task / heads, task % heads);
         let kh = hi / group;
         let mut scores = vec![0.0f32; seq_q * seq_k];

@@ -30,7 +30,7 @@ pub fn linear<B: Backend>(
         return None;
     }
     let mut out = vec![0.0f32; m * n];
-    if let Some(b) = &bf {
+    if let Some(b) = bf.as_ref().filter(|_| n > 0) {
         let b = bridge::contiguous(b)?;
         for row in out.chunks_exact_mut(n) {
             row.copy_from_slice(b);
@@ -96,7 +96,9 @@ fn gemm_into(
     // Dot products (a column-major weight) pay off for one or two rows only; more rows are
     // compute-bound there, where `gemm` is faster.
     let few_rows_layout = rs[1] == 1 || (rs[0] == 1 && m <= 2);
-    if m <= FEW_ROWS && lhs_rows && few_rows_layout {
+    if m * k * n == 0 {
+        // Nothing to multiply: `out` already holds the bias rows or zeros.
+    } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
         // SAFETY: as above; `lhs` rows are contiguous (or there is one row) and `rhs` is row-
         // or column-major, which is what `few_rows` reads.
         unsafe { few_rows(out_ptr, lhs_ptr, ls[0], rhs_ptr, rs, [m, k, n], threads) };
@@ -298,6 +300,22 @@ mod tests {
         let got = linear(&x, &table.transpose(), None).unwrap();
         got.into_data()
             .assert_approx_eq::<f32>(&want.into_data(), tolerance());
+    }
+
+    #[test]
+    fn empty_products_are_the_bias() {
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::zeros([3, 0], &device);
+        let w = Tensor::<Flex, 2>::zeros([0, 4], &device);
+        let b = Tensor::<Flex, 1>::from_floats([1.0, 2.0, 3.0, 4.0], &device);
+        let got = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(
+            got.to_data().to_vec::<f32>().unwrap(),
+            [1.0, 2.0, 3.0, 4.0].repeat(3)
+        );
+        let x = Tensor::<Flex, 2>::zeros([0, 5], &device);
+        let w = Tensor::<Flex, 2>::zeros([5, 4], &device);
+        assert_eq!(linear(&x, &w, None).unwrap().dims(), [0, 4]);
     }
 
     #[test]
