@@ -51,8 +51,9 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
 ///
 /// Large products let `gemm` split the work over the threads. A product with few rows and a
 /// large weight (decoding: one row per sequence) is below `gemm`'s threshold yet reads the
-/// whole weight from memory, which one core cannot do at the memory's rate: its columns are
-/// split over the threads instead, each thread reading its own part of every weight row.
+/// whole weight from memory, which one core cannot do at the memory's rate: [`few_rows`]
+/// splits the weight over the threads instead. Other products below the threshold with a
+/// large weight split its columns over the threads, one `gemm` call each.
 fn gemm_into(
     out: &mut [f32],
     lhs: &FlexTensor,
@@ -123,10 +124,11 @@ const FEW_ROWS: usize = 8;
 /// memory's rate, on every thread.
 ///
 /// `gemm`'s path for one row reads a weight that does not fit in the caches at 11-17 GB/s on
-/// this machine, on one thread, against about 33 GB/s for both cores. Here the columns are
-/// split over the threads; a row-major weight (`[d_in, d_out]`, burn's `Linear`) is streamed
-/// row by row into a tile of accumulators per output row, and a column-major one (a tied
-/// embedding table read as its transpose) as one dot product per table row.
+/// this machine, on one thread, against about 33 GB/s for both cores. Here a row-major weight
+/// (`[d_in, d_out]`, burn's `Linear`) is cut into one block of rows per thread, each streamed
+/// front to back into the thread's own accumulators, which are summed at the end; a
+/// column-major one (a tied embedding table read as its transpose) is cut into blocks of
+/// columns, each column one dot product per input row.
 ///
 /// # Safety
 /// `out` holds `m · n` values; `lhs` holds `m` rows of `k` contiguous values `lhs_row_stride`
