@@ -9,6 +9,7 @@
 
 use crate::bridge;
 use crate::math;
+use crate::ptr::{Shared, SharedMut};
 use burn::tensor::{backend::Backend, Bool, BoolStore, DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
@@ -30,23 +31,6 @@ impl<B: Backend> Default for AttentionMask<'_, B> {
             key_padding: None,
             causal: false,
         }
-    }
-}
-
-/// A raw pointer handed to the tasks; each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint (batch, head) blocks of the output; see `attention`.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer `n` elements further on.
-    ///
-    /// # Safety
-    /// The result must stay inside the buffer.
-    unsafe fn at(self, n: isize) -> *mut f32 {
-        unsafe { self.0.offset(n) }
     }
 }
 
@@ -93,7 +77,7 @@ pub fn attention<B: Backend>(
     let no_padding = vec![false; seq_k];
     let causal_offset = seq_k as isize - seq_q as isize;
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
     let (qs, ks, vs_) = (
         qf.layout().strides(),
         kf.layout().strides(),
@@ -117,10 +101,10 @@ pub fn attention<B: Backend>(
                 1,
                 seq_k as isize,
                 false,
-                q_data.offset(bi as isize * qs[0] + hi as isize * qs[1]),
+                q_data.at(bi as isize * qs[0] + hi as isize * qs[1]),
                 1,
                 qs[2],
-                k_data.offset(bi as isize * ks[0] + kh as isize * ks[1]),
+                k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
                 ks[2],
                 1,
                 0.0,
@@ -150,7 +134,7 @@ pub fn attention<B: Backend>(
                 scores.as_ptr(),
                 1,
                 seq_k as isize,
-                v_data.offset(bi as isize * vs_[0] + kh as isize * vs_[1]),
+                v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
                 1,
                 vs_[2],
                 0.0,
@@ -179,26 +163,9 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
 }
 
 /// A tensor's first element, as a pointer the tasks may share (the buffers are read only).
-fn base(t: &FlexTensor) -> SharedIn {
+fn base(t: &FlexTensor) -> Shared {
     // SAFETY: the start offset lies inside the buffer.
-    SharedIn(unsafe { t.storage::<f32>().as_ptr().add(t.layout().start_offset()) })
-}
-
-/// A read-only pointer shared by the tasks.
-#[derive(Clone, Copy)]
-struct SharedIn(*const f32);
-// SAFETY: the buffers behind these pointers are only read while the tasks run.
-unsafe impl Send for SharedIn {}
-unsafe impl Sync for SharedIn {}
-
-impl SharedIn {
-    /// The pointer `n` elements further on.
-    ///
-    /// # Safety
-    /// The result must stay inside the buffer.
-    unsafe fn offset(self, n: isize) -> *const f32 {
-        unsafe { self.0.offset(n) }
-    }
+    Shared::new(unsafe { t.storage::<f32>().as_ptr().add(t.layout().start_offset()) })
 }
 
 /// The padding flags of a `[batch, seq_k]` bool tensor, row-major.

@@ -25,6 +25,7 @@ mod bridge;
 mod linear;
 mod math;
 mod norm;
+mod ptr;
 
 pub use attention::{attention, AttentionMask};
 pub use linear::linear;

@@ -1,5 +1,6 @@
 //! A linear layer as one GEMM that starts from the bias.
 
+use crate::ptr::{Shared, SharedMut};
 use crate::{bridge, math};
 use burn::tensor::{backend::Backend, Tensor};
 use burn_flex::FlexTensor;
@@ -62,9 +63,9 @@ fn gemm_into(
     accumulate: bool,
 ) {
     let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
-    let lhs_ptr = Shared(lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr());
-    let rhs_ptr = Shared(rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr());
-    let out_ptr = SharedMut(out.as_mut_ptr());
+    let lhs_ptr = Shared::new(lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr());
+    let rhs_ptr = Shared::new(rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr());
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
     // SAFETY (both calls): the pointers address the tensors' own buffers at their layouts'
     // start offsets, and every element the strides reach over `[m, k]` / `[k, n]` lies inside
     // them (burn checked the layouts when it built the views); `out` holds m · n values written
@@ -217,34 +218,6 @@ unsafe fn few_rows(
 
 /// Weights of at least this many values are read by all threads even for a single row.
 const SPLIT_WEIGHT: usize = 1 << 16;
-
-/// A read-only pointer shared by the GEMM tasks.
-#[derive(Clone, Copy)]
-struct Shared(*const f32);
-// SAFETY: the buffer is only read while the tasks run.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer `n` elements further on; the caller keeps it inside the buffer.
-    unsafe fn at(self, n: isize) -> *const f32 {
-        unsafe { self.0.offset(n) }
-    }
-}
-
-/// The output pointer shared by the GEMM tasks, each writing its own columns.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: tasks write disjoint columns.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer `n` elements further on; the caller keeps it inside the buffer.
-    unsafe fn at(self, n: isize) -> *mut f32 {
-        unsafe { self.0.offset(n) }
-    }
-}
 
 #[cfg(test)]
 mod tests {
