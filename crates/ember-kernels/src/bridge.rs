@@ -14,6 +14,19 @@ pub(crate) fn is_flex<B: Backend>() -> bool {
     TypeId::of::<B>() == TypeId::of::<Flex>()
 }
 
+/// Whether `B` is Flex under burn's autodiff (training on the CPU); always false without the
+/// `autodiff` feature.
+pub(crate) fn is_autodiff_flex<B: Backend>() -> bool {
+    #[cfg(feature = "autodiff")]
+    {
+        TypeId::of::<B>() == TypeId::of::<burn::backend::Autodiff<Flex>>()
+    }
+    #[cfg(not(feature = "autodiff"))]
+    {
+        false
+    }
+}
+
 /// The Flex tensor behind a float tensor, when `B` is Flex and the values are f32.
 pub(crate) fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexTensor> {
     if !is_flex::<B>() {

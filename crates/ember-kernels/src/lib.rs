@@ -13,6 +13,9 @@
 //!   views (head split and merge cost nothing), with a key padding mask, a causal mask and
 //!   grouped key / value heads.
 //!
+//! For training on the CPU, [`dropout_mask`] draws dropout masks with a fast generator (feature
+//! `autodiff`).
+//!
 //! Every function is generic over the burn backend and returns `None` when it does not apply:
 //! another backend (CUDA, autodiff during training), another dtype than f32, or a layout it
 //! does not read. The caller then runs burn's own operations, so results never depend on
@@ -22,12 +25,14 @@
 
 mod attention;
 mod bridge;
+mod dropout;
 mod linear;
 mod math;
 mod norm;
 mod ptr;
 
 pub use attention::{attention, AttentionMask};
+pub use dropout::dropout_mask;
 pub use linear::linear;
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
 

@@ -8,8 +8,8 @@
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, layer_norm, FlatLinear, ParamVisitor,
-    VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, layer_norm, FlatLinear,
+    ParamVisitor, VisitParams,
 };
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
@@ -196,8 +196,10 @@ impl<B: Backend> BertEmbeddings<B> {
                 self.roberta_padding_idx,
             )
             + self.token_type_embeddings.forward(types);
-        self.dropout
-            .forward(layer_norm(&self.layer_norm, self.layer_norm_eps, x, None))
+        apply_dropout(
+            &self.dropout,
+            layer_norm(&self.layer_norm, self.layer_norm_eps, x, None),
+        )
     }
 }
 
@@ -278,7 +280,7 @@ impl<B: Backend> BertOutput<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.dropout.forward(self.dense.forward_flat(x));
+        let x = apply_dropout(&self.dropout, self.dense.forward_flat(x));
         layer_norm(&self.layer_norm, self.layer_norm_eps, x, Some(residual))
     }
 }
@@ -365,7 +367,7 @@ impl<B: Backend> BertLayer<B> {
                     scores.mask_fill(m.padding.clone().expand([batch, heads, seq, seq]), f32::MIN);
             }
             let probs = activation::softmax(scores, 3);
-            let context = a.dropout.forward(probs.clone()).matmul(v);
+            let context = apply_dropout(&a.dropout, probs.clone()).matmul(v);
             (context, want_probs.then_some(probs))
         } else {
             let mask = mask.map(|m| m.padding.clone().expand([batch, heads, seq, seq]));

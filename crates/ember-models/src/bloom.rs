@@ -13,7 +13,8 @@ use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor,
+    VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
@@ -358,7 +359,7 @@ impl<B: Backend> BloomBlock<B> {
             x
         };
         let (attended, kv) = self.self_attention.forward(normed, mask, alibi, past);
-        let x = self.hidden_dropout.forward(attended) + residual;
+        let x = apply_dropout(&self.hidden_dropout, attended) + residual;
         let normed = self.post_attention_layernorm.forward(x.clone());
         let residual = if self.post_layernorm_residual {
             normed.clone()
@@ -367,7 +368,7 @@ impl<B: Backend> BloomBlock<B> {
         };
         let inner = Activation::GeluTanh.forward(self.mlp.dense_h_to_4h.forward_flat(normed));
         let out = self.mlp.dense_4h_to_h.forward_flat(inner);
-        (self.hidden_dropout.forward(out) + residual, kv)
+        (apply_dropout(&self.hidden_dropout, out) + residual, kv)
     }
 }
 

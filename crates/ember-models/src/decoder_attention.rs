@@ -50,7 +50,7 @@ pub(crate) fn causal_self_attention<B: Backend>(
     };
     // HF adds the dtype's minimum where a key is masked.
     let probs = activation::softmax(scores.mask_fill(masked, f32::MIN), 3);
-    dropout.forward(probs).matmul(v)
+    crate::params::apply_dropout(dropout, probs).matmul(v)
 }
 
 #[cfg(test)]

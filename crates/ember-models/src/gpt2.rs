@@ -14,7 +14,8 @@ use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor,
+    VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
@@ -346,9 +347,7 @@ impl<B: Backend> GPT2Attention<B> {
             &self.attn_dropout,
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        let out = self
-            .resid_dropout
-            .forward(self.c_proj.forward_flat(context));
+        let out = apply_dropout(&self.resid_dropout, self.c_proj.forward_flat(context));
         (out, kv)
     }
 }
@@ -398,7 +397,10 @@ impl<B: Backend> GPT2Block<B> {
         let inner = m
             .activation
             .forward(m.c_fc.forward_flat(self.ln_2.forward(x.clone())));
-        (x + m.dropout.forward(m.c_proj.forward_flat(inner)), kv)
+        (
+            x + apply_dropout(&m.dropout, m.c_proj.forward_flat(inner)),
+            kv,
+        )
     }
 }
 
@@ -498,7 +500,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
         let mask = padding_mask(attention_mask.as_ref(), seq)?
             .map(|m| m.expand([batch, heads, seq, total]));
         let x = x + self.transformer.wpe.forward(positions);
-        let mut x = self.transformer.drop.forward(x);
+        let mut x = apply_dropout(&self.transformer.drop, x);
         let mut past_layers = past.map(|p| p.layers.into_iter());
         let mut cache = Vec::with_capacity(self.transformer.h.len());
         for block in &self.transformer.h {

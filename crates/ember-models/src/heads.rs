@@ -9,7 +9,9 @@ use crate::bert::{
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::loss::{binary_cross_entropy_with_logits, cross_entropy, mse};
-use crate::params::{init_layer_norm, init_linear, FlatLinear, ParamVisitor, VisitParams};
+use crate::params::{
+    apply_dropout, init_layer_norm, init_linear, FlatLinear, ParamVisitor, VisitParams,
+};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -177,11 +179,11 @@ impl<B: Backend> BertForSequenceClassification<B> {
         let head = &self.classifier;
         let logits = match (&head.dense, pooler_output) {
             (Some(dense), _) => {
-                let x = head.dropout.forward(first_token(last_hidden_state));
-                let x = head.dropout.forward(dense.forward(x).tanh());
+                let x = apply_dropout(&head.dropout, first_token(last_hidden_state));
+                let x = apply_dropout(&head.dropout, dense.forward(x).tanh());
                 head.out_proj.forward(x)
             }
-            (None, Some(pooled)) => head.out_proj.forward(head.dropout.forward(pooled)),
+            (None, Some(pooled)) => head.out_proj.forward(apply_dropout(&head.dropout, pooled)),
             (None, None) => {
                 return Err(ModelError::Input(
                     "a BERT sequence classifier needs its pooler".into(),
@@ -296,7 +298,7 @@ impl<B: Backend> BertForTokenClassification<B> {
             .forward(input, OutputOptions::from_config(self.config()))?;
         let logits = self
             .classifier
-            .forward_flat(self.dropout.forward(out.last_hidden_state));
+            .forward_flat(apply_dropout(&self.dropout, out.last_hidden_state));
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {
             logits,

@@ -105,6 +105,23 @@ impl<B: Backend> FlatLinear<B> for Linear<B> {
     }
 }
 
+/// `dropout.forward(x)`, with the mask from [`ember_kernels::dropout_mask`] where it applies
+/// (training on the CPU): one multiply by a mask drawn with a fast generator instead of burn's
+/// per-value ChaCha draws and two multiplies. Without autodiff, dropout is the identity, as in
+/// burn and PyTorch's `eval()`.
+pub(crate) fn apply_dropout<B: Backend, const D: usize>(
+    dropout: &burn::nn::Dropout,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let device = x.device();
+    if dropout.prob > 0.0 && B::ad_enabled(&device) {
+        if let Some(mask) = ember_kernels::dropout_mask::<B, D>(x.dims(), dropout.prob, &device) {
+            return x * mask;
+        }
+    }
+    dropout.forward(x)
+}
+
 /// `LayerNorm(x + residual)` with the layer's `eps`, in one pass per row where the fused
 /// kernel applies ([`ember_kernels::layer_norm`]; burn's `LayerNorm` keeps its epsilon private,
 /// so the caller passes the config's).
