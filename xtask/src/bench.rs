@@ -234,12 +234,7 @@ fn memory_table(memory: &Memory) -> String {
                 "-".into()
             }
         };
-        let ratio = if e.is_finite() && r.is_finite() {
-            format!("{:.2}", e / r)
-        } else {
-            "-".into()
-        };
-        let _ = writeln!(s, "| {name} | {} | {} | {ratio} |", mib(e), mib(r));
+        let _ = writeln!(s, "| {name} | {} | {} | {} |", mib(e), mib(r), ratio(e, r));
     }
     s
 }
@@ -310,11 +305,7 @@ fn table(
                 "-".into()
             }
         };
-        let ratio = if e.is_finite() && p.is_finite() {
-            format!("{:.2}", e / p)
-        } else {
-            "-".into()
-        };
+        let ratio = ratio(e, p);
         let _ = writeln!(
             s,
             "| {name} | {} | {} | {ratio} | {} | {} |",
@@ -325,6 +316,15 @@ fn table(
         );
     }
     s
+}
+
+/// Ember's value over the reference's, to two decimals, or `-` where either is missing.
+fn ratio(ember: f64, reference: f64) -> String {
+    if ember.is_finite() && reference.is_finite() {
+        format!("{:.2}", ember / reference)
+    } else {
+        "-".into()
+    }
 }
 
 fn fmt_s(t: f64) -> String {

@@ -71,6 +71,17 @@ pub(crate) fn from_vec_strided(values: Vec<f32>, shape: &[usize], strides: &[isi
     t.with_layout(layout)
 }
 
+/// [`flex`] then [`rows`] for an optional operand (a bias, a residual): `None` when the kernel
+/// does not apply, `Some(None)` when there is no operand.
+pub(crate) fn optional_rows<B: Backend, const D: usize>(
+    t: Option<&Tensor<B, D>>,
+) -> Option<Option<FlexTensor>> {
+    match t {
+        Some(t) => Some(Some(rows(&flex(t)?))),
+        None => Some(None),
+    }
+}
+
 /// The values of a tensor whose layout is contiguous (row-major), as one slice.
 pub(crate) fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
     t.as_slice::<f32>()

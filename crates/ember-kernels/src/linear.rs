@@ -21,10 +21,7 @@ pub fn linear<B: Backend>(
 ) -> Option<Tensor<B, 2>> {
     let xf = bridge::flex(x)?;
     let wf = bridge::flex(weight)?;
-    let bf = match bias {
-        Some(b) => Some(bridge::rows(&bridge::flex(b)?)),
-        None => None,
-    };
+    let bf = bridge::optional_rows(bias)?;
     let [m, k] = dims2(&xf);
     let [k2, n] = dims2(&wf);
     if k != k2 || bf.as_ref().is_some_and(|b| b.layout().num_elements() != n) {

@@ -18,6 +18,24 @@ fn rows_per_task(rows: usize, cols: usize) -> usize {
     }
 }
 
+/// A new buffer of `len` values in rows of `cols`, filled by `fill(range, block)` for blocks of
+/// whole rows in parallel (`range` is the block's place in the buffer).
+fn by_row_blocks(
+    len: usize,
+    cols: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    let per_task = rows_per_task(len / cols, cols) * cols;
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let at = task * per_task..task * per_task + chunk.len();
+            fill(at, chunk)
+        });
+    out
+}
+
 /// `LayerNorm(x + residual)` over the last dimension with weight `gamma` and bias `beta`, as
 /// `torch.nn.LayerNorm` computes it (biased variance, `eps` inside the square root).
 ///
@@ -34,15 +52,9 @@ pub fn layer_norm<B: Backend, const D: usize>(
     let xf = bridge::rows(&bridge::flex(x)?);
     let shape: Vec<usize> = xf.layout().shape().to_vec();
     let cols = *shape.last()?;
-    let rf = match residual {
-        Some(r) => Some(bridge::rows(&bridge::flex(r)?)),
-        None => None,
-    };
+    let rf = bridge::optional_rows(residual)?;
     let gf = bridge::rows(&bridge::flex(gamma)?);
-    let bf = match beta {
-        Some(b) => Some(bridge::rows(&bridge::flex(b)?)),
-        None => None,
-    };
+    let bf = bridge::optional_rows(beta)?;
     let xs = bridge::contiguous(&xf)?;
     if rf
         .as_ref()
@@ -63,15 +75,10 @@ pub fn layer_norm<B: Backend, const D: usize>(
         return None;
     }
     let eps = eps as f32;
-    let mut out = vec![0.0f32; xs.len()];
-    let per_task = rows_per_task(xs.len() / cols, cols) * cols;
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let at = task * per_task..task * per_task + chunk.len();
-            let residual = rs.map(|r| &r[at.clone()]);
-            math::layer_norm_rows(&xs[at], residual, g, b, eps, chunk);
-        });
+    let out = by_row_blocks(xs.len(), cols, |at, chunk| {
+        let residual = rs.map(|r| &r[at.clone()]);
+        math::layer_norm_rows(&xs[at], residual, g, b, eps, chunk);
+    });
     Some(bridge::wrap(bridge::from_vec(out, &shape)))
 }
 
@@ -88,14 +95,9 @@ pub fn rms_norm<B: Backend, const D: usize>(
     let xs = bridge::contiguous(&xf)?;
     let g = bridge::contiguous(&gf).filter(|g| g.len() == cols && cols > 0)?;
     let eps = eps as f32;
-    let mut out = vec![0.0f32; xs.len()];
-    let per_task = rows_per_task(xs.len() / cols, cols) * cols;
-    out.par_chunks_mut(per_task)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let at = task * per_task..task * per_task + chunk.len();
-            math::rms_norm_rows(&xs[at], g, eps, chunk);
-        });
+    let out = by_row_blocks(xs.len(), cols, |at, chunk| {
+        math::rms_norm_rows(&xs[at], g, eps, chunk)
+    });
     Some(bridge::wrap(bridge::from_vec(out, &shape)))
 }
 
