@@ -14,7 +14,7 @@ use burn::tensor::{backend::Backend, Bool, BoolStore, DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// Which keys each query may attend to.
+/// Which keys each query may attend to, and the dropout on the attention weights.
 pub struct AttentionMask<'a, B: Backend> {
     /// `[batch, seq_k]`, true where a key is padding: no query attends to it. A query whose
     /// every key is masked attends uniformly, as `softmax(scores.masked_fill(mask, f32::MIN))`
@@ -23,6 +23,10 @@ pub struct AttentionMask<'a, B: Backend> {
     /// Query `i` sees keys `0 ..= i + seq_k - seq_q` (a decoder's mask, with cached keys
     /// before the queries).
     pub causal: bool,
+    /// `[batch, heads, seq_q, seq_k]`, multiplied into the attention weights after the softmax:
+    /// dropout during training (a mask of 0 and `1 / (1 - p)`, as from
+    /// [`dropout_mask`](crate::dropout_mask)).
+    pub dropout: Option<&'a Tensor<B, 4>>,
 }
 
 impl<B: Backend> Default for AttentionMask<'_, B> {
@@ -30,6 +34,7 @@ impl<B: Backend> Default for AttentionMask<'_, B> {
         Self {
             key_padding: None,
             causal: false,
+            dropout: None,
         }
     }
 }
@@ -41,54 +46,181 @@ impl<B: Backend> Default for AttentionMask<'_, B> {
 ///
 /// The operands may be any strided views whose last dimension is contiguous. The result has
 /// shape `[batch, heads, seq_q, v_dim]` and is laid out as `[batch, seq_q, heads, v_dim]`, so
-/// `.swap_dims(1, 2).reshape([batch, seq_q, heads · v_dim])` does not copy. `None` when the
-/// kernel does not apply (see the crate docs) or the shapes disagree.
+/// `.swap_dims(1, 2).reshape([batch, seq_q, heads · v_dim])` does not copy. Under autodiff
+/// (feature `autodiff`) it is one recorded operation whose backward pass runs per head too.
+/// `None` when the kernel does not apply (see the crate docs) or the shapes disagree.
 pub fn attention<B: Backend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     v: &Tensor<B, 4>,
     mask: AttentionMask<'_, B>,
 ) -> Option<Tensor<B, 4>> {
-    let (qf, kf, vf) = (bridge::flex(q)?, bridge::flex(k)?, bridge::flex(v)?);
-    let [batch, heads, seq_q, d] = dims4(&qf);
-    let [kb, kv_heads, seq_k, kd] = dims4(&kf);
-    let [vb, vh, vs, dv] = dims4(&vf);
-    let shapes_agree = kb == batch
-        && vb == batch
-        && vh == kv_heads
-        && vs == seq_k
-        && kd == d
-        && kv_heads > 0
-        && heads % kv_heads == 0
-        && seq_k > 0;
-    if !shapes_agree || [&qf, &kf, &vf].iter().any(|t| t.layout().strides()[3] != 1) {
-        return None;
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::attention(q, k, v, mask);
     }
+    let (qf, kf, vf) = (bridge::flex(q)?, bridge::flex(k)?, bridge::flex(v)?);
     let padding = match mask.key_padding {
-        Some(m) => {
-            let p = key_padding(&bridge::flex_bool(m)?)?;
-            (p.len() == batch * seq_k).then_some(p)?
-        }
-        None => Vec::new(),
+        Some(m) => Some(key_padding(&bridge::flex_bool(m)?)?),
+        None => None,
     };
+    let dropout = match mask.dropout {
+        Some(m) => Some(bridge::rows(&bridge::flex(m)?)),
+        None => None,
+    };
+    let masks = Masks {
+        padding: padding.unwrap_or_default(),
+        causal: mask.causal,
+        dropout,
+    };
+    let (out, _) = attention_flex(&qf, &kf, &vf, &masks, false)?;
+    Some(bridge::wrap(out))
+}
+
+/// The masks of one attention call, read by the forward and backward passes.
+#[derive(Debug, Clone)]
+pub(crate) struct Masks {
+    /// `[batch, seq_k]` key padding flags, or empty for none.
+    pub(crate) padding: Vec<bool>,
+    /// Whether query `i` sees only keys up to `i + seq_k - seq_q`.
+    pub(crate) causal: bool,
+    /// A contiguous `[batch, heads, seq_q, seq_k]` factor on the weights (dropout).
+    pub(crate) dropout: Option<FlexTensor>,
+}
+
+/// The shapes of one attention call, checked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shapes {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    seq_q: usize,
+    seq_k: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Shapes {
+    /// The shapes of `q`, `k`, `v` and the masks, when they agree and the kernel reads them.
+    pub(crate) fn of(
+        qf: &FlexTensor,
+        kf: &FlexTensor,
+        vf: &FlexTensor,
+        masks: &Masks,
+    ) -> Option<Self> {
+        let [batch, heads, seq_q, d] = dims4(qf);
+        let [kb, kv_heads, seq_k, kd] = dims4(kf);
+        let [vb, vh, vs, dv] = dims4(vf);
+        let agree = kb == batch
+            && vb == batch
+            && vh == kv_heads
+            && vs == seq_k
+            && kd == d
+            && kv_heads > 0
+            && heads % kv_heads == 0
+            && seq_k > 0
+            && (masks.padding.is_empty() || masks.padding.len() == batch * seq_k)
+            && masks
+                .dropout
+                .as_ref()
+                .is_none_or(|m| m.layout().shape().to_vec() == [batch, heads, seq_q, seq_k]);
+        let inner_contiguous = [qf, kf, vf].iter().all(|t| t.layout().strides()[3] == 1);
+        (agree && inner_contiguous).then_some(Self {
+            batch,
+            heads,
+            kv_heads,
+            seq_q,
+            seq_k,
+            d,
+            dv,
+        })
+    }
+
+    /// The scores' scale, `1 / √head_dim`.
+    pub(crate) fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+
+    /// The `[batch, heads, seq, dim]` strides of a buffer laid out as `[batch, seq, heads, dim]`.
+    fn rows_layout(batch_heads: [usize; 2], seq: usize, dim: usize) -> [isize; 4] {
+        let heads = batch_heads[1];
+        [
+            (seq * heads * dim) as isize,
+            dim as isize,
+            (heads * dim) as isize,
+            1,
+        ]
+    }
+}
+
+impl Masks {
+    /// The padding flags of batch row `bi` (all false without padding).
+    fn padding_of<'a>(&'a self, bi: usize, seq_k: usize, none: &'a [bool]) -> &'a [bool] {
+        if self.padding.is_empty() {
+            none
+        } else {
+            &self.padding[bi * seq_k..(bi + 1) * seq_k]
+        }
+    }
+
+    /// The dropout factors of task `task` (one batch row and head), `[seq_q, seq_k]`.
+    fn dropout_of(&self, task: usize, len: usize) -> Option<&[f32]> {
+        let m = bridge::contiguous(self.dropout.as_ref()?)?;
+        Some(&m[task * len..(task + 1) * len])
+    }
+}
+
+/// The forward pass on Flex tensors: the output (see [`attention`]) and, when `keep_probs`,
+/// the attention weights before dropout, `[batch, heads, seq_q, seq_k]` contiguous.
+pub(crate) fn attention_flex(
+    qf: &FlexTensor,
+    kf: &FlexTensor,
+    vf: &FlexTensor,
+    masks: &Masks,
+    keep_probs: bool,
+) -> Option<(FlexTensor, Option<FlexTensor>)> {
+    let sh = Shapes::of(qf, kf, vf, masks)?;
+    let Shapes {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        d,
+        dv,
+    } = sh;
     let group = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let causal = mask.causal;
+    let scale = sh.scale();
     let no_padding = vec![false; seq_k];
     let causal_offset = seq_k as isize - seq_q as isize;
+    let block = seq_q * seq_k;
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
     let out_ptr = SharedMut::new(out.as_mut_ptr());
+    let mut probs = if keep_probs {
+        vec![0.0f32; batch * heads * block]
+    } else {
+        Vec::new()
+    };
+    let probs_ptr = SharedMut::new(probs.as_mut_ptr());
     let (qs, ks, vs_) = (
         qf.layout().strides(),
         kf.layout().strides(),
         vf.layout().strides(),
     );
-    let (q_data, k_data, v_data) = (base(&qf), base(&kf), base(&vf));
+    let (q_data, k_data, v_data) = (base(qf), base(kf), base(vf));
     let tasks = if seq_q == 0 { 0 } else { batch * heads };
     (0..tasks).into_par_iter().for_each(|task| {
         let (bi, hi) = (task / heads, task % heads);
         let kh = hi / group;
-        let mut scores = vec![0.0f32; seq_q * seq_k];
+        let mut scratch = Vec::new();
+        let dropped: Vec<f32>;
+        let scores: &mut [f32] = if keep_probs {
+            // SAFETY: block `task` of `probs` belongs to this task alone.
+            unsafe { std::slice::from_raw_parts_mut(probs_ptr.at((task * block) as isize), block) }
+        } else {
+            scratch.resize(block, 0.0);
+            &mut scratch
+        };
         // SAFETY: the offsets stay inside each tensor's buffer (its layout's own strides over
         // its own shape); this task writes only rows `bi` and head `hi` of `out`, which no
         // other task writes.
@@ -115,13 +247,21 @@ pub fn attention<B: Backend>(
                 gemm::Parallelism::None,
             );
         }
-        let pad = if padding.is_empty() {
-            &no_padding[..]
-        } else {
-            &padding[bi * seq_k..(bi + 1) * seq_k]
+        let pad = masks.padding_of(bi, seq_k, &no_padding);
+        math::masked_softmax_rows(scores, pad, masks.causal.then_some(causal_offset));
+        let weights: &[f32] = match masks.dropout_of(task, block) {
+            Some(m) if keep_probs => {
+                dropped = scores.iter().zip(m).map(|(p, m)| p * m).collect();
+                &dropped
+            }
+            Some(m) => {
+                math::mul_in_place(scores, m);
+                scores
+            }
+            None => scores,
         };
-        math::masked_softmax_rows(&mut scores, pad, causal.then_some(causal_offset));
         let row_stride = (heads * dv) as isize;
+        // SAFETY: as above.
         unsafe {
             gemm::gemm(
                 seq_q,
@@ -131,7 +271,7 @@ pub fn attention<B: Backend>(
                 1,
                 row_stride,
                 false,
-                scores.as_ptr(),
+                weights.as_ptr(),
                 1,
                 seq_k as isize,
                 v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
@@ -146,14 +286,205 @@ pub fn attention<B: Backend>(
             );
         }
     });
-    let strides = [
-        (seq_q * heads * dv) as isize,
-        dv as isize,
-        (heads * dv) as isize,
-        1,
-    ];
-    let t = bridge::from_vec_strided(out, &[batch, heads, seq_q, dv], &strides);
-    Some(bridge::wrap(t))
+    let shape = [batch, heads, seq_q, dv];
+    let out =
+        bridge::from_vec_strided(out, &shape, &Shapes::rows_layout([batch, heads], seq_q, dv));
+    let probs = keep_probs.then(|| bridge::from_vec(probs, &[batch, heads, seq_q, seq_k]));
+    Some((out, probs))
+}
+
+/// The gradients of [`attention_flex`]'s inputs `(dq, dk, dv)` from the output's `d_out`, the
+/// kept attention weights `probs` and the same masks. Each task takes one batch row and one
+/// key / value head, and the query heads that share it, so no two tasks write the same
+/// gradient. The gradients are laid out as `[batch, seq, heads, dim]` rows.
+pub(crate) fn attention_backward(
+    qf: &FlexTensor,
+    kf: &FlexTensor,
+    vf: &FlexTensor,
+    masks: &Masks,
+    probs: &FlexTensor,
+    d_out: &FlexTensor,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let sh = Shapes::of(qf, kf, vf, masks).expect("checked in the forward pass");
+    let Shapes {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        d,
+        dv,
+    } = sh;
+    let group = heads / kv_heads;
+    let scale = sh.scale();
+    let no_padding = vec![false; seq_k];
+    let causal_offset = seq_k as isize - seq_q as isize;
+    let block = seq_q * seq_k;
+    let probs = bridge::contiguous(probs).expect("kept contiguous");
+    let mut dq = vec![0.0f32; batch * seq_q * heads * d];
+    let mut dk = vec![0.0f32; batch * seq_k * kv_heads * d];
+    let mut dvs = vec![0.0f32; batch * seq_k * kv_heads * dv];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        SharedMut::new(dq.as_mut_ptr()),
+        SharedMut::new(dk.as_mut_ptr()),
+        SharedMut::new(dvs.as_mut_ptr()),
+    );
+    let (qs, ks, vs_, os) = (
+        qf.layout().strides(),
+        kf.layout().strides(),
+        vf.layout().strides(),
+        d_out.layout().strides(),
+    );
+    let (q_data, k_data, v_data, o_data) = (base(qf), base(kf), base(vf), base(d_out));
+    let tasks = if seq_q == 0 { 0 } else { batch * kv_heads };
+    (0..tasks).into_par_iter().for_each(|task| {
+        let (bi, kh) = (task / kv_heads, task % kv_heads);
+        let pad = masks.padding_of(bi, seq_k, &no_padding);
+        let mut weights = vec![0.0f32; block];
+        let mut grad = vec![0.0f32; block];
+        let (k_at, v_at) = (
+            bi as isize * ks[0] + kh as isize * ks[1],
+            bi as isize * vs_[0] + kh as isize * vs_[1],
+        );
+        // `[batch, seq_k, kv_heads, dim]` rows of the key / value gradients.
+        let kv_row = (kv_heads * d) as isize;
+        let dk_at = bi as isize * seq_k as isize * kv_row + (kh * d) as isize;
+        let vv_row = (kv_heads * dv) as isize;
+        let dv_at = bi as isize * seq_k as isize * vv_row + (kh * dv) as isize;
+        for (n, hi) in (kh * group..(kh + 1) * group).enumerate() {
+            let head = bi * heads + hi;
+            let p = &probs[head * block..(head + 1) * block];
+            let drop = masks.dropout_of(head, block);
+            let used: &[f32] = match drop {
+                Some(m) => {
+                    for ((w, p), m) in weights.iter_mut().zip(p).zip(m) {
+                        *w = p * m;
+                    }
+                    &weights
+                }
+                None => p,
+            };
+            let o_at = bi as isize * os[0] + hi as isize * os[1];
+            let accumulate = n > 0;
+            // SAFETY: every operand is read through its own layout's strides over its own
+            // shape; this task writes only batch row `bi` and key / value head `kh` of `dk`
+            // and `dv`, and query heads `kh · group ..` of `dq`, which no other task writes.
+            unsafe {
+                // dV += weightsᵀ · dO
+                gemm::gemm(
+                    seq_k,
+                    dv,
+                    seq_q,
+                    dv_ptr.at(dv_at),
+                    1,
+                    vv_row,
+                    accumulate,
+                    used.as_ptr(),
+                    seq_k as isize,
+                    1,
+                    o_data.at(o_at),
+                    os[3],
+                    os[2],
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dWeights = dO · Vᵀ
+                gemm::gemm(
+                    seq_q,
+                    seq_k,
+                    dv,
+                    grad.as_mut_ptr(),
+                    1,
+                    seq_k as isize,
+                    false,
+                    o_data.at(o_at),
+                    os[3],
+                    os[2],
+                    v_data.at(v_at),
+                    vs_[2],
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            math::softmax_backward_rows(p, drop, &mut grad, seq_k);
+            math::mask_rows(&mut grad, pad, masks.causal.then_some(causal_offset));
+            let q_at = bi as isize * qs[0] + hi as isize * qs[1];
+            let q_row = (heads * d) as isize;
+            let dq_at = bi as isize * seq_q as isize * q_row + (hi * d) as isize;
+            // SAFETY: as above.
+            unsafe {
+                // dQ = scale · dScores · K
+                gemm::gemm(
+                    seq_q,
+                    d,
+                    seq_k,
+                    dq_ptr.at(dq_at),
+                    1,
+                    q_row,
+                    false,
+                    grad.as_ptr(),
+                    1,
+                    seq_k as isize,
+                    k_data.at(k_at),
+                    1,
+                    ks[2],
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                // dK += scale · dScoresᵀ · Q
+                gemm::gemm(
+                    seq_k,
+                    d,
+                    seq_q,
+                    dk_ptr.at(dk_at),
+                    1,
+                    kv_row,
+                    accumulate,
+                    grad.as_ptr(),
+                    seq_k as isize,
+                    1,
+                    q_data.at(q_at),
+                    1,
+                    qs[2],
+                    1.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    let dq = bridge::from_vec_strided(
+        dq,
+        &[batch, heads, seq_q, d],
+        &Shapes::rows_layout([batch, heads], seq_q, d),
+    );
+    let dk = bridge::from_vec_strided(
+        dk,
+        &[batch, kv_heads, seq_k, d],
+        &Shapes::rows_layout([batch, kv_heads], seq_k, d),
+    );
+    let dvs = bridge::from_vec_strided(
+        dvs,
+        &[batch, kv_heads, seq_k, dv],
+        &Shapes::rows_layout([batch, kv_heads], seq_k, dv),
+    );
+    (dq, dk, dvs)
 }
 
 /// The four sizes of a 4-D tensor.
@@ -169,7 +500,7 @@ fn base(t: &FlexTensor) -> Shared {
 }
 
 /// The padding flags of a `[batch, seq_k]` bool tensor, row-major.
-fn key_padding(m: &FlexTensor) -> Option<Vec<bool>> {
+pub(crate) fn key_padding(m: &FlexTensor) -> Option<Vec<bool>> {
     if !matches!(m.dtype(), DType::Bool(BoolStore::Native | BoolStore::U8)) {
         return None;
     }
@@ -256,7 +587,7 @@ mod tests {
         );
         let mask = AttentionMask {
             key_padding: Some(&padding),
-            causal: false,
+            ..Default::default()
         };
         let got = attention(&q, &k, &v, mask).unwrap();
         close(got.clone(), reference(&q, &k, &v, Some(&padding), false));
@@ -271,8 +602,8 @@ mod tests {
         let q = random([2, 6, 3, 16]);
         let (k, v) = (random([2, 2, 8, 16]), random([2, 2, 8, 16]));
         let mask = AttentionMask {
-            key_padding: None,
             causal: true,
+            ..Default::default()
         };
         close(
             attention(&q, &k, &v, mask).unwrap(),

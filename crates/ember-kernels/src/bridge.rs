@@ -41,9 +41,10 @@ pub(crate) fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexT
     }
 }
 
-/// The Flex tensor behind a bool tensor (stored one byte per value).
+/// The Flex tensor behind a bool tensor (stored one byte per value), with or without autodiff.
 pub(crate) fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<FlexTensor> {
-    if !is_flex::<B>() {
+    // Autodiff keeps the inner backend's bool tensors as they are.
+    if !(is_flex::<B>() || is_autodiff_flex::<B>()) {
         return None;
     }
     let p = t.clone().into_primitive();

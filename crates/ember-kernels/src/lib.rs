@@ -30,6 +30,8 @@ mod linear;
 mod math;
 mod norm;
 mod ptr;
+#[cfg(feature = "autodiff")]
+mod tracked;
 
 pub use attention::{attention, AttentionMask};
 pub use dropout::dropout_mask;

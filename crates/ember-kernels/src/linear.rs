@@ -19,23 +19,65 @@ pub fn linear<B: Backend>(
     weight: &Tensor<B, 2>,
     bias: Option<&Tensor<B, 1>>,
 ) -> Option<Tensor<B, 2>> {
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::linear(x, weight, bias);
+    }
     let xf = bridge::flex(x)?;
     let wf = bridge::flex(weight)?;
     let bf = bridge::optional_rows(bias)?;
-    let [m, k] = dims2(&xf);
-    let [k2, n] = dims2(&wf);
-    if k != k2 || bf.as_ref().is_some_and(|b| b.layout().num_elements() != n) {
+    Some(bridge::wrap(linear_flex(&xf, &wf, bf.as_ref())?))
+}
+
+/// [`linear`] on Flex tensors: `x: [rows, d_in]` and `weight: [d_in, d_out]` of any strides,
+/// `bias` contiguous. `None` when the shapes disagree.
+pub(crate) fn linear_flex(
+    xf: &FlexTensor,
+    wf: &FlexTensor,
+    bf: Option<&FlexTensor>,
+) -> Option<FlexTensor> {
+    let [m, k] = dims2(xf);
+    let [k2, n] = dims2(wf);
+    if k != k2 || bf.is_some_and(|b| b.layout().num_elements() != n) {
         return None;
     }
     let mut out = vec![0.0f32; m * n];
-    if let Some(b) = bf.as_ref().filter(|_| n > 0) {
+    if let Some(b) = bf.filter(|_| n > 0) {
         let b = bridge::contiguous(b)?;
         for row in out.chunks_exact_mut(n) {
             row.copy_from_slice(b);
         }
     }
-    gemm_into(&mut out, &xf, &wf, [m, k, n], bf.is_some());
-    Some(bridge::wrap(bridge::from_vec(out, &[m, n])))
+    gemm_into(&mut out, xf, wf, [m, k, n], bf.is_some());
+    Some(bridge::from_vec(out, &[m, n]))
+}
+
+/// `lhs · rhs` for 2-D tensors of any strides whose inner dimensions the caller checked agree.
+pub(crate) fn matmul_flex(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+    linear_flex(lhs, rhs, None).expect("the caller checked the inner dimensions")
+}
+
+/// Sums of the columns of `[rows, cols]` values, `bias`'s gradient: each thread adds up a
+/// block of rows, then the partial sums are added.
+pub(crate) fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    if cols == 0 {
+        return Vec::new();
+    }
+    let rows = values.len() / cols;
+    let block = rows.div_ceil(rayon::current_num_threads().max(1)).max(1) * cols;
+    values
+        .par_chunks(block)
+        .map(|chunk| {
+            let mut acc = vec![0.0f32; cols];
+            math::add_rows(&mut acc, chunk);
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            math::add_rows(&mut a, &b);
+            a
+        })
+        .unwrap_or_else(|| vec![0.0; cols])
 }
 
 /// `[rows, cols]` of a 2-D tensor.

@@ -181,6 +181,142 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `out[i] = a[i] + b[i]`.
+    pub(crate) fn add_slices(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    }
+}
+
+simd_fn! {
+    /// `x[i] *= factor[i]`.
+    pub(crate) fn mul_in_place(x: &mut [f32], factor: &[f32]) {
+        for (v, f) in x.iter_mut().zip(factor) {
+            *v *= f;
+        }
+    }
+}
+
+simd_fn! {
+    /// The backward pass of a row-wise softmax followed by an optional factor (dropout), in
+    /// place over rows of `cols` values: `grad` holds the gradient of `probs · factor` and
+    /// becomes that of the scores, `probs · (g - Σ probs · g)` with `g = grad · factor`.
+    pub(crate) fn softmax_backward_rows(probs: &[f32], factor: Option<&[f32]>, grad: &mut [f32], cols: usize) {
+        for (i, (g, p)) in grad.chunks_exact_mut(cols).zip(probs.chunks_exact(cols)).enumerate() {
+            if let Some(f) = factor {
+                for (g, f) in g.iter_mut().zip(&f[i * cols..(i + 1) * cols]) {
+                    *g *= f;
+                }
+            }
+            let total = dot(p, g);
+            for (g, p) in g.iter_mut().zip(p) {
+                *g = p * (*g - total);
+            }
+        }
+    }
+}
+
+/// Zeroes the masked scores' gradients, rows of `padding.len()` keys, with the masks of
+/// [`masked_softmax_rows`]: a masked score is a constant, so nothing flows back through it
+/// (this matters only for a row whose every key is masked, where the weights are uniform).
+pub(crate) fn mask_rows(grad: &mut [f32], padding: &[bool], causal_offset: Option<isize>) {
+    let keys = padding.len();
+    let any_padding = padding.iter().any(|&p| p);
+    for (i, row) in grad.chunks_exact_mut(keys).enumerate() {
+        if any_padding {
+            for (g, &p) in row.iter_mut().zip(padding) {
+                if p {
+                    *g = 0.0;
+                }
+            }
+        }
+        if let Some(offset) = causal_offset {
+            let first_hidden = (i as isize + offset + 1).clamp(0, keys as isize) as usize;
+            row[first_hidden..].fill(0.0);
+        }
+    }
+}
+
+simd_fn! {
+    /// `acc += row` for every row of `acc.len()` values in `rows`.
+    pub(crate) fn add_rows(acc: &mut [f32], rows: &[f32]) {
+        for row in rows.chunks_exact(acc.len()) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `dx[i] = dy[i] · gelu'(x[i])`, the exact GELU's derivative `Φ(x) + x · φ(x)`.
+    pub(crate) fn gelu_backward_slice(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        // 1 / √(2π)
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        for ((d, v), g) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI * exp(-0.5 * v * v);
+            *d = g * (cdf + v * pdf);
+        }
+    }
+}
+
+simd_fn! {
+    /// The backward pass of `y = LayerNorm(s) · gamma + beta` over rows of `gamma.len()`
+    /// values: writes `ds` and adds each row's share of `dgamma` and `dbeta`. The mean and
+    /// inverse deviation of each row are recomputed from `s`, which costs less than keeping them.
+    pub(crate) fn layer_norm_backward_rows(
+        s: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        eps: f32,
+        ds: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let cols = gamma.len();
+        let n = cols as f32;
+        for ((src, d), out) in s.chunks_exact(cols).zip(dy.chunks_exact(cols)).zip(ds.chunks_exact_mut(cols)) {
+            let mean = sum(src) / n;
+            let inv = 1.0 / (sum_sq_dev(src, mean) / n + eps).sqrt();
+            // Σ dy·gamma and Σ dy·gamma·x̂ in LANES partial sums; dgamma / dbeta as we go.
+            let (mut acc_g, mut acc_gx) = ([0.0f32; LANES], [0.0f32; LANES]);
+            let (mut tail_g, mut tail_gx) = (0.0f32, 0.0f32);
+            let whole = cols / LANES * LANES;
+            for start in (0..whole).step_by(LANES) {
+                let at = start..start + LANES;
+                let (v, g, w) = (&src[at.clone()], &d[at.clone()], &gamma[at.clone()]);
+                let (dg, db) = (&mut dgamma[at.clone()], &mut dbeta[at]);
+                for l in 0..LANES {
+                    let xhat = (v[l] - mean) * inv;
+                    let gw = g[l] * w[l];
+                    acc_g[l] += gw;
+                    acc_gx[l] += gw * xhat;
+                    dg[l] += g[l] * xhat;
+                    db[l] += g[l];
+                }
+            }
+            for j in whole..cols {
+                let xhat = (src[j] - mean) * inv;
+                let gw = d[j] * gamma[j];
+                tail_g += gw;
+                tail_gx += gw * xhat;
+                dgamma[j] += d[j] * xhat;
+                dbeta[j] += d[j];
+            }
+            let (acc_g, acc_gx) = (acc_g.iter().sum::<f32>() + tail_g, acc_gx.iter().sum::<f32>() + tail_gx);
+            let mean_g = acc_g / n;
+            let mean_gx = acc_gx / n;
+            for (((o, &v), &g), &w) in out.iter_mut().zip(src).zip(d).zip(gamma) {
+                let xhat = (v - mean) * inv;
+                *o = inv * (g * w - mean_g - xhat * mean_gx);
+            }
+        }
+    }
+}
+
+simd_fn! {
     /// `out[i] = silu(gate[i]) · up[i]`.
     pub(crate) fn silu_mul_slice(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {

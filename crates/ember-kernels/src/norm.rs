@@ -3,13 +3,14 @@
 use crate::bridge;
 use crate::math;
 use burn::tensor::{backend::Backend, Tensor};
+use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 /// Below this many values a kernel runs on the calling thread.
 const PARALLEL_VALUES: usize = 1 << 15;
 
 /// Rows of `cols` values handed to one task: at least `PARALLEL_VALUES / 4` values per task.
-fn rows_per_task(rows: usize, cols: usize) -> usize {
+pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
     let total = rows * cols;
     if total < PARALLEL_VALUES {
         rows.max(1)
@@ -49,25 +50,45 @@ pub fn layer_norm<B: Backend, const D: usize>(
     beta: Option<&Tensor<B, 1>>,
     eps: f64,
 ) -> Option<Tensor<B, D>> {
-    let xf = bridge::rows(&bridge::flex(x)?);
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::layer_norm(x, residual, gamma, beta, eps);
+    }
+    let xf = bridge::flex(x)?;
+    let rf = bridge::optional_rows(residual)?;
+    let gf = bridge::flex(gamma)?;
+    let bf = bridge::optional_rows(beta)?;
+    Some(bridge::wrap(layer_norm_flex(
+        &xf,
+        rf.as_ref(),
+        &gf,
+        bf.as_ref(),
+        eps,
+    )?))
+}
+
+/// [`layer_norm`] on Flex tensors; `residual` and `beta` are contiguous.
+pub(crate) fn layer_norm_flex(
+    xf: &FlexTensor,
+    rf: Option<&FlexTensor>,
+    gf: &FlexTensor,
+    bf: Option<&FlexTensor>,
+    eps: f64,
+) -> Option<FlexTensor> {
+    let xf = bridge::rows(xf);
     let shape: Vec<usize> = xf.layout().shape().to_vec();
     let cols = *shape.last()?;
-    let rf = bridge::optional_rows(residual)?;
-    let gf = bridge::rows(&bridge::flex(gamma)?);
-    let bf = bridge::optional_rows(beta)?;
+    let gf = bridge::rows(gf);
     let xs = bridge::contiguous(&xf)?;
-    if rf
-        .as_ref()
-        .is_some_and(|r| r.layout().shape().to_vec() != shape)
-    {
+    if rf.is_some_and(|r| r.layout().shape().to_vec() != shape) {
         return None;
     }
-    let rs = match &rf {
+    let rs = match rf {
         Some(r) => Some(bridge::contiguous(r)?),
         None => None,
     };
     let g = bridge::contiguous(&gf).filter(|g| g.len() == cols)?;
-    let b = match &bf {
+    let b = match bf {
         Some(b) => Some(bridge::contiguous(b).filter(|b| b.len() == cols)?),
         None => None,
     };
@@ -79,7 +100,7 @@ pub fn layer_norm<B: Backend, const D: usize>(
         let residual = rs.map(|r| &r[at.clone()]);
         math::layer_norm_rows(&xs[at], residual, g, b, eps, chunk);
     });
-    Some(bridge::wrap(bridge::from_vec(out, &shape)))
+    Some(bridge::from_vec(out, &shape))
 }
 
 /// RMSNorm over the last dimension, as HF's `LlamaRMSNorm`: `x / sqrt(mean(x²) + eps) · gamma`.
@@ -106,19 +127,56 @@ fn map<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     f: impl Fn(&[f32], &mut [f32]) + Sync,
 ) -> Option<Tensor<B, D>> {
-    let xf = bridge::rows(&bridge::flex(x)?);
-    let shape: Vec<usize> = xf.layout().shape().to_vec();
-    let xs = bridge::contiguous(&xf)?;
+    Some(bridge::wrap(zip_map(
+        &bridge::flex(x)?,
+        None,
+        |x, _, o| f(x, o),
+    )?))
+}
+
+/// Applies `f(a, b, out)` to matching chunks of `a` and `b` (of the same shape; `b` optional)
+/// into a new tensor of `a`'s shape, in parallel. `None` when the shapes differ.
+pub(crate) fn zip_map(
+    a: &FlexTensor,
+    b: Option<&FlexTensor>,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) -> Option<FlexTensor> {
+    let af = bridge::rows(a);
+    let shape: Vec<usize> = af.layout().shape().to_vec();
+    let bf = b.map(bridge::rows);
+    if bf
+        .as_ref()
+        .is_some_and(|b| b.layout().shape().to_vec() != shape)
+    {
+        return None;
+    }
+    let xs = bridge::contiguous(&af)?;
+    let ys = match &bf {
+        Some(b) => bridge::contiguous(b)?,
+        None => &[],
+    };
     let mut out = vec![0.0f32; xs.len()];
     out.par_chunks_mut(PARALLEL_VALUES)
-        .zip(xs.par_chunks(PARALLEL_VALUES))
-        .for_each(|(o, i)| f(i, o));
-    Some(bridge::wrap(bridge::from_vec(out, &shape)))
+        .enumerate()
+        .for_each(|(i, o)| {
+            let at = i * PARALLEL_VALUES..i * PARALLEL_VALUES + o.len();
+            let y = if ys.is_empty() {
+                &[][..]
+            } else {
+                &ys[at.clone()]
+            };
+            f(&xs[at], y, o)
+        });
+    Some(bridge::from_vec(out, &shape))
 }
 
 /// The exact (erf) GELU of every value, HF's `"gelu"` activation; within 4e-7 · max(1, |x|)
 /// of the f64 definition (`libm`'s scalar `erff` is what Flex calls per element).
 pub fn gelu_erf<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::gelu_erf(x);
+    }
     map(x, math::gelu_slice)
 }
 
@@ -127,19 +185,8 @@ pub fn silu_mul<B: Backend, const D: usize>(
     gate: &Tensor<B, D>,
     up: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
-    let gf = bridge::rows(&bridge::flex(gate)?);
-    let uf = bridge::rows(&bridge::flex(up)?);
-    if uf.layout().shape() != gf.layout().shape() {
-        return None;
-    }
-    let shape: Vec<usize> = gf.layout().shape().to_vec();
-    let (gs, us) = (bridge::contiguous(&gf)?, bridge::contiguous(&uf)?);
-    let mut out = vec![0.0f32; gs.len()];
-    out.par_chunks_mut(PARALLEL_VALUES)
-        .zip(gs.par_chunks(PARALLEL_VALUES))
-        .zip(us.par_chunks(PARALLEL_VALUES))
-        .for_each(|((o, g), u)| math::silu_mul_slice(g, u, o));
-    Some(bridge::wrap(bridge::from_vec(out, &shape)))
+    let (gf, uf) = (bridge::flex(gate)?, bridge::flex(up)?);
+    Some(bridge::wrap(zip_map(&gf, Some(&uf), math::silu_mul_slice)?))
 }
 
 #[cfg(test)]

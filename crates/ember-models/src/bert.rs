@@ -337,7 +337,17 @@ impl<B: Backend> BertLayer<B> {
             a.value.forward_flat(x.clone()),
         );
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
-        if !want_probs && !dropout_active {
+        // In training, the fused kernel takes the dropout on the weights as a mask.
+        let dropout = dropout_active
+            .then(|| {
+                ember_kernels::dropout_mask::<B, 4>(
+                    [batch, heads, seq, seq],
+                    a.dropout.prob,
+                    &x.device(),
+                )
+            })
+            .flatten();
+        if !want_probs && dropout_active == dropout.is_some() {
             // The fused CPU kernel reads the heads in place and writes them back as rows.
             let heads_view =
                 |t: &Tensor<B, 3>| t.clone().reshape([batch, seq, heads, d]).swap_dims(1, 2);
@@ -345,6 +355,7 @@ impl<B: Backend> BertLayer<B> {
             let kernel_mask = ember_kernels::AttentionMask {
                 key_padding: padding.as_ref(),
                 causal: false,
+                dropout: dropout.as_ref(),
             };
             if let Some(context) = ember_kernels::attention(
                 &heads_view(&q),

@@ -348,8 +348,8 @@ impl<B: Backend> LlamaAttention<B> {
                 &kv.key,
                 &kv.value,
                 ember_kernels::AttentionMask {
-                    key_padding: None,
                     causal: true,
+                    ..Default::default()
                 },
             ),
             Some(_) => None,

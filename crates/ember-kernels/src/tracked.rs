@@ -1,0 +1,528 @@
+//! The kernels under burn's autodiff (training on Flex), each with its own backward pass.
+//!
+//! burn-autodiff records every tensor operation and its backward step. A linear layer becomes a
+//! matmul, a broadcast bias add and their backward reductions; LayerNorm half a dozen recorded
+//! operations; the erf GELU a chain of elementwise ones. Here each kernel is one recorded
+//! operation ([`Backward`]) that keeps what its backward pass needs and computes the gradients
+//! with the same fused loops and direct GEMMs as the forward pass.
+
+use crate::attention::{self, AttentionMask, Masks};
+use crate::linear as dense;
+use crate::{bridge, math, norm};
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+use std::any::Any;
+
+/// The autodiff tensor of `Autodiff<Flex>`: a Flex primitive and its node in the graph.
+pub(crate) type AdTensor = burn::tensor::ops::FloatTensor<Autodiff<Flex>>;
+
+/// The autodiff tensor behind `t`, when `B` is `Autodiff<Flex>` and the values are f32.
+pub(crate) fn ad<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<AdTensor> {
+    if !bridge::is_autodiff_flex::<B>() {
+        return None;
+    }
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let a = (&p as &dyn Any).downcast_ref::<AdTensor>()?.clone();
+            (a.primitive.dtype() == DType::F32).then_some(a)
+        }
+        TensorPrimitive::QFloat(_) => None,
+    }
+}
+
+/// [`ad`] for an optional operand: `None` when the kernel does not apply, `Some(None)` when
+/// there is no operand.
+fn optional_ad<B: Backend, const D: usize>(t: Option<&Tensor<B, D>>) -> Option<Option<AdTensor>> {
+    match t {
+        Some(t) => Some(Some(ad(t)?)),
+        None => Some(None),
+    }
+}
+
+/// Wraps an autodiff tensor as a tensor of backend `B` (which the caller checked is
+/// `Autodiff<Flex>`).
+pub(crate) fn wrap<B: Backend, const D: usize>(t: AdTensor) -> Tensor<B, D> {
+    let boxed: Box<dyn Any> = Box::new(t);
+    let p = boxed
+        .downcast::<B::FloatTensorPrimitive>()
+        .unwrap_or_else(|_| unreachable!("wrap is only called after ad::<B>()"));
+    Tensor::from_primitive(TensorPrimitive::Float(*p))
+}
+
+/// Records `output` as the result of `op` applied to `parents`, with `state` for its backward
+/// pass (dropped when no parent needs a gradient).
+pub(crate) fn record<Op, const N: usize>(
+    op: Op,
+    parents: [&AdTensor; N],
+    state: Op::State,
+    output: FlexTensor,
+) -> AdTensor
+where
+    Op: Backward<Flex, N>,
+{
+    match op
+        .prepare::<NoCheckpointing>(parents.map(|p| p.node.clone()))
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(state, output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
+/// The ids of the parents that need a gradient, in the order they were recorded.
+fn wanted<S, const N: usize>(ops: &Ops<S, N>) -> [Option<NodeId>; N] {
+    ops.parents.each_ref().map(|p| p.as_ref().map(|n| n.id))
+}
+
+/// Adds `grad` to the gradient of the parent `id`, when it needs one.
+fn give(grads: &mut Gradients, id: Option<NodeId>, grad: impl FnOnce() -> FlexTensor) {
+    if let Some(id) = id {
+        grads.register::<Flex>(id, grad());
+    }
+}
+
+/// `[rows, cols]` of a 2-D tensor.
+fn dims2(t: &FlexTensor) -> [usize; 2] {
+    let s = t.layout().shape();
+    [s[0], s[1]]
+}
+
+// --- linear ---------------------------------------------------------------------------------
+
+/// [`crate::linear`] under autodiff.
+pub(crate) fn linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    let (xa, wa, ba) = (ad(x)?, ad(weight)?, optional_ad(bias)?);
+    let bias_rows = ba.as_ref().map(|b| bridge::rows(&b.primitive));
+    let out = dense::linear_flex(&xa.primitive, &wa.primitive, bias_rows.as_ref())?;
+    let state = (xa.primitive.clone(), wa.primitive.clone());
+    Some(wrap(match &ba {
+        Some(b) => record(LinearBackward, [&xa, &wa, b], state, out),
+        None => record(LinearBackward, [&xa, &wa], state, out),
+    }))
+}
+
+/// Backward pass of `y = x · W (+ b)`: `dx = dy · Wᵀ`, `dW = xᵀ · dy`, `db = Σ_rows dy`, each
+/// one GEMM (or one reduction) that reads the transposes through their strides.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<const N: usize> Backward<Flex, N> for LinearBackward {
+    /// The input `x` and the weight `W`.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        give(grads, ids[0], || {
+            dense::matmul_flex(&dy, &w.transpose(0, 1))
+        });
+        give(grads, ids[1], || {
+            dense::matmul_flex(&x.transpose(0, 1), &dy)
+        });
+        if N > 2 {
+            give(grads, ids[N - 1], || {
+                let dy = bridge::rows(&dy);
+                let cols = dims2(&dy)[1];
+                let sums = dense::column_sums(bridge::contiguous(&dy).unwrap_or(&[]), cols);
+                bridge::from_vec(sums, &[cols])
+            });
+        }
+    }
+}
+
+// --- GELU ------------------------------------------------------------------------------------
+
+/// [`crate::gelu_erf`] under autodiff.
+pub(crate) fn gelu_erf<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    let xa = ad(x)?;
+    let xs = bridge::rows(&xa.primitive);
+    let out = norm::zip_map(&xs, None, |x, _, o| math::gelu_slice(x, o))?;
+    Some(wrap(record(GeluBackward, [&xa], xs, out)))
+}
+
+/// Backward pass of the exact GELU: `dx = dy · (Φ(x) + x · φ(x))`.
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    /// The input, contiguous.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = grads.consume::<Flex>(&ops.node);
+        let x = ops.state;
+        give(grads, ids[0], || {
+            norm::zip_map(&x, Some(&dy), math::gelu_backward_slice)
+                .expect("the gradient has the input's shape")
+        });
+    }
+}
+
+// --- LayerNorm -------------------------------------------------------------------------------
+
+/// [`crate::layer_norm`] under autodiff: the sum `x + residual` is formed once and kept for
+/// the backward pass, which recomputes each row's mean and deviation from it.
+pub(crate) fn layer_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    residual: Option<&Tensor<B, D>>,
+    gamma: &Tensor<B, 1>,
+    beta: Option<&Tensor<B, 1>>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    let (xa, ra, ga, ba) = (
+        ad(x)?,
+        optional_ad(residual)?,
+        ad(gamma)?,
+        optional_ad(beta)?,
+    );
+    let sum = match &ra {
+        Some(r) => norm::zip_map(&xa.primitive, Some(&r.primitive), math::add_slices)?,
+        None => bridge::rows(&xa.primitive),
+    };
+    let gamma_rows = bridge::rows(&ga.primitive);
+    let beta_rows = ba.as_ref().map(|b| bridge::rows(&b.primitive));
+    let out = norm::layer_norm_flex(&sum, None, &gamma_rows, beta_rows.as_ref(), eps)?;
+    let op = LayerNormBackward {
+        eps: eps as f32,
+        residual: ra.is_some(),
+        beta: ba.is_some(),
+    };
+    let state = (sum, gamma_rows);
+    Some(wrap(match (&ra, &ba) {
+        (Some(r), Some(b)) => record(op, [&xa, r, &ga, b], state, out),
+        (Some(r), None) => record(op, [&xa, r, &ga], state, out),
+        (None, Some(b)) => record(op, [&xa, &ga, b], state, out),
+        (None, None) => record(op, [&xa, &ga], state, out),
+    }))
+}
+
+/// Backward pass of `y = LayerNorm(x + residual) · gamma + beta`. The parents are recorded as
+/// `x`, then `residual` and `beta` where present, with `gamma` before `beta`.
+#[derive(Debug)]
+struct LayerNormBackward {
+    eps: f32,
+    residual: bool,
+    beta: bool,
+}
+
+impl<const N: usize> Backward<Flex, N> for LayerNormBackward {
+    /// `x + residual` and `gamma`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = bridge::rows(&grads.consume::<Flex>(&ops.node));
+        let (sum, gamma) = ops.state;
+        let shape: Vec<usize> = sum.layout().shape().to_vec();
+        let (s, g) = (
+            bridge::contiguous(&sum).expect("kept contiguous"),
+            bridge::contiguous(&gamma).expect("kept contiguous"),
+        );
+        let dys = bridge::contiguous(&dy).expect("made contiguous");
+        let cols = g.len();
+        let mut ds = vec![0.0f32; s.len()];
+        let per_task = norm::rows_per_task(s.len() / cols, cols) * cols;
+        let (dgamma, dbeta) = ds
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .map(|(task, chunk)| {
+                let at = task * per_task..task * per_task + chunk.len();
+                let (mut dg, mut db) = (vec![0.0f32; cols], vec![0.0f32; cols]);
+                math::layer_norm_backward_rows(
+                    &s[at.clone()],
+                    &dys[at],
+                    g,
+                    self.eps,
+                    chunk,
+                    &mut dg,
+                    &mut db,
+                );
+                (dg, db)
+            })
+            .reduce_with(|(mut ga, mut ba), (gb, bb)| {
+                math::add_rows(&mut ga, &gb);
+                math::add_rows(&mut ba, &bb);
+                (ga, ba)
+            })
+            .unwrap_or_else(|| (vec![0.0; cols], vec![0.0; cols]));
+        let ds = bridge::from_vec(ds, &shape);
+        let gamma_at = 1 + usize::from(self.residual);
+        if self.residual {
+            give(grads, ids[1], || ds.clone());
+        }
+        give(grads, ids[0], || ds);
+        give(grads, ids[gamma_at], || bridge::from_vec(dgamma, &[cols]));
+        if self.beta {
+            give(grads, ids[gamma_at + 1], || {
+                bridge::from_vec(dbeta, &[cols])
+            });
+        }
+    }
+}
+
+// --- attention -------------------------------------------------------------------------------
+
+/// [`crate::attention`] under autodiff: the attention weights are kept for the backward pass
+/// (`[batch, heads, seq_q, seq_k]`, as PyTorch's eager attention keeps them).
+pub(crate) fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: AttentionMask<'_, B>,
+) -> Option<Tensor<B, 4>> {
+    let (qa, ka, va) = (ad(q)?, ad(k)?, ad(v)?);
+    let padding = match mask.key_padding {
+        Some(m) => attention::key_padding(&bridge::flex_bool(m)?)?,
+        None => Vec::new(),
+    };
+    let dropout = match mask.dropout {
+        Some(m) => Some(bridge::rows(&ad(m)?.primitive)),
+        None => None,
+    };
+    let masks = Masks {
+        padding,
+        causal: mask.causal,
+        dropout,
+    };
+    let (out, probs) =
+        attention::attention_flex(&qa.primitive, &ka.primitive, &va.primitive, &masks, true)?;
+    let state = AttentionState {
+        q: qa.primitive.clone(),
+        k: ka.primitive.clone(),
+        v: va.primitive.clone(),
+        masks,
+        probs: probs?,
+    };
+    Some(wrap(record(AttentionBackward, [&qa, &ka, &va], state, out)))
+}
+
+/// What the attention's backward pass reads.
+#[derive(Debug, Clone)]
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    masks: Masks,
+    /// The attention weights before dropout.
+    probs: FlexTensor,
+}
+
+/// Backward pass of the attention, per batch row and key / value head
+/// ([`attention::attention_backward`]).
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let d_out = grads.consume::<Flex>(&ops.node);
+        let s = ops.state;
+        let (dq, dk, dv) =
+            attention::attention_backward(&s.q, &s.k, &s.v, &s.masks, &s.probs, &d_out);
+        give(grads, ids[0], || dq);
+        give(grads, ids[1], || dk);
+        give(grads, ids[2], || dv);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{activation, Distribution, Tensor, Tolerance};
+
+    type B = Autodiff<Flex>;
+
+    fn random<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
+        Tensor::random(shape, Distribution::Normal(0.5, 2.0), &Default::default()).require_grad()
+    }
+
+    /// Equal within 1e-4 relative or absolute: gradients sum hundreds of products, in another
+    /// order on each side.
+    fn close<const D: usize>(got: Tensor<Flex, D>, want: Tensor<Flex, D>) {
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::rel_abs(1e-4, 1e-4));
+    }
+
+    #[test]
+    fn linear_gradients_equal_burns() {
+        for (rows, d_in, d_out) in [(37, 50, 70), (300, 192, 256)] {
+            let (x, w, b) = (random([rows, d_in]), random([d_in, d_out]), random([d_out]));
+            let r = random([rows, d_out]).detach();
+            let got = crate::linear(&x, &w, Some(&b)).unwrap();
+            let want = x.clone().matmul(w.clone()) + b.clone().unsqueeze_dim(0);
+            close(got.clone().inner(), want.clone().inner());
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (want * r.clone()).sum().backward();
+            close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+            close(w.grad(&g_got).unwrap(), w.grad(&g_want).unwrap());
+            close(b.grad(&g_got).unwrap(), b.grad(&g_want).unwrap());
+            // Without a bias, and with a weight that needs no gradient.
+            let frozen: Tensor<B, 2> =
+                Tensor::random([d_in, d_out], Distribution::Default, &Default::default());
+            let got = crate::linear(&x, &frozen, None).unwrap();
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (x.clone().matmul(frozen.clone()) * r).sum().backward();
+            close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+            assert!(frozen.grad(&g_got).is_none());
+        }
+    }
+
+    #[test]
+    fn layer_norm_gradients_equal_burns() {
+        for shape in [[2, 3, 20], [4, 300, 771]] {
+            let cols = shape[2];
+            let (x, res, g, b) = (random(shape), random(shape), random([cols]), random([cols]));
+            let r = random(shape).detach();
+            let reference = |x: Tensor<B, 3>, g: &Tensor<B, 1>, b: Option<&Tensor<B, 1>>| {
+                let mean = x.clone().mean_dim(2);
+                let centred = x - mean;
+                let var = centred.clone().powi_scalar(2).mean_dim(2);
+                let y = centred / (var + 1e-12).sqrt() * g.clone().unsqueeze::<3>();
+                match b {
+                    Some(b) => y + b.clone().unsqueeze::<3>(),
+                    None => y,
+                }
+            };
+            let got = crate::layer_norm(&x, Some(&res), &g, Some(&b), 1e-12).unwrap();
+            let want = reference(x.clone() + res.clone(), &g, Some(&b));
+            close(got.clone().inner(), want.clone().inner());
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (want * r.clone()).sum().backward();
+            for t in [&x, &res] {
+                close(t.grad(&g_got).unwrap(), t.grad(&g_want).unwrap());
+            }
+            close(g.grad(&g_got).unwrap(), g.grad(&g_want).unwrap());
+            close(b.grad(&g_got).unwrap(), b.grad(&g_want).unwrap());
+            // No residual, no beta.
+            let got = crate::layer_norm(&x, None, &g, None, 1e-12).unwrap();
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (reference(x.clone(), &g, None) * r).sum().backward();
+            close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+            close(g.grad(&g_got).unwrap(), g.grad(&g_want).unwrap());
+        }
+    }
+
+    #[test]
+    fn gelu_gradient_equals_burns() {
+        let x = random([3, 70_001]);
+        let r = random([3, 70_001]).detach();
+        let got = crate::gelu_erf(&x).unwrap();
+        let want = activation::gelu(x.clone());
+        close(got.clone().inner(), want.clone().inner());
+        let g_got = (got * r.clone()).sum().backward();
+        let g_want = (want * r).sum().backward();
+        close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+    }
+
+    /// Attention through burn's operations: `softmax(q · kᵀ / √d + mask) · factor · v`, with
+    /// the key / value heads repeated for grouped queries.
+    fn reference_attention(
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        padding: Option<&Tensor<B, 2, burn::tensor::Bool>>,
+        causal: bool,
+        factor: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let [b, h, sq, d] = q.dims();
+        let [_, kvh, sk, _] = k.dims();
+        let repeat = |t: Tensor<B, 4>| {
+            let [_, _, s, dim] = t.dims();
+            t.unsqueeze_dim::<5>(2)
+                .expand([b, kvh, h / kvh, s, dim])
+                .reshape([b, h, s, dim])
+        };
+        let mut scores = q.matmul(repeat(k).swap_dims(2, 3)) / (d as f64).sqrt();
+        if let Some(p) = padding {
+            let m = p.clone().unsqueeze_dim::<3>(1).unsqueeze_dim::<4>(1);
+            scores = scores.mask_fill(m.expand([b, h, sq, sk]), f32::MIN);
+        }
+        if causal {
+            let rows = Tensor::<B, 1, burn::tensor::Int>::arange(0..sq as i64, &Default::default());
+            let cols = Tensor::<B, 1, burn::tensor::Int>::arange(0..sk as i64, &Default::default());
+            let hidden = cols
+                .unsqueeze_dim::<2>(0)
+                .greater(rows.unsqueeze_dim::<2>(1) + (sk - sq) as i64);
+            scores = scores.mask_fill(hidden.unsqueeze::<4>().expand([b, h, sq, sk]), f32::MIN);
+        }
+        let mut probs = activation::softmax(scores, 3);
+        if let Some(f) = factor {
+            probs = probs * f.clone();
+        }
+        probs.matmul(repeat(v))
+    }
+
+    #[test]
+    fn attention_gradients_equal_burns() {
+        let device = Default::default();
+        // (batch, heads, kv_heads, seq_q, seq_k, d, padding, causal, dropout)
+        let cases = [
+            (2, 3, 3, 7, 7, 8, false, false, false),
+            (2, 4, 2, 5, 9, 16, true, true, false),
+            (3, 2, 2, 6, 6, 8, true, false, true),
+        ];
+        for (b, h, kvh, sq, sk, d, padded, causal, dropped) in cases {
+            // Heads viewed out of `[batch, seq, heads · d]` rows, as the models produce them.
+            let rows = [
+                random([b, sq, h * d]),
+                random([b, sk, kvh * d]),
+                random([b, sk, kvh * d]),
+            ];
+            let heads = |t: &Tensor<B, 3>, n: usize| {
+                let [_, s, _] = t.dims();
+                t.clone().reshape([b, s, n, d]).swap_dims(1, 2)
+            };
+            let (q, k, v) = (
+                heads(&rows[0], h),
+                heads(&rows[1], kvh),
+                heads(&rows[2], kvh),
+            );
+            let padding = padded.then(|| {
+                let flags: Vec<bool> = (0..b * sk).map(|i| i % sk >= sk - 1 - i / sk).collect();
+                Tensor::<B, 2, burn::tensor::Bool>::from_data(
+                    burn::tensor::TensorData::new(flags, [b, sk]),
+                    &device,
+                )
+            });
+            let factor =
+                dropped.then(|| crate::dropout_mask::<B, 4>([b, h, sq, sk], 0.3, &device).unwrap());
+            let mask = crate::AttentionMask {
+                key_padding: padding.as_ref(),
+                causal,
+                dropout: factor.as_ref(),
+            };
+            let got = crate::attention(&q, &k, &v, mask).unwrap();
+            // Views of their own: a backward pass consumes the graph steps it walks.
+            let want = reference_attention(
+                heads(&rows[0], h),
+                heads(&rows[1], kvh),
+                heads(&rows[2], kvh),
+                padding.as_ref(),
+                causal,
+                factor.as_ref(),
+            );
+            close(got.clone().inner(), want.clone().inner());
+            let r = random([b, h, sq, d]).detach();
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (want * r).sum().backward();
+            for t in &rows {
+                close(t.grad(&g_got).unwrap(), t.grad(&g_want).unwrap());
+            }
+        }
+    }
+}
