@@ -1,8 +1,9 @@
 """The Python side of the `generation` bench: SmolLM2-135M-Instruct in PyTorch 2.15 +
 `transformers` 5.24 on this machine's threads. Prefill of a 16-token prompt (one forward pass)
 and HF `generate`, greedy, 64 new tokens with EOS ignored (`min_new_tokens`), at batch 1 and 8,
-on the same ids as `crates/ember-models/benches/generation.rs`. Prints one JSON line per case
-with the median seconds.
+on the same ids as `crates/ember-models/benches/generation.rs`; then batch-1 `generate` again with
+the weights rounded to bf16 and computed in f32 (a checkpoint published in bf16, as SmolLM2's
+own is, loaded in f32). Prints one JSON line per case with the median seconds.
 
     python xtask/bench/generation_bench.py SHARED_DIR [--repeats N] [--smollm2 DIR]
 """
@@ -64,6 +65,20 @@ def main():
                           "median_s": timed(prefill, args.repeats), "items": batch * PROMPT}), flush=True)
         print(json.dumps({"bench": f"generation/smollm2_generate_b{batch}_p{PROMPT}_n{NEW}",
                           "median_s": timed(gen, args.repeats), "items": batch * NEW}), flush=True)
+    # bf16 values in f32 tensors: round-to-nearest-even, as burn's cast on the Rust side.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    ids = prompts(1)
+    mask = torch.ones_like(ids)
+
+    def gen_bf16():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                  do_sample=False, pad_token_id=model.config.eos_token_id)
+
+    print(json.dumps({"bench": f"generation/smollm2_bf16_weights_generate_b1_p{PROMPT}_n{NEW}",
+                      "median_s": timed(gen_bf16, args.repeats), "items": NEW}), flush=True)
 
 
 if __name__ == "__main__":

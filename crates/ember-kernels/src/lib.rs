@@ -29,6 +29,7 @@ mod dropout;
 mod linear;
 mod math;
 mod norm;
+mod packed;
 mod ptr;
 #[cfg(feature = "autodiff")]
 mod tracked;

@@ -1,7 +1,7 @@
 //! A linear layer as one GEMM that starts from the bias.
 
 use crate::ptr::{Shared, SharedMut};
-use crate::{bridge, math};
+use crate::{bridge, math, packed};
 use burn::tensor::{backend::Backend, Tensor};
 use burn_flex::FlexTensor;
 
@@ -26,7 +26,21 @@ pub fn linear<B: Backend>(
     let xf = bridge::flex(x)?;
     let wf = bridge::flex(weight)?;
     let bf = bridge::optional_rows(bias)?;
-    Some(bridge::wrap(linear_flex(&xf, &wf, bf.as_ref())?))
+    Some(bridge::wrap(linear_flex(
+        &xf,
+        &wf,
+        bf.as_ref(),
+        Weights::Bf16Copies,
+    )?))
+}
+
+/// How a product with few rows may read its weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Weights {
+    /// From its bf16 copy where its values are all bf16 ([`packed`]): inference.
+    Bf16Copies,
+    /// As it is: training, whose weights change every step.
+    AsTheyAre,
 }
 
 /// [`linear`] on Flex tensors: `x: [rows, d_in]` and `weight: [d_in, d_out]` of any strides,
@@ -35,6 +49,7 @@ pub(crate) fn linear_flex(
     xf: &FlexTensor,
     wf: &FlexTensor,
     bf: Option<&FlexTensor>,
+    weights: Weights,
 ) -> Option<FlexTensor> {
     let [m, k] = dims2(xf);
     let [k2, n] = dims2(wf);
@@ -48,13 +63,14 @@ pub(crate) fn linear_flex(
             row.copy_from_slice(b);
         }
     }
-    gemm_into(&mut out, xf, wf, [m, k, n], bf.is_some());
+    gemm_into(&mut out, xf, wf, [m, k, n], bf.is_some(), weights);
     Some(bridge::from_vec(out, &[m, n]))
 }
 
 /// `lhs · rhs` for 2-D tensors of any strides whose inner dimensions the caller checked agree.
 pub(crate) fn matmul_flex(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
-    linear_flex(lhs, rhs, None).expect("the caller checked the inner dimensions")
+    linear_flex(lhs, rhs, None, Weights::AsTheyAre)
+        .expect("the caller checked the inner dimensions")
 }
 
 /// Sums of the columns of `[rows, cols]` values, `bias`'s gradient: each thread adds up a
@@ -100,6 +116,7 @@ fn gemm_into(
     rhs: &FlexTensor,
     [m, k, n]: [usize; 3],
     accumulate: bool,
+    weights: Weights,
 ) {
     let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
     let lhs_ptr = Shared::new(lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr());
@@ -140,9 +157,28 @@ fn gemm_into(
     if m * k * n == 0 {
         // Nothing to multiply: `out` already holds the bias rows or zeros.
     } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
+        // The region of the weight's buffer the view covers, and its bf16 copy if it has one.
+        let extent = if rs[1] == 1 {
+            (k - 1) * rs[0] as usize + n
+        } else {
+            (n - 1) * rs[1] as usize + k
+        };
+        let packed = (weights == Weights::Bf16Copies && k * n >= SPLIT_WEIGHT)
+            .then(|| packed::bf16_copy(rhs, extent))
+            .flatten();
         // SAFETY: as above; `lhs` rows are contiguous (or there is one row) and `rhs` is row-
-        // or column-major, which is what `few_rows` reads.
-        unsafe { few_rows(out_ptr, lhs_ptr, ls[0], rhs_ptr, rs, [m, k, n], threads) };
+        // or column-major, which is what `few_rows` reads; `packed` covers the same region.
+        unsafe {
+            few_rows(
+                out_ptr,
+                lhs_ptr,
+                ls[0],
+                (rhs_ptr, packed.as_deref()),
+                rs,
+                [m, k, n],
+                threads,
+            )
+        };
     } else if m * n * k >= PARALLEL_WORK {
         run(0..n, gemm::Parallelism::Rayon(0));
     } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
@@ -170,6 +206,9 @@ const FEW_ROWS: usize = 8;
 /// column-major one (a tied embedding table read as its transpose) is cut into blocks of
 /// columns, each column one dot product per input row.
 ///
+/// With a bf16 copy of the weight (`rhs.1`, the same region as `rhs.0`), the copy is read
+/// instead: half the bytes, the same products.
+///
 /// # Safety
 /// `out` holds `m · n` values; `lhs` holds `m` rows of `k` contiguous values `lhs_row_stride`
 /// apart; `rhs` holds `[k, n]` values at strides `rs`, one of which is 1.
@@ -177,7 +216,7 @@ unsafe fn few_rows(
     out: SharedMut,
     lhs: Shared,
     lhs_row_stride: isize,
-    rhs: Shared,
+    (rhs, packed): (Shared, Option<&[u16]>),
     rs: &[isize],
     [m, k, n]: [usize; 3],
     threads: usize,
@@ -202,19 +241,22 @@ unsafe fn few_rows(
         let w_stride = rs[0] as usize;
         // SAFETY: rows 0..k of the weight, n values each, `w_stride` apart.
         let w = unsafe { std::slice::from_raw_parts(rhs.at(0), (k - 1) * w_stride + n) };
+        let w: Weight = match packed {
+            Some(p) => Weight::Bf16(p),
+            None => Weight::F32(w),
+        };
         let block = k.div_ceil(parts);
         let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
             .into_par_iter()
             .map(|p| {
                 let mut ys = vec![0.0f32; m * n];
-                math::few_rows_axpy(
-                    &mut ys,
-                    &xs,
-                    k,
-                    p * block..((p + 1) * block).min(k),
-                    w,
-                    w_stride,
-                );
+                let k_rows = p * block..((p + 1) * block).min(k);
+                match w {
+                    Weight::F32(w) => math::few_rows_axpy(&mut ys, &xs, k, k_rows, w, w_stride),
+                    Weight::Bf16(w) => {
+                        math::few_rows_axpy_bf16(&mut ys, &xs, k, k_rows, w, w_stride)
+                    }
+                }
                 ys
             })
             .collect();
@@ -235,14 +277,15 @@ unsafe fn few_rows(
         let cols = p * part..((p + 1) * part).min(n);
         let width = cols.len();
         let mut ys = vec![0.0f32; m * width];
-        // SAFETY: columns `cols` of the weight, k contiguous values each.
-        let w = unsafe {
-            std::slice::from_raw_parts(
-                rhs.at(cols.start as isize * rs[1]),
-                (width - 1) * w_stride + k,
-            )
-        };
-        math::few_rows_dots(&mut ys, &xs, w, k, w_stride);
+        let (at, len) = (cols.start * w_stride, (width - 1) * w_stride + k);
+        match packed {
+            Some(p) => math::few_rows_dots_bf16(&mut ys, &xs, &p[at..at + len], k, w_stride),
+            None => {
+                // SAFETY: columns `cols` of the weight, k contiguous values each.
+                let w = unsafe { std::slice::from_raw_parts(rhs.at(at as isize), len) };
+                math::few_rows_dots(&mut ys, &xs, w, k, w_stride)
+            }
+        }
         for r in 0..m {
             // SAFETY: this task alone writes columns `cols` of `out`.
             let row = unsafe {
@@ -253,6 +296,13 @@ unsafe fn few_rows(
             }
         }
     });
+}
+
+/// A weight as [`few_rows`] reads it.
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
 }
 
 /// Weights of at least this many values are read by all threads even for a single row.
@@ -314,6 +364,44 @@ mod tests {
         let got = linear(&x, &table.transpose(), None).unwrap();
         got.into_data()
             .assert_approx_eq::<f32>(&want.into_data(), tolerance());
+    }
+
+    #[test]
+    fn bf16_weights_are_read_from_their_copy_with_identical_results() {
+        let device = Default::default();
+        let round = |t: Tensor<Flex, 2>| {
+            let [r, c] = t.dims();
+            let values: Vec<f32> = t.into_data().to_vec::<f32>().unwrap();
+            let values: Vec<f32> = values
+                .iter()
+                .map(|v| f32::from_bits(v.to_bits() & 0xFFFF_0000))
+                .collect();
+            Tensor::<Flex, 2>::from_data(burn::tensor::TensorData::new(values, [r, c]), &device)
+        };
+        let x = Tensor::<Flex, 2>::random([3, 300], Distribution::Normal(0.0, 1.0), &device);
+        let w = round(Tensor::random(
+            [300, 1000],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+        let table = round(Tensor::random(
+            [1000, 300],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+        for (weight, extent) in [(w, 300 * 1000), (table.transpose(), 1000 * 300)] {
+            let (xf, wf) = (bridge::flex(&x).unwrap(), bridge::flex(&weight).unwrap());
+            let copied = linear_flex(&xf, &wf, None, Weights::Bf16Copies).unwrap();
+            let plain = linear_flex(&xf, &wf, None, Weights::AsTheyAre).unwrap();
+            assert!(
+                packed::bf16_copy(&wf, extent).is_some(),
+                "the copy was made"
+            );
+            assert_eq!(
+                copied.into_data().to_vec::<f32>().unwrap(),
+                plain.into_data().to_vec::<f32>().unwrap()
+            );
+        }
     }
 
     #[test]

@@ -127,18 +127,23 @@ pub(crate) fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>()
 }
 
-/// Dot product of two slices of equal length, in two vectors of [`LANES`] partial sums.
+/// Dot product of two slices of equal length (the second f32 or bf16), in two vectors of
+/// [`LANES`] partial sums.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<W: WeightValue>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0.0f32; 2 * LANES];
     let chunks = a.chunks_exact(2 * LANES).zip(b.chunks_exact(2 * LANES));
     for (x, y) in chunks {
         for i in 0..2 * LANES {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].get();
         }
     }
     let done = a.len() / (2 * LANES) * (2 * LANES);
-    let tail: f32 = a[done..].iter().zip(&b[done..]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a[done..]
+        .iter()
+        .zip(&b[done..])
+        .map(|(x, y)| x * y.get())
+        .sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -398,45 +403,97 @@ simd_fn! {
     }
 }
 
-simd_fn! {
-    /// `ys[r] += Σ_{kk in k_rows} xs[r · k + kk] · w[kk · w_stride ..][..n]` for the `rows` rows
-    /// of `ys` (`n = ys.len() / rows`): one block of weight rows of a product with few rows,
-    /// read front to back once, each weight row used for every input row while it is in L1.
-    pub(crate) fn few_rows_axpy(
-        ys: &mut [f32],
-        xs: &[f32],
-        k: usize,
-        k_rows: std::ops::Range<usize>,
-        w: &[f32],
-        w_stride: usize,
-    ) {
-        let rows = xs.len() / k;
-        let n = ys.len() / rows;
-        for kk in k_rows {
-            let seg = &w[kk * w_stride..kk * w_stride + n];
-            for r in 0..rows {
-                let xk = xs[r * k + kk];
-                for (y, w) in ys[r * n..(r + 1) * n].iter_mut().zip(seg) {
-                    *y += xk * w;
-                }
+/// A weight value as stored: f32, or bf16 (the high half of an f32), widened exactly.
+pub(crate) trait WeightValue: Copy + Send + Sync {
+    /// The value as f32.
+    fn get(self) -> f32;
+}
+
+impl WeightValue for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl WeightValue for u16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+}
+
+/// `ys[r] += Σ_{kk in k_rows} xs[r · k + kk] · w[kk · w_stride ..][..n]` for the `rows` rows
+/// of `ys` (`n = ys.len() / rows`): one block of weight rows of a product with few rows,
+/// read front to back once, each weight row used for every input row while it is in L1.
+#[inline(always)]
+fn few_rows_axpy_any<W: WeightValue>(
+    ys: &mut [f32],
+    xs: &[f32],
+    k: usize,
+    k_rows: std::ops::Range<usize>,
+    w: &[W],
+    w_stride: usize,
+) {
+    let rows = xs.len() / k;
+    let n = ys.len() / rows;
+    for kk in k_rows {
+        let seg = &w[kk * w_stride..kk * w_stride + n];
+        for r in 0..rows {
+            let xk = xs[r * k + kk];
+            for (y, w) in ys[r * n..(r + 1) * n].iter_mut().zip(seg) {
+                *y += xk * w.get();
             }
         }
     }
 }
 
-simd_fn! {
-    /// `ys[r · cols + j] += dot(xs[r], w[j · w_stride ..][..k])` for `cols = ys.len() / rows`
-    /// weight columns stored contiguously (a transposed, column-major weight), where `xs`
-    /// holds `rows` rows of `k` values.
-    pub(crate) fn few_rows_dots(ys: &mut [f32], xs: &[f32], w: &[f32], k: usize, w_stride: usize) {
-        let rows = xs.len() / k;
-        let cols = ys.len() / rows;
-        for j in 0..cols {
-            let col = &w[j * w_stride..j * w_stride + k];
-            for r in 0..rows {
-                ys[r * cols + j] += dot(&xs[r * k..(r + 1) * k], col);
-            }
+/// `ys[r · cols + j] += dot(xs[r], w[j · w_stride ..][..k])` for `cols = ys.len() / rows`
+/// weight columns stored contiguously (a transposed, column-major weight), where `xs` holds
+/// `rows` rows of `k` values.
+#[inline(always)]
+fn few_rows_dots_any<W: WeightValue>(
+    ys: &mut [f32],
+    xs: &[f32],
+    w: &[W],
+    k: usize,
+    w_stride: usize,
+) {
+    let rows = xs.len() / k;
+    let cols = ys.len() / rows;
+    for j in 0..cols {
+        let col = &w[j * w_stride..j * w_stride + k];
+        for r in 0..rows {
+            ys[r * cols + j] += dot(&xs[r * k..(r + 1) * k], col);
         }
+    }
+}
+
+simd_fn! {
+    /// [`few_rows_axpy_any`] over an f32 weight.
+    pub(crate) fn few_rows_axpy(ys: &mut [f32], xs: &[f32], k: usize, k_rows: std::ops::Range<usize>, w: &[f32], w_stride: usize) {
+        few_rows_axpy_any(ys, xs, k, k_rows, w, w_stride)
+    }
+}
+
+simd_fn! {
+    /// [`few_rows_axpy_any`] over a bf16 copy of a weight.
+    pub(crate) fn few_rows_axpy_bf16(ys: &mut [f32], xs: &[f32], k: usize, k_rows: std::ops::Range<usize>, w: &[u16], w_stride: usize) {
+        few_rows_axpy_any(ys, xs, k, k_rows, w, w_stride)
+    }
+}
+
+simd_fn! {
+    /// [`few_rows_dots_any`] over an f32 weight.
+    pub(crate) fn few_rows_dots(ys: &mut [f32], xs: &[f32], w: &[f32], k: usize, w_stride: usize) {
+        few_rows_dots_any(ys, xs, w, k, w_stride)
+    }
+}
+
+simd_fn! {
+    /// [`few_rows_dots_any`] over a bf16 copy of a weight.
+    pub(crate) fn few_rows_dots_bf16(ys: &mut [f32], xs: &[f32], w: &[u16], k: usize, w_stride: usize) {
+        few_rows_dots_any(ys, xs, w, k, w_stride)
     }
 }
 

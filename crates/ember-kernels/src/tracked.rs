@@ -104,7 +104,12 @@ pub(crate) fn linear<B: Backend>(
 ) -> Option<Tensor<B, 2>> {
     let (xa, wa, ba) = (ad(x)?, ad(weight)?, optional_ad(bias)?);
     let bias_rows = ba.as_ref().map(|b| bridge::rows(&b.primitive));
-    let out = dense::linear_flex(&xa.primitive, &wa.primitive, bias_rows.as_ref())?;
+    let out = dense::linear_flex(
+        &xa.primitive,
+        &wa.primitive,
+        bias_rows.as_ref(),
+        dense::Weights::AsTheyAre,
+    )?;
     let state = (xa.primitive.clone(), wa.primitive.clone());
     Some(wrap(match &ba {
         Some(b) => record(LinearBackward, [&xa, &wa, b], state, out),

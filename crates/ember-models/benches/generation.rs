@@ -6,12 +6,18 @@
 //! `bandwidth_bound_b1` reads as many bytes as the model's f32 weights (what one decoding step
 //! at batch 1 must read at least), on every core: its rate in tokens/s is the machine's
 //! memory-bandwidth bound for batch-1 decoding.
+//!
+//! `smollm2_bf16_weights_generate_b1_p16_n64` rounds the weights to bf16 first (kept in f32
+//! tensors): a checkpoint published in bf16, as SmolLM2's own is, loaded in f32. The kernels then
+//! decode from bf16 copies of the weights (`ember_kernels::linear`), whose bound is
+//! `bandwidth_bound_bf16_b1`, half the bytes.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
 use burn::backend::Flex;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
 use ember_models::{CausalLmInput, LlamaForCausalLM};
@@ -45,6 +51,30 @@ fn sum_lanes(values: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + rest
+}
+
+/// Rounds every float parameter to the nearest bf16 value (ties to even), keeping f32 tensors.
+struct RoundToBf16;
+
+impl ModuleMapper<B> for RoundToBf16 {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let rounded = tensor.cast(DType::BF16).cast(DType::F32);
+        Param::from_mapped_value(id, rounded, mapper)
+    }
+}
+
+/// Reads `values` once on every core; the time is what reading that many bytes costs.
+fn read_on_every_core(values: &[f32]) -> f32 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = values.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = values
+            .chunks(chunk)
+            .map(|part| s.spawn(move || sum_lanes(part)))
+            .collect();
+        parts.into_iter().map(|p| p.join().unwrap()).sum::<f32>()
+    })
 }
 
 fn bench(c: &mut Criterion) {
@@ -92,21 +122,39 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
-    // The bandwidth bound: read the weights' bytes once per "token", on every core.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The same model with bf16 values, decoding at batch 1.
+    let rounded = model.map(&mut RoundToBf16);
+    let config = GenerationConfig {
+        eos_token_id: None,
+        ..GenerationConfig::greedy(NEW)
+    };
+    let prompt = Prompt::left_padded(prompts(1), 0);
+    group.throughput(Throughput::Elements(NEW as u64));
+    group.bench_function(
+        format!("smollm2_bf16_weights_generate_b1_p{PROMPT}_n{NEW}"),
+        |b| {
+            b.iter(|| {
+                generate(
+                    &rounded,
+                    &prompt,
+                    &config,
+                    GenerateOptions::default(),
+                    &device,
+                )
+                .unwrap()
+            })
+        },
+    );
+    // The bandwidth bounds: read the weights' bytes once per "token", on every core, in f32
+    // and in bf16 (half as many bytes as f32 values).
     let weights = vec![1.0f32; weight_values];
     group.throughput(Throughput::Elements(1));
     group.bench_function("bandwidth_bound_b1", |b| {
-        b.iter(|| {
-            let chunk = weights.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                let parts: Vec<_> = weights
-                    .chunks(chunk)
-                    .map(|part| s.spawn(move || sum_lanes(part)))
-                    .collect();
-                parts.into_iter().map(|p| p.join().unwrap()).sum::<f32>()
-            })
-        })
+        b.iter(|| read_on_every_core(&weights))
+    });
+    let half = &weights[..weight_values.div_ceil(2)];
+    group.bench_function("bandwidth_bound_bf16_b1", |b| {
+        b.iter(|| read_on_every_core(half))
     });
     group.finish();
 }
