@@ -13,12 +13,15 @@
 //!   views (head split and merge cost nothing), with a key padding mask, a causal mask and
 //!   grouped key / value heads.
 //!
-//! For training on the CPU, [`dropout_mask`] draws dropout masks with a fast generator (feature
-//! `autodiff`).
+//! For training on the CPU (feature `autodiff`), [`linear`], [`layer_norm`], [`gelu_erf`] and
+//! [`attention`] also run on `Autodiff<Flex>`, each as one recorded operation with its own
+//! backward pass, and [`dropout_mask`] draws dropout masks with a fast generator.
+//!
+//! For decoding, [`linear`] reads a weight whose values are all bf16 (a checkpoint published in
+//! bf16, loaded in f32) from a bf16 copy: half the bytes, the same results.
 //!
 //! Every function is generic over the burn backend and returns `None` when it does not apply:
-//! another backend (CUDA, autodiff during training), another dtype than f32, or a layout it
-//! does not read. The caller then runs burn's own operations, so results never depend on
+//! another backend (CUDA), another dtype than f32, or a layout it does not read. The caller then runs burn's own operations, so results never depend on
 //! whether a kernel ran beyond float rounding (the models' parity tests run through both).
 
 #![warn(unsafe_op_in_unsafe_fn)]
