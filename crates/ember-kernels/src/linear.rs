@@ -74,7 +74,8 @@ pub(crate) fn matmul_flex(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
 }
 
 /// Sums of the columns of `[rows, cols]` values, `bias`'s gradient: each thread adds up a
-/// block of rows, then the partial sums are added.
+/// block of rows, then the partial sums are added in block order (the same result on every
+/// run, whatever thread ran which block).
 pub(crate) fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
     if cols == 0 {
@@ -89,7 +90,9 @@ pub(crate) fn column_sums(values: &[f32], cols: usize) -> Vec<f32> {
             math::add_rows(&mut acc, chunk);
             acc
         })
-        .reduce_with(|mut a, b| {
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|mut a, b| {
             math::add_rows(&mut a, &b);
             a
         })
