@@ -141,6 +141,16 @@ impl Shapes {
         1.0 / (self.d as f32).sqrt()
     }
 
+    /// Query heads per key / value head.
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Values in one head's `[seq_q, seq_k]` weights.
+    fn block(&self) -> usize {
+        self.seq_q * self.seq_k
+    }
+
     /// The `[batch, heads, seq, dim]` strides of a buffer laid out as `[batch, seq, heads, dim]`.
     fn rows_layout(batch_heads: [usize; 2], seq: usize, dim: usize) -> [isize; 4] {
         let heads = batch_heads[1];
@@ -154,13 +164,22 @@ impl Shapes {
 }
 
 impl Masks {
-    /// The padding flags of batch row `bi` (all false without padding).
-    fn padding_of<'a>(&'a self, bi: usize, seq_k: usize, none: &'a [bool]) -> &'a [bool] {
-        if self.padding.is_empty() {
+    /// The key padding flags of batch row `bi` (`none`, all false, without padding) and the
+    /// causal offset, as [`math::masked_softmax_rows`] and [`math::mask_rows`] read them.
+    fn of_row<'a>(
+        &'a self,
+        bi: usize,
+        sh: &Shapes,
+        none: &'a [bool],
+    ) -> (&'a [bool], Option<isize>) {
+        let seq_k = sh.seq_k;
+        let padding = if self.padding.is_empty() {
             none
         } else {
             &self.padding[bi * seq_k..(bi + 1) * seq_k]
-        }
+        };
+        let offset = seq_k as isize - sh.seq_q as isize;
+        (padding, self.causal.then_some(offset))
     }
 
     /// The dropout factors of task `task` (one batch row and head), `[seq_q, seq_k]`.
@@ -183,17 +202,14 @@ pub(crate) fn attention_flex(
     let Shapes {
         batch,
         heads,
-        kv_heads,
         seq_q,
         seq_k,
         d,
         dv,
+        ..
     } = sh;
-    let group = heads / kv_heads;
-    let scale = sh.scale();
+    let (group, scale, block) = (sh.group(), sh.scale(), sh.block());
     let no_padding = vec![false; seq_k];
-    let causal_offset = seq_k as isize - seq_q as isize;
-    let block = seq_q * seq_k;
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
     let out_ptr = SharedMut::new(out.as_mut_ptr());
     let mut probs = if keep_probs {
@@ -247,8 +263,8 @@ pub(crate) fn attention_flex(
                 gemm::Parallelism::None,
             );
         }
-        let pad = masks.padding_of(bi, seq_k, &no_padding);
-        math::masked_softmax_rows(scores, pad, masks.causal.then_some(causal_offset));
+        let (pad, causal) = masks.of_row(bi, &sh, &no_padding);
+        math::masked_softmax_rows(scores, pad, causal);
         let weights: &[f32] = match masks.dropout_of(task, block) {
             Some(m) if keep_probs => {
                 dropped = scores.iter().zip(m).map(|(p, m)| p * m).collect();
@@ -315,11 +331,8 @@ pub(crate) fn attention_backward(
         d,
         dv,
     } = sh;
-    let group = heads / kv_heads;
-    let scale = sh.scale();
+    let (group, scale, block) = (sh.group(), sh.scale(), sh.block());
     let no_padding = vec![false; seq_k];
-    let causal_offset = seq_k as isize - seq_q as isize;
-    let block = seq_q * seq_k;
     let probs = bridge::contiguous(probs).expect("kept contiguous");
     let mut dq = vec![0.0f32; batch * seq_q * heads * d];
     let mut dk = vec![0.0f32; batch * seq_k * kv_heads * d];
@@ -339,7 +352,7 @@ pub(crate) fn attention_backward(
     let tasks = if seq_q == 0 { 0 } else { batch * kv_heads };
     (0..tasks).into_par_iter().for_each(|task| {
         let (bi, kh) = (task / kv_heads, task % kv_heads);
-        let pad = masks.padding_of(bi, seq_k, &no_padding);
+        let (pad, causal) = masks.of_row(bi, &sh, &no_padding);
         let mut weights = vec![0.0f32; block];
         let mut grad = vec![0.0f32; block];
         let (k_at, v_at) = (
@@ -416,7 +429,7 @@ pub(crate) fn attention_backward(
                 );
             }
             math::softmax_backward_rows(p, drop, &mut grad, seq_k);
-            math::mask_rows(&mut grad, pad, masks.causal.then_some(causal_offset));
+            math::mask_rows(&mut grad, pad, causal);
             let q_at = bi as isize * qs[0] + hi as isize * qs[1];
             let q_row = (heads * d) as isize;
             let dq_at = bi as isize * seq_q as isize * q_row + (hi * d) as isize;

@@ -32,11 +32,16 @@ pub(crate) fn flex<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<FlexT
     if !is_flex::<B>() {
         return None;
     }
+    let f = float_primitive::<B, D, FlexTensor>(t)?;
+    (f.dtype() == burn::tensor::DType::F32).then_some(f)
+}
+
+/// The float primitive of `t` as the concrete type `P`, when it is one.
+pub(crate) fn float_primitive<B: Backend, const D: usize, P: Clone + 'static>(
+    t: &Tensor<B, D>,
+) -> Option<P> {
     match t.clone().into_primitive() {
-        TensorPrimitive::Float(p) => {
-            let f = (&p as &dyn Any).downcast_ref::<FlexTensor>()?.clone();
-            (f.dtype() == burn::tensor::DType::F32).then_some(f)
-        }
+        TensorPrimitive::Float(p) => (&p as &dyn Any).downcast_ref::<P>().cloned(),
         TensorPrimitive::QFloat(_) => None,
     }
 }
@@ -53,10 +58,15 @@ pub(crate) fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> O
 
 /// Wraps a Flex tensor as a float tensor of backend `B` (which the caller checked is Flex).
 pub(crate) fn wrap<B: Backend, const D: usize>(t: FlexTensor) -> Tensor<B, D> {
-    let boxed: Box<dyn Any> = Box::new(t);
+    wrap_primitive(t)
+}
+
+/// Wraps `p` as a float tensor of backend `B`, whose float primitive the caller checked is `P`.
+pub(crate) fn wrap_primitive<B: Backend, const D: usize, P: 'static>(p: P) -> Tensor<B, D> {
+    let boxed: Box<dyn Any> = Box::new(p);
     let p = boxed
         .downcast::<B::FloatTensorPrimitive>()
-        .unwrap_or_else(|_| unreachable!("wrap is only called after is_flex::<B>()"));
+        .unwrap_or_else(|_| unreachable!("the caller checked the backend's primitive"));
     Tensor::from_primitive(TensorPrimitive::Float(*p))
 }
 

@@ -14,10 +14,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
-use burn::tensor::{backend::Backend, DType, Tensor, TensorPrimitive};
+use burn::tensor::{backend::Backend, DType, Tensor};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use std::any::Any;
 
 /// The autodiff tensor of `Autodiff<Flex>`: a Flex primitive and its node in the graph.
 pub(crate) type AdTensor = burn::tensor::ops::FloatTensor<Autodiff<Flex>>;
@@ -27,13 +26,8 @@ pub(crate) fn ad<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<AdTenso
     if !bridge::is_autodiff_flex::<B>() {
         return None;
     }
-    match t.clone().into_primitive() {
-        TensorPrimitive::Float(p) => {
-            let a = (&p as &dyn Any).downcast_ref::<AdTensor>()?.clone();
-            (a.primitive.dtype() == DType::F32).then_some(a)
-        }
-        TensorPrimitive::QFloat(_) => None,
-    }
+    let a = bridge::float_primitive::<B, D, AdTensor>(t)?;
+    (a.primitive.dtype() == DType::F32).then_some(a)
 }
 
 /// [`ad`] for an optional operand: `None` when the kernel does not apply, `Some(None)` when
@@ -48,11 +42,7 @@ fn optional_ad<B: Backend, const D: usize>(t: Option<&Tensor<B, D>>) -> Option<O
 /// Wraps an autodiff tensor as a tensor of backend `B` (which the caller checked is
 /// `Autodiff<Flex>`).
 pub(crate) fn wrap<B: Backend, const D: usize>(t: AdTensor) -> Tensor<B, D> {
-    let boxed: Box<dyn Any> = Box::new(t);
-    let p = boxed
-        .downcast::<B::FloatTensorPrimitive>()
-        .unwrap_or_else(|_| unreachable!("wrap is only called after ad::<B>()"));
-    Tensor::from_primitive(TensorPrimitive::Float(*p))
+    bridge::wrap_primitive(t)
 }
 
 /// Records `output` as the result of `op` applied to `parents`, with `state` for its backward
@@ -140,7 +130,8 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
             give(grads, ids[N - 1], || {
                 let dy = bridge::rows(&dy);
                 let cols = dims2(&dy)[1];
-                let sums = dense::column_sums(bridge::contiguous(&dy).unwrap_or(&[]), cols);
+                let sums =
+                    dense::column_sums(bridge::contiguous(&dy).expect("made contiguous"), cols);
                 bridge::from_vec(sums, &[cols])
             });
         }
@@ -305,14 +296,16 @@ pub(crate) fn attention<B: Backend>(
         causal: mask.causal,
         dropout,
     };
+    // The weights are kept only when a backward pass will read them.
+    let keep = [&qa, &ka, &va].iter().any(|t| t.is_tracked());
     let (out, probs) =
-        attention::attention_flex(&qa.primitive, &ka.primitive, &va.primitive, &masks, true)?;
+        attention::attention_flex(&qa.primitive, &ka.primitive, &va.primitive, &masks, keep)?;
     let state = AttentionState {
         q: qa.primitive.clone(),
         k: ka.primitive.clone(),
         v: va.primitive.clone(),
         masks,
-        probs: probs?,
+        probs,
     };
     Some(wrap(record(AttentionBackward, [&qa, &ka, &va], state, out)))
 }
@@ -324,8 +317,8 @@ struct AttentionState {
     k: FlexTensor,
     v: FlexTensor,
     masks: Masks,
-    /// The attention weights before dropout.
-    probs: FlexTensor,
+    /// The attention weights before dropout, kept when a parent needs a gradient.
+    probs: Option<FlexTensor>,
 }
 
 /// Backward pass of the attention, per batch row and key / value head
@@ -340,8 +333,9 @@ impl Backward<Flex, 3> for AttentionBackward {
         let ids = wanted(&ops);
         let d_out = grads.consume::<Flex>(&ops.node);
         let s = ops.state;
+        let probs = s.probs.expect("kept: a parent needs a gradient");
         let (dq, dk, dv) =
-            attention::attention_backward(&s.q, &s.k, &s.v, &s.masks, &s.probs, &d_out);
+            attention::attention_backward(&s.q, &s.k, &s.v, &s.masks, &probs, &d_out);
         give(grads, ids[0], || dq);
         give(grads, ids[1], || dk);
         give(grads, ids[2], || dv);

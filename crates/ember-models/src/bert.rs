@@ -338,7 +338,8 @@ impl<B: Backend> BertLayer<B> {
         );
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         // In training, the fused kernel takes the dropout on the weights as a mask.
-        let dropout = dropout_active
+        // (Drawn only where the kernel runs: with `want_probs`, burn's path below draws its own.)
+        let dropout = (dropout_active && !want_probs)
             .then(|| {
                 ember_kernels::dropout_mask::<B, 4>(
                     [batch, heads, seq, seq],
