@@ -19,6 +19,9 @@ pub struct EmbedArgs {
     /// tokenizer's `model_max_length`, at most what the position embeddings allow.
     #[arg(long)]
     max_length: Option<usize>,
+    /// peft adapters applied to the encoder (`--adapter DIR[:NAME]`, `--active NAME`).
+    #[command(flatten)]
+    adapters: crate::peft::AdapterArgs,
 }
 
 /// Reads sentences from stdin, one per line; prints for each, in order, a JSON object with
@@ -29,6 +32,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&args.model)?;
     let model: BertModel<ember::Backend> = AutoModel::from_pretrained(&args.model, &device)?;
+    let model = args.adapters.apply(model)?;
     let config = model.config();
     // RoBERTa numbers positions after the padding id, so pad + 1 positions are unusable.
     let offset = if config.is_roberta() {

@@ -47,6 +47,9 @@ pub struct GenerateArgs {
     /// With --chat: a system message first.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// peft adapters applied to the model (`--adapter DIR[:NAME]`, `--active NAME`).
+    #[command(flatten)]
+    adapters: crate::peft::AdapterArgs,
     /// Print one JSON object instead of streaming: the text, the prompt's and the generated
     /// ids, and why generation ended.
     #[arg(long)]
@@ -105,6 +108,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
     let model = AutoModelForCausalLM::from_pretrained::<ember::Backend>(&a.model, &device)?;
+    let model = a.adapters.apply(model)?;
     let mut config = GenerationConfig::from_pretrained(&a.model)?;
     config.fill_from_model_config(&model.config_json());
     config.max_new_tokens = a.max_new_tokens.or(config.max_new_tokens).or(Some(128));

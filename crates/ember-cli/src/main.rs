@@ -3,9 +3,11 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod causal_train;
 mod demo;
 mod embed;
 mod generate;
+mod peft;
 mod tokenize;
 mod train;
 
@@ -25,12 +27,18 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Continue a prompt from stdin with a causal LM, streaming the text (--json: one JSON object).
     Generate(generate::GenerateArgs),
-    /// Fine-tune a sequence classifier on labelled text (no arguments: the embedded demo).
+    /// Fine-tune a sequence classifier on labelled text, a token classifier (--task ner) or a
+    /// causal LM (--task causal-lm); no arguments: the embedded demo.
     Train(train::TrainArgs),
     /// Score a fine-tuned classifier on labelled text (accuracy, F1, precision, recall, loss).
     Evaluate(train::EvaluateArgs),
     /// Classify lines from stdin with a fine-tuned classifier: JSON lines with label and score.
     Predict(train::PredictArgs),
+    /// List a model's modules by HF path with their types and shapes (with --adapter: the
+    /// adapter's parameters and peft's trainable-parameter line).
+    Inspect(peft::InspectArgs),
+    /// Merge a peft adapter into its base model and save a plain checkpoint (merge_and_unload).
+    Merge(peft::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +54,8 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run_train(args),
         Command::Evaluate(args) => train::run_evaluate(args),
         Command::Predict(args) => train::run_predict(args),
+        Command::Inspect(args) => peft::run_inspect(args),
+        Command::Merge(args) => peft::run_merge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! `ember train`, `ember evaluate`, `ember predict`: fine-tune a sequence classifier from a
 //! labelled text file and a checkpoint folder, score it, and use it. With no arguments,
-//! `ember train` runs the embedded demo (see [`crate::demo`]).
+//! `ember train` runs the embedded demo (see [`crate::demo`]). `--task ner` trains a token
+//! classifier, `--task causal-lm` a causal LM (see [`crate::causal_train`]).
 
 use anyhow::{bail, Context, Result};
 use ember::burn::tensor::activation::softmax;
@@ -24,19 +25,23 @@ pub struct TrainArgs {
     /// without --data, the embedded demo runs.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Labelled examples: .csv, .json / .jsonl or .parquet.
+    /// Labelled examples: .csv, .json / .jsonl or .parquet (with --task causal-lm:
+    /// alpaca-style rows with `instruction`, `input`, `output`, or text with --text-column).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Column holding the text.
-    #[arg(long, default_value = "text")]
-    text_column: String,
+    /// Column holding the text [default: text]. With --task causal-lm: train on this column's
+    /// whole text instead of instruction rows.
+    #[arg(long)]
+    text_column: Option<String>,
     /// Column holding the label (class names or integers).
     #[arg(long, default_value = "label")]
     label_column: String,
-    /// Separate evaluation examples (same columns); otherwise --test-size of --data is held out.
+    /// Separate evaluation examples (same columns); otherwise --test-size of --data is held out
+    /// (with --task causal-lm nothing is held out: only this file is evaluated).
     #[arg(long)]
     eval_data: Option<PathBuf>,
-    /// Fraction of --data held out for evaluation (stratified by label), when no --eval-data.
+    /// Fraction of --data held out for evaluation (stratified by label), when no --eval-data
+    /// (--task sequence and ner).
     #[arg(long, default_value_t = 0.1)]
     test_size: f64,
     /// TrainingArguments as JSON or TOML, with HF field names. Without it: HF's defaults, with
@@ -46,9 +51,9 @@ pub struct TrainArgs {
     /// Where checkpoints and the final model go (overrides `output_dir` of --args).
     #[arg(long)]
     output_dir: Option<PathBuf>,
-    /// Truncate each text to this many tokens.
-    #[arg(long, default_value_t = 128)]
-    max_length: usize,
+    /// Truncate each text to this many tokens [default: 128; 256 with --task causal-lm].
+    #[arg(long)]
+    max_length: Option<usize>,
     /// Print one JSON line per log entry (loss, eval metrics) on stdout.
     #[arg(long)]
     json: bool,
@@ -56,8 +61,9 @@ pub struct TrainArgs {
     /// of its checkpoint: training from scratch with that folder's tokenizer.
     #[arg(long)]
     from_scratch: bool,
-    /// `sequence` (a label per text) or `ner` (CoNLL-style files: a tag per word).
-    #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
+    /// `sequence` (a label per text), `ner` (CoNLL-style files: a tag per word) or `causal-lm`
+    /// (full fine-tuning of a causal LM on instruction rows or plain text).
+    #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner", "causal-lm"])]
     task: String,
 }
 
@@ -82,6 +88,9 @@ pub struct EvaluateArgs {
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// peft adapters applied to the model (`--adapter DIR[:NAME]`, `--active NAME`).
+    #[command(flatten)]
+    adapters: crate::peft::AdapterArgs,
     /// `sequence` (a label per text) or `ner` (a CoNLL-style file: seqeval metrics).
     #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
     task: String,
@@ -93,6 +102,9 @@ pub struct PredictArgs {
     /// A fine-tuned classifier folder (what `ember train` saves).
     #[arg(long)]
     model: PathBuf,
+    /// peft adapters applied to the model (`--adapter DIR[:NAME]`, `--active NAME`).
+    #[command(flatten)]
+    adapters: crate::peft::AdapterArgs,
     /// Truncate each text to this many tokens.
     #[arg(long, default_value_t = 128)]
     max_length: usize,
@@ -269,7 +281,13 @@ where
 
 /// `ember train --task ner`: a token classifier on CoNLL-style files, labels aligned to the
 /// first sub-token of each word, scored with seqeval.
-fn train_ner(a: &TrainArgs, model_dir: &Path, data: &Path, args: TrainingArguments) -> Result<()> {
+fn train_ner(
+    a: &TrainArgs,
+    model_dir: &Path,
+    data: &Path,
+    args: TrainingArguments,
+    max_length: usize,
+) -> Result<()> {
     let tokenizer = AutoTokenizer::from_pretrained(model_dir)?;
     let train = ember::datasets::read_conll(data)?;
     let Some(Feature::List(inner)) = train.features().get("ner_tags").cloned() else {
@@ -299,7 +317,7 @@ fn train_ner(a: &TrainArgs, model_dir: &Path, data: &Path, args: TrainingArgumen
     );
     let options = EncodeOptions::default()
         .truncation(Truncation::LongestFirst)
-        .max_length(a.max_length);
+        .max_length(max_length);
     let train = ember::data::tokenize_and_align_labels(&train, &tokenizer, &options, 1000)?;
     let eval = ember::data::tokenize_and_align_labels(&eval, &tokenizer, &options, 1000)?;
     let options = FromPretrainedOptions::default()
@@ -312,15 +330,15 @@ fn train_ner(a: &TrainArgs, model_dir: &Path, data: &Path, args: TrainingArgumen
         eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
     }
     let collator = ember::datasets::DataCollatorForTokenClassification::new(pad_id(&tokenizer));
-    let metrics = run_trainer(
-        model,
+    let metrics = crate::peft::maybe_peft!(model, a.peft.as_deref(), |m| run_trainer(
+        m,
         &tokenizer,
         collator,
         (train, eval),
         args,
         a.json,
         ner_metrics(names),
-    )?;
+    )?);
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }
@@ -359,6 +377,7 @@ fn evaluate_ner(a: &EvaluateArgs) -> Result<()> {
         &a.model,
         &default_device(),
     )?;
+    let model = a.adapters.apply(model)?;
     let names: Vec<String> = model
         .config()
         .id2label
@@ -387,8 +406,9 @@ fn evaluate_ner(a: &EvaluateArgs) -> Result<()> {
 }
 
 /// Prints each log entry: JSON lines on stdout with `--json`, a short line on stderr otherwise.
-struct PrintLogs {
-    json: bool,
+pub(crate) struct PrintLogs {
+    /// JSON lines on stdout.
+    pub(crate) json: bool,
 }
 
 impl ember::train::TrainerCallback for PrintLogs {
@@ -415,13 +435,18 @@ impl ember::train::TrainerCallback for PrintLogs {
             );
         }
         if logs.contains_key("eval_loss") {
-            eprintln!(
-                "epoch {:.2}: eval_loss {:.4}  accuracy {:.4}  f1 {:.4}",
+            // The metrics this task has (a causal LM has no accuracy).
+            let mut line = format!(
+                "epoch {:.2}: eval_loss {:.4}",
                 get("epoch"),
-                get("eval_loss"),
-                get("eval_accuracy"),
-                get("eval_f1")
+                get("eval_loss")
             );
+            for name in ["accuracy", "f1"] {
+                if let Some(v) = logs.get(&format!("eval_{name}")).and_then(|v| v.as_f64()) {
+                    line.push_str(&format!("  {name} {v:.4}"));
+                }
+            }
+            eprintln!("{line}");
         }
     }
 }
@@ -430,6 +455,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     let Some(data) = &a.data else {
         if a.model.is_some() {
             bail!("--model needs --data (the labelled examples to fine-tune on)");
+        }
+        if a.task != "sequence" {
+            bail!("--task {} needs --model and --data", a.task);
         }
         return crate::demo::run(
             a.output_dir.unwrap_or_else(|| PathBuf::from("ember-demo")),
@@ -440,6 +468,24 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         .model
         .as_ref()
         .context("--data needs --model (the checkpoint folder to fine-tune)")?;
+    if a.task == "causal-lm" {
+        return crate::causal_train::run(crate::causal_train::CausalLmArgs {
+            model: model_dir.clone(),
+            data: data.clone(),
+            eval_data: a.eval_data.clone(),
+            text_column: a.text_column.clone(),
+            args: a.args.clone(),
+            output_dir: a.output_dir.clone(),
+            max_length: a
+                .max_length
+                .unwrap_or(crate::causal_train::DEFAULT_MAX_LENGTH),
+            json: a.json,
+            from_scratch: a.from_scratch,
+            peft: a.peft.clone(),
+        });
+    }
+    let text_column = a.text_column.as_deref().unwrap_or("text");
+    let max_length = a.max_length.unwrap_or(128);
     let mut args = match &a.args {
         Some(path) => TrainingArguments::from_file(path)?,
         None => {
@@ -457,15 +503,15 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         args.output_dir = dir.clone();
     }
     if a.task == "ner" {
-        return train_ner(&a, model_dir, data, args);
+        return train_ner(&a, model_dir, data, args, max_length);
     }
     let tokenizer = AutoTokenizer::from_pretrained(model_dir)?;
-    let (train, names) = prepare(&read_data(data)?, &a.text_column, &a.label_column, None)?;
+    let (train, names) = prepare(&read_data(data)?, text_column, &a.label_column, None)?;
     let (train, eval) = match &a.eval_data {
         Some(path) => {
             let (eval, _) = prepare(
                 &read_data(path)?,
-                &a.text_column,
+                text_column,
                 &a.label_column,
                 Some(&names),
             )?;
@@ -486,8 +532,8 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         train.num_rows(),
         eval.num_rows()
     );
-    let train = tokenize(&train, &tokenizer, &a.text_column, a.max_length)?;
-    let eval = tokenize(&eval, &tokenizer, &a.text_column, a.max_length)?;
+    let train = tokenize(&train, &tokenizer, text_column, max_length)?;
+    let eval = tokenize(&eval, &tokenizer, text_column, max_length)?;
     let model = if a.from_scratch {
         let mut config = ember::models::read_config(model_dir)?;
         config.set_labels(names);
@@ -508,13 +554,25 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         }
         model
     };
-    let metrics = fine_tune(model, &tokenizer, train, eval, args, a.json)?;
+    let metrics = crate::peft::maybe_peft!(model, a.peft.as_deref(), |m| {
+        let collator = DataCollatorWithPadding::new(pad_id(&tokenizer));
+        run_trainer(
+            m,
+            &tokenizer,
+            collator,
+            (train, eval),
+            args,
+            a.json,
+            compute_metrics,
+        )?
+    });
     println!("{}", serde_json::to_string(&metrics)?);
     Ok(())
 }
 
 fn load_classifier(
     dir: &Path,
+    adapters: &crate::peft::AdapterArgs,
 ) -> Result<(
     AutoTokenizer,
     BertForSequenceClassification<Backend>,
@@ -523,6 +581,7 @@ fn load_classifier(
     let tokenizer = AutoTokenizer::from_pretrained(dir)?;
     let model =
         AutoModelForSequenceClassification::from_pretrained::<Backend>(dir, &default_device())?;
+    let model = adapters.apply(model)?;
     let names: Vec<String> = model
         .config()
         .id2label
@@ -537,7 +596,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
     if a.task == "ner" {
         return evaluate_ner(&a);
     }
-    let (tokenizer, model, names) = load_classifier(&a.model)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters)?;
     let (ds, _) = prepare(
         &read_data(&a.data)?,
         &a.text_column,
@@ -573,7 +632,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (tokenizer, model, names) = load_classifier(&a.model)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters)?;
     let options = EncodeOptions::default()
         .truncation(Truncation::LongestFirst)
         .max_length(a.max_length);

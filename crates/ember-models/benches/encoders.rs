@@ -96,7 +96,7 @@ fn train_step(c: &mut Criterion) {
             let grads = GradientsParams::from_grads(loss.backward(), &m);
             let m = optimizer.step(2e-5, m, grads);
             // Wait for the update to finish.
-            let _ = m.classifier.out_proj.weight.val().inner().into_data();
+            let _ = m.classifier.out_proj.base.weight.val().inner().into_data();
             model = Some(m);
         })
     });

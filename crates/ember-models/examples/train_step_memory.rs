@@ -50,7 +50,7 @@ fn main() {
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(2e-5, model, grads);
     }
-    let _ = model.classifier.out_proj.weight.val().into_data();
+    let _ = model.classifier.out_proj.base.weight.val().into_data();
     match peak_rss_mib() {
         Some(mib) => println!(
             "{{\"bench\": \"memory/rbt3_train_step_b32_s128\", \"peak_rss_mib\": {mib:.1}}}"

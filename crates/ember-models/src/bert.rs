@@ -8,14 +8,15 @@
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    apply_dropout, init_embedding, init_layer_norm, init_linear, join, layer_norm, FlatLinear,
-    ParamVisitor, VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, layer_norm, ParamVisitor,
+    VisitParams,
 };
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{activation, backend::Backend, Bool, ElementConversion, Int, Tensor};
+use ember_peft::{Projection, TokenEmbedding};
 
 /// The feed-forward activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +100,11 @@ impl<B: Backend> EncoderInput<B> {
 #[derive(Module, Debug)]
 pub struct BertEmbeddings<B: Backend> {
     /// `word_embeddings`.
-    pub word_embeddings: Embedding<B>,
+    pub word_embeddings: TokenEmbedding<B>,
     /// `position_embeddings`.
-    pub position_embeddings: Embedding<B>,
+    pub position_embeddings: TokenEmbedding<B>,
     /// `token_type_embeddings`.
-    pub token_type_embeddings: Embedding<B>,
+    pub token_type_embeddings: TokenEmbedding<B>,
     /// `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
     /// `layer_norm_eps` (burn's `LayerNorm` keeps its own private).
@@ -119,7 +120,7 @@ pub struct BertEmbeddings<B: Backend> {
 
 /// An embedding lookup whose `padding_idx` row receives no gradient, as in `torch.nn.Embedding`.
 fn lookup<B: Backend>(
-    table: &Embedding<B>,
+    table: &burn::nn::Embedding<B>,
     ids: Tensor<B, 2, Int>,
     padding_idx: Option<usize>,
 ) -> Tensor<B, 3> {
@@ -189,12 +190,13 @@ impl<B: Backend> BertEmbeddings<B> {
             .clone()
             .unwrap_or_else(|| Tensor::zeros([batch, seq], &ids.device()));
         let pad = self.padding_idx;
-        let x = lookup(&self.word_embeddings, ids, pad)
-            + lookup(
-                &self.position_embeddings,
-                positions,
-                self.roberta_padding_idx,
-            )
+        let rpad = self.roberta_padding_idx;
+        let x = self
+            .word_embeddings
+            .forward_with(ids, |table, ids| lookup(table, ids, pad))
+            + self
+                .position_embeddings
+                .forward_with(positions, |table, ids| lookup(table, ids, rpad))
             + self.token_type_embeddings.forward(types);
         apply_dropout(
             &self.dropout,
@@ -221,11 +223,11 @@ impl<B: Backend> VisitParams<B> for BertEmbeddings<B> {
 #[derive(Module, Debug)]
 pub struct BertSelfAttention<B: Backend> {
     /// `query`.
-    pub query: Linear<B>,
+    pub query: Projection<B>,
     /// `key`.
-    pub key: Linear<B>,
+    pub key: Projection<B>,
     /// `value`.
-    pub value: Linear<B>,
+    pub value: Projection<B>,
     /// Dropout on the attention probabilities.
     pub dropout: Dropout,
     /// Number of heads.
@@ -236,7 +238,7 @@ pub struct BertSelfAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct BertOutput<B: Backend> {
     /// `dense`.
-    pub dense: Linear<B>,
+    pub dense: Projection<B>,
     /// `LayerNorm`.
     pub layer_norm: LayerNorm<B>,
     /// `layer_norm_eps` (burn's `LayerNorm` keeps its own private).
@@ -254,7 +256,7 @@ pub struct BertLayer<B: Backend> {
     /// `attention.output`.
     pub attention_output: BertOutput<B>,
     /// `intermediate.dense`.
-    pub intermediate: Linear<B>,
+    pub intermediate: Projection<B>,
     /// `output`.
     pub output: BertOutput<B>,
     /// `hidden_act`.
@@ -280,7 +282,7 @@ impl<B: Backend> BertOutput<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = apply_dropout(&self.dropout, self.dense.forward_flat(x));
+        let x = apply_dropout(&self.dropout, self.dense.forward(x));
         layer_norm(&self.layer_norm, self.layer_norm_eps, x, Some(residual))
     }
 }
@@ -332,9 +334,9 @@ impl<B: Backend> BertLayer<B> {
                 .reshape([batch, heads, seq, d])
         };
         let (q, k, v) = (
-            a.query.forward_flat(x.clone()),
-            a.key.forward_flat(x.clone()),
-            a.value.forward_flat(x.clone()),
+            a.query.forward(x.clone()),
+            a.key.forward(x.clone()),
+            a.value.forward(x.clone()),
         );
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         // In training, the fused kernel takes the dropout on the weights as a mask.
@@ -403,7 +405,7 @@ impl<B: Backend> BertLayer<B> {
         let attended = self.attention_output.forward(context, x);
         let inner = self
             .activation
-            .forward(self.intermediate.forward_flat(attended.clone()));
+            .forward(self.intermediate.forward(attended.clone()));
         (self.output.forward(inner, attended), probs)
     }
 }
@@ -432,7 +434,7 @@ pub struct BertModel<B: Backend> {
     pub layers: Vec<BertLayer<B>>,
     /// `pooler.dense`: tanh of the first token's projection. Absent in the token
     /// classification, masked-LM and question-answering models, as in HF.
-    pub pooler: Option<Linear<B>>,
+    pub pooler: Option<Projection<B>>,
     /// The configuration the model was built from (written back by `save_pretrained`).
     #[module(skip)]
     pub config: BertConfig,
@@ -540,6 +542,7 @@ impl<B: Backend> BertModel<B> {
             let n = self
                 .embeddings
                 .token_type_embeddings
+                .base
                 .weight
                 .shape()
                 .dims::<2>()[0] as i64;

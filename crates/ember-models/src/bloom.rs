@@ -13,13 +13,13 @@ use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    apply_dropout, init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor,
-    VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use ember_peft::{Projection, TokenEmbedding};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -222,9 +222,9 @@ pub(crate) fn alibi_bias<B: Backend>(
 pub struct BloomAttention<B: Backend> {
     /// `query_key_value`: `hidden → 3 · hidden`, laid out per head as `[n_head, 3, head_dim]`
     /// on the output axis (HF's `_reshape`).
-    pub query_key_value: Linear<B>,
+    pub query_key_value: Projection<B>,
     /// `dense`.
-    pub dense: Linear<B>,
+    pub dense: Projection<B>,
     /// Dropout on the attention probabilities (`attention_dropout`).
     pub attention_dropout: Dropout,
     /// Attention heads.
@@ -235,9 +235,9 @@ pub struct BloomAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct BloomMlp<B: Backend> {
     /// `dense_h_to_4h`.
-    pub dense_h_to_4h: Linear<B>,
+    pub dense_h_to_4h: Projection<B>,
     /// `dense_4h_to_h`.
-    pub dense_4h_to_h: Linear<B>,
+    pub dense_4h_to_h: Projection<B>,
 }
 
 /// `transformer.h.N`: pre-norm attention and MLP, each with a residual.
@@ -261,7 +261,7 @@ pub struct BloomBlock<B: Backend> {
 #[derive(Module, Debug)]
 pub struct BloomModel<B: Backend> {
     /// `word_embeddings`.
-    pub word_embeddings: Embedding<B>,
+    pub word_embeddings: TokenEmbedding<B>,
     /// `word_embeddings_layernorm`.
     pub word_embeddings_layernorm: LayerNorm<B>,
     /// `h`.
@@ -276,7 +276,7 @@ pub struct BloomForCausalLM<B: Backend> {
     /// `transformer`.
     pub transformer: BloomModel<B>,
     /// `lm_head`; `None` when tied to `transformer.word_embeddings` (always, in practice).
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<Projection<B>>,
     /// The configuration (written back by `save_pretrained`).
     #[module(skip)]
     pub config: BloomConfig,
@@ -299,7 +299,7 @@ impl<B: Backend> BloomAttention<B> {
         let d = hidden / h;
         let fused = self
             .query_key_value
-            .forward_flat(x)
+            .forward(x)
             .reshape([batch, seq, h, 3, d]);
         let part = |i: usize| {
             fused
@@ -320,7 +320,7 @@ impl<B: Backend> BloomAttention<B> {
             &self.attention_dropout,
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        (self.dense.forward_flat(context), kv)
+        (self.dense.forward(context), kv)
     }
 }
 
@@ -366,8 +366,8 @@ impl<B: Backend> BloomBlock<B> {
         } else {
             x
         };
-        let inner = Activation::GeluTanh.forward(self.mlp.dense_h_to_4h.forward_flat(normed));
-        let out = self.mlp.dense_4h_to_h.forward_flat(inner);
+        let inner = Activation::GeluTanh.forward(self.mlp.dense_h_to_4h.forward(normed));
+        let out = self.mlp.dense_4h_to_h.forward(inner);
         (apply_dropout(&self.hidden_dropout, out) + residual, kv)
     }
 }
@@ -397,7 +397,7 @@ impl<B: Backend> BloomForCausalLM<B> {
             lm_head: (!c.tie_word_embeddings).then(|| {
                 let mut head =
                     init_linear(c.hidden_size, c.vocab_size, c.initializer_range, device);
-                head.bias = None;
+                head.base.bias = None;
                 head
             }),
             config: config.clone(),

@@ -9,6 +9,7 @@
 use crate::error::{ModelError, Result};
 use crate::loss;
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
+use ember_peft::{Projection, TokenEmbedding};
 
 /// The inputs of a causal LM's forward pass, as HF's `forward(input_ids=…, …)` takes them.
 #[derive(Debug, Clone)]
@@ -142,7 +143,7 @@ impl<B: Backend> CausalLmInput<B> {
     pub(crate) fn start(
         self,
         shape: &ModelShape,
-        embeddings: &burn::nn::Embedding<B>,
+        embeddings: &TokenEmbedding<B>,
     ) -> Result<ForwardStart<B>> {
         let [batch, seq] = self.dims()?;
         let past = self.past_key_values;
@@ -222,7 +223,7 @@ pub(crate) fn check_ids<B: Backend>(ids: &Tensor<B, 2, Int>, vocab: usize) -> Re
 pub(crate) fn causal_output<B: Backend>(
     x: Tensor<B, 3>,
     keep: usize,
-    (head, embedding): (Option<&burn::nn::Linear<B>>, &burn::nn::Embedding<B>),
+    (head, embedding): (Option<&Projection<B>>, &TokenEmbedding<B>),
     labels: Option<Tensor<B, 2, Int>>,
     layers: Vec<LayerKv<B>>,
 ) -> CausalLmOutput<B> {
@@ -240,8 +241,8 @@ pub(crate) fn causal_output<B: Backend>(
 pub(crate) fn project_logits<B: Backend>(
     x: Tensor<B, 3>,
     keep: usize,
-    head: Option<&burn::nn::Linear<B>>,
-    embedding: &burn::nn::Embedding<B>,
+    head: Option<&Projection<B>>,
+    embedding: &TokenEmbedding<B>,
 ) -> Tensor<B, 3> {
     let [batch, seq, _] = x.dims();
     let x = if keep > 0 && keep < seq {
@@ -250,7 +251,7 @@ pub(crate) fn project_logits<B: Backend>(
         x
     };
     match head {
-        Some(head) => crate::params::FlatLinear::forward_flat(head, x),
+        Some(head) => head.forward(x),
         None => tied_logits(x, embedding),
     }
 }
@@ -258,10 +259,10 @@ pub(crate) fn project_logits<B: Backend>(
 /// Logits through the transposed input embedding matrix (tied output embeddings).
 pub(crate) fn tied_logits<B: Backend>(
     x: Tensor<B, 3>,
-    embedding: &burn::nn::Embedding<B>,
+    embedding: &TokenEmbedding<B>,
 ) -> Tensor<B, 3> {
     let [batch, seq, hidden] = x.dims();
-    let weight = embedding.weight.val();
+    let weight = embedding.base.weight.val();
     let vocab = weight.dims()[0];
     let rows = x.reshape([batch * seq, hidden]);
     // The kernel reads the table's rows in place; burn's matmul on the transposed view runs

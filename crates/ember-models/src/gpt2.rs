@@ -14,13 +14,13 @@ use crate::config::config_io;
 use crate::decoder_attention::causal_self_attention;
 use crate::error::{ModelError, Result};
 use crate::params::{
-    apply_dropout, init_embedding, init_layer_norm, init_linear, join, FlatLinear, ParamVisitor,
-    VisitParams,
+    apply_dropout, init_embedding, init_layer_norm, init_linear, join, ParamVisitor, VisitParams,
 };
 use crate::Activation;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Tensor};
+use ember_peft::{Projection, TokenEmbedding};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -241,9 +241,9 @@ impl GPT2Config {
 #[derive(Module, Debug)]
 pub struct GPT2Attention<B: Backend> {
     /// `c_attn`: `n_embd → 3 · n_embd`, queries then keys then values.
-    pub c_attn: Linear<B>,
+    pub c_attn: Projection<B>,
     /// `c_proj`.
-    pub c_proj: Linear<B>,
+    pub c_proj: Projection<B>,
     /// Dropout on the attention probabilities (`attn_pdrop`).
     pub attn_dropout: Dropout,
     /// Dropout on the output (`resid_pdrop`).
@@ -259,9 +259,9 @@ pub struct GPT2Attention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct GPT2Mlp<B: Backend> {
     /// `c_fc`.
-    pub c_fc: Linear<B>,
+    pub c_fc: Projection<B>,
     /// `c_proj`.
-    pub c_proj: Linear<B>,
+    pub c_proj: Projection<B>,
     /// Dropout on the output (`resid_pdrop`).
     pub dropout: Dropout,
     /// `activation_function`.
@@ -286,9 +286,9 @@ pub struct GPT2Block<B: Backend> {
 #[derive(Module, Debug)]
 pub struct GPT2Model<B: Backend> {
     /// `wte`: token embeddings.
-    pub wte: Embedding<B>,
+    pub wte: TokenEmbedding<B>,
     /// `wpe`: position embeddings, `n_positions` rows.
-    pub wpe: Embedding<B>,
+    pub wpe: TokenEmbedding<B>,
     /// Dropout on the summed embeddings (`embd_pdrop`).
     pub drop: Dropout,
     /// `h`.
@@ -303,7 +303,7 @@ pub struct GPT2LMHeadModel<B: Backend> {
     /// `transformer`.
     pub transformer: GPT2Model<B>,
     /// `lm_head`; `None` when tied to `transformer.wte` (the default).
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<Projection<B>>,
     /// The configuration (written back by `save_pretrained`).
     #[module(skip)]
     pub config: GPT2Config,
@@ -327,7 +327,7 @@ impl<B: Backend> GPT2Attention<B> {
         let [batch, seq, hidden] = x.dims();
         let h = self.num_heads;
         let d = hidden / h;
-        let fused = self.c_attn.forward_flat(x);
+        let fused = self.c_attn.forward(x);
         let part = |i: usize| {
             fused
                 .clone()
@@ -347,7 +347,7 @@ impl<B: Backend> GPT2Attention<B> {
             &self.attn_dropout,
         );
         let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
-        let out = apply_dropout(&self.resid_dropout, self.c_proj.forward_flat(context));
+        let out = apply_dropout(&self.resid_dropout, self.c_proj.forward(context));
         (out, kv)
     }
 }
@@ -368,8 +368,8 @@ impl<B: Backend> GPT2Block<B> {
         Self {
             ln_1: layer_norm(c, device),
             attn: GPT2Attention {
-                c_attn: init_linear(hidden, 3 * hidden, std, device),
-                c_proj: init_linear(hidden, hidden, proj_std, device),
+                c_attn: conv1d(init_linear(hidden, 3 * hidden, std, device)),
+                c_proj: conv1d(init_linear(hidden, hidden, proj_std, device)),
                 attn_dropout: dropout(c.attn_pdrop),
                 resid_dropout: dropout(c.resid_pdrop),
                 num_heads: c.n_head,
@@ -377,8 +377,8 @@ impl<B: Backend> GPT2Block<B> {
             },
             ln_2: layer_norm(c, device),
             mlp: GPT2Mlp {
-                c_fc: init_linear(hidden, inner, std, device),
-                c_proj: init_linear(inner, hidden, proj_std, device),
+                c_fc: conv1d(init_linear(hidden, inner, std, device)),
+                c_proj: conv1d(init_linear(inner, hidden, proj_std, device)),
                 dropout: dropout(c.resid_pdrop),
                 activation: c.activation(),
             },
@@ -396,11 +396,8 @@ impl<B: Backend> GPT2Block<B> {
         let m = &self.mlp;
         let inner = m
             .activation
-            .forward(m.c_fc.forward_flat(self.ln_2.forward(x.clone())));
-        (
-            x + apply_dropout(&m.dropout, m.c_proj.forward_flat(inner)),
-            kv,
-        )
+            .forward(m.c_fc.forward(self.ln_2.forward(x.clone())));
+        (x + apply_dropout(&m.dropout, m.c_proj.forward(inner)), kv)
     }
 }
 
@@ -427,7 +424,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             },
             lm_head: (!c.tie_word_embeddings).then(|| {
                 let mut head = init_linear(c.n_embd, c.vocab_size, std, device);
-                head.bias = None;
+                head.base.bias = None;
                 head
             }),
             config: config.clone(),
@@ -534,17 +531,20 @@ impl<B: Backend> CausalLm<B> for GPT2LMHeadModel<B> {
     }
 }
 
+/// Marks a layer as GPT-2's `Conv1D` (its checkpoint weight is `[in, out]`, burn's own layout).
+fn conv1d<B: Backend>(mut layer: Projection<B>) -> Projection<B> {
+    layer.conv1d = true;
+    layer
+}
+
 /// Visits a `Conv1D` (`[in, out]` weight, burn's own layout) under `p`.
 fn visit_conv1d<B: Backend>(
-    mut layer: Linear<B>,
+    layer: Projection<B>,
     p: &str,
     v: &mut dyn ParamVisitor<B>,
-) -> Result<Linear<B>> {
-    layer.weight = v.visit2(&join(p, "weight"), layer.weight, false)?;
-    if let Some(bias) = layer.bias.take() {
-        layer.bias = Some(v.visit1(&join(p, "bias"), bias)?);
-    }
-    Ok(layer)
+) -> Result<Projection<B>> {
+    debug_assert!(layer.conv1d, "GPT-2's blocks are built from Conv1D layers");
+    layer.visit(p, v)
 }
 
 impl<B: Backend> VisitParams<B> for GPT2Block<B> {

@@ -9,12 +9,11 @@ use crate::bert::{
 use crate::config::BertConfig;
 use crate::error::{ModelError, Result};
 use crate::loss::{binary_cross_entropy_with_logits, cross_entropy, mse};
-use crate::params::{
-    apply_dropout, init_layer_norm, init_linear, FlatLinear, ParamVisitor, VisitParams,
-};
+use crate::params::{apply_dropout, init_layer_norm, init_linear, ParamVisitor, VisitParams};
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, Linear};
+use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::{backend::Backend, Int, Tensor};
+use ember_peft::Projection;
 
 /// Labels of a sequence classifier. HF picks the loss from `problem_type`, else from
 /// `num_labels` and the labels' type; here the type is the variant.
@@ -78,9 +77,9 @@ fn dropout(p: f64) -> Dropout {
 #[derive(Module, Debug)]
 pub struct ClassificationHead<B: Backend> {
     /// `classifier.dense` (RoBERTa only).
-    pub dense: Option<Linear<B>>,
+    pub dense: Option<Projection<B>>,
     /// `classifier` (BERT) or `classifier.out_proj` (RoBERTa).
-    pub out_proj: Linear<B>,
+    pub out_proj: Projection<B>,
     /// Dropout before each projection.
     pub dropout: Dropout,
 }
@@ -102,7 +101,7 @@ pub struct BertForTokenClassification<B: Backend> {
     /// Dropout before the classifier.
     pub dropout: Dropout,
     /// `classifier`.
-    pub classifier: Linear<B>,
+    pub classifier: Projection<B>,
 }
 
 /// `BertForMaskedLM` / `RobertaForMaskedLM`: the decoder is tied to the word embeddings.
@@ -111,7 +110,7 @@ pub struct BertForMaskedLM<B: Backend> {
     /// The encoder, without pooler.
     pub base_model: BertModel<B>,
     /// `cls.predictions.transform.dense` / `lm_head.dense`.
-    pub transform: Linear<B>,
+    pub transform: Projection<B>,
     /// `cls.predictions.transform.LayerNorm` / `lm_head.layer_norm`.
     pub transform_layer_norm: LayerNorm<B>,
     /// `cls.predictions.bias` / `lm_head.bias`: the decoder's bias.
@@ -127,7 +126,7 @@ pub struct BertForQuestionAnswering<B: Backend> {
     /// The encoder, without pooler.
     pub base_model: BertModel<B>,
     /// `qa_outputs`: start and end scores.
-    pub qa_outputs: Linear<B>,
+    pub qa_outputs: Projection<B>,
 }
 
 /// `RobertaForSequenceClassification`.
@@ -298,7 +297,7 @@ impl<B: Backend> BertForTokenClassification<B> {
             .forward(input, OutputOptions::from_config(self.config()))?;
         let logits = self
             .classifier
-            .forward_flat(apply_dropout(&self.dropout, out.last_hidden_state));
+            .forward(apply_dropout(&self.dropout, out.last_hidden_state));
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {
             logits,
@@ -373,10 +372,10 @@ impl<B: Backend> BertForMaskedLM<B> {
             .forward(input, OutputOptions::from_config(self.config()))?;
         let x = self
             .activation
-            .forward(self.transform.forward_flat(out.last_hidden_state));
+            .forward(self.transform.forward(out.last_hidden_state));
         let x = self.transform_layer_norm.forward(x);
         // The decoder is the word embedding table, transposed (tied weights).
-        let table = self.base_model.embeddings.word_embeddings.weight.val();
+        let table = self.base_model.embeddings.word_embeddings.base.weight.val();
         let [batch, seq, hidden] = x.dims();
         let vocab = table.dims()[0];
         let logits = (x.reshape([batch * seq, hidden]).matmul(table.transpose())
@@ -438,7 +437,7 @@ impl<B: Backend> BertForQuestionAnswering<B> {
         let out = self
             .base_model
             .forward(input, OutputOptions::from_config(self.config()))?;
-        let logits = self.qa_outputs.forward_flat(out.last_hidden_state);
+        let logits = self.qa_outputs.forward(out.last_hidden_state);
         let [batch, seq, _] = logits.dims();
         let start_logits = logits.clone().narrow(2, 0, 1).reshape([batch, seq]);
         let end_logits = logits.narrow(2, 1, 1).reshape([batch, seq]);

@@ -57,6 +57,7 @@ mod heads;
 mod llama;
 pub mod loss;
 mod params;
+mod peft;
 pub mod pooling;
 mod pretrained;
 pub mod rope;

@@ -11,16 +11,15 @@ use crate::causal::{
 };
 use crate::config::config_io;
 use crate::error::{ModelError, Result};
-use crate::params::{
-    apply_rms_norm, init_embedding, init_linear, join, FlatLinear, ParamVisitor, VisitParams,
-};
+use crate::params::{apply_rms_norm, init_embedding, init_linear, join, ParamVisitor, VisitParams};
 use crate::rope::{self, RopeParameters};
 use crate::Activation;
 use burn::module::Module;
-use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
+use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Tensor};
+use ember_peft::{Projection, TokenEmbedding};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -210,13 +209,13 @@ impl LlamaConfig {
 #[derive(Module, Debug)]
 pub struct LlamaAttention<B: Backend> {
     /// `q_proj`.
-    pub q_proj: Linear<B>,
+    pub q_proj: Projection<B>,
     /// `k_proj`.
-    pub k_proj: Linear<B>,
+    pub k_proj: Projection<B>,
     /// `v_proj`.
-    pub v_proj: Linear<B>,
+    pub v_proj: Projection<B>,
     /// `o_proj`.
-    pub o_proj: Linear<B>,
+    pub o_proj: Projection<B>,
     /// Attention heads.
     pub num_heads: usize,
     /// Key / value heads.
@@ -229,11 +228,11 @@ pub struct LlamaAttention<B: Backend> {
 #[derive(Module, Debug)]
 pub struct LlamaMlp<B: Backend> {
     /// `gate_proj`.
-    pub gate_proj: Linear<B>,
+    pub gate_proj: Projection<B>,
     /// `up_proj`.
-    pub up_proj: Linear<B>,
+    pub up_proj: Projection<B>,
     /// `down_proj`.
-    pub down_proj: Linear<B>,
+    pub down_proj: Projection<B>,
 }
 
 /// `model.layers.N`: pre-norm attention and MLP, each with a residual.
@@ -253,7 +252,7 @@ pub struct LlamaDecoderLayer<B: Backend> {
 #[derive(Module, Debug)]
 pub struct LlamaModel<B: Backend> {
     /// `embed_tokens`.
-    pub embed_tokens: Embedding<B>,
+    pub embed_tokens: TokenEmbedding<B>,
     /// `layers`.
     pub layers: Vec<LlamaDecoderLayer<B>>,
     /// `norm`.
@@ -267,7 +266,7 @@ pub struct LlamaForCausalLM<B: Backend> {
     /// `model`.
     pub model: LlamaModel<B>,
     /// `lm_head`; `None` when tied to `model.embed_tokens`.
-    pub lm_head: Option<Linear<B>>,
+    pub lm_head: Option<Projection<B>>,
     /// The configuration (written back by `save_pretrained`).
     #[module(skip)]
     pub config: LlamaConfig,
@@ -282,10 +281,10 @@ fn linear<B: Backend>(
     bias: bool,
     c: &LlamaConfig,
     device: &B::Device,
-) -> Linear<B> {
+) -> Projection<B> {
     let mut l = init_linear(d_in, d_out, c.initializer_range, device);
     if !bias {
-        l.bias = None;
+        l.base.bias = None;
     }
     l
 }
@@ -322,17 +321,17 @@ impl<B: Backend> LlamaAttention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self
             .q_proj
-            .forward_flat(x.clone())
+            .forward(x.clone())
             .reshape([batch, seq, h, d])
             .swap_dims(1, 2);
         let k = self
             .k_proj
-            .forward_flat(x.clone())
+            .forward(x.clone())
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
         let v = self
             .v_proj
-            .forward_flat(x)
+            .forward(x)
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
         let q = rope::apply(q, cos, sin);
@@ -385,7 +384,7 @@ impl<B: Backend> LlamaAttention<B> {
             )
         };
         let context = context.swap_dims(1, 2).reshape([batch, seq, h * d]);
-        (self.o_proj.forward_flat(context), kv)
+        (self.o_proj.forward(context), kv)
     }
 }
 
@@ -416,11 +415,11 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         let x = x + attended;
         let normed = apply_rms_norm(&self.post_attention_layernorm, x.clone());
         let m = &self.mlp;
-        let gate = m.gate_proj.forward_flat(normed.clone());
-        let up = m.up_proj.forward_flat(normed);
+        let gate = m.gate_proj.forward(normed.clone());
+        let up = m.up_proj.forward(normed);
         let gated = ember_kernels::silu_mul(&gate, &up)
             .unwrap_or_else(|| Activation::Silu.forward(gate) * up);
-        (x + m.down_proj.forward_flat(gated), kv)
+        (x + m.down_proj.forward(gated), kv)
     }
 }
 

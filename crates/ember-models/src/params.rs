@@ -10,6 +10,7 @@ use crate::weights::Weights;
 use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
+use ember_peft::{LayerVisitor, Projection, TokenEmbedding};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -36,6 +37,26 @@ pub(crate) trait ParamVisitor<B: Backend> {
         param: Param<Tensor<B, 2>>,
         transposed: bool,
     ) -> Result<Param<Tensor<B, 2>>>;
+
+    /// A linear layer: its base weight (`[out, in]` in HF's file, `[in, out]` for `Conv1D`)
+    /// and bias. Adapters are not checkpoint weights: `ember-peft` reads and writes them.
+    fn projection(&mut self, key: &str, mut layer: Projection<B>) -> Result<Projection<B>> {
+        let transposed = !layer.conv1d;
+        layer.base.weight = self.visit2(&join(key, "weight"), layer.base.weight, transposed)?;
+        if let Some(bias) = layer.base.bias.take() {
+            layer.base.bias = Some(self.visit1(&join(key, "bias"), bias)?);
+        }
+        Ok(layer)
+    }
+
+    /// An embedding table's base weight.
+    fn embedding(&mut self, key: &str, mut layer: TokenEmbedding<B>) -> Result<TokenEmbedding<B>> {
+        layer.base.weight = self.visit2(&join(key, "weight"), layer.base.weight, false)?;
+        Ok(layer)
+    }
+
+    /// Called before the parameters of a module without adapters (`LayerNorm`, `RMSNorm`).
+    fn enter(&mut self, _key: &str, _kind: &str) {}
 }
 
 /// A module whose parameters can be walked by HF key.
@@ -44,18 +65,21 @@ pub(crate) trait VisitParams<B: Backend>: Sized {
     fn visit(self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self>;
 }
 
-impl<B: Backend> VisitParams<B> for Linear<B> {
-    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
-        self.weight = v.visit2(&join(prefix, "weight"), self.weight, true)?;
-        if let Some(bias) = self.bias.take() {
-            self.bias = Some(v.visit1(&join(prefix, "bias"), bias)?);
-        }
-        Ok(self)
+impl<B: Backend> VisitParams<B> for Projection<B> {
+    fn visit(self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        v.projection(prefix, self)
+    }
+}
+
+impl<B: Backend> VisitParams<B> for TokenEmbedding<B> {
+    fn visit(self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        v.embedding(prefix, self)
     }
 }
 
 impl<B: Backend> VisitParams<B> for LayerNorm<B> {
     fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        v.enter(prefix, "LayerNorm");
         self.gamma = v.visit1(&join(prefix, "weight"), self.gamma)?;
         if let Some(beta) = self.beta.take() {
             self.beta = Some(v.visit1(&join(prefix, "bias"), beta)?);
@@ -66,42 +90,9 @@ impl<B: Backend> VisitParams<B> for LayerNorm<B> {
 
 impl<B: Backend> VisitParams<B> for burn::nn::RmsNorm<B> {
     fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
+        v.enter(prefix, "RMSNorm");
         self.gamma = v.visit1(&join(prefix, "weight"), self.gamma)?;
         Ok(self)
-    }
-}
-
-impl<B: Backend> VisitParams<B> for Embedding<B> {
-    fn visit(mut self, prefix: &str, v: &mut dyn ParamVisitor<B>) -> Result<Self> {
-        self.weight = v.visit2(&join(prefix, "weight"), self.weight, false)?;
-        Ok(self)
-    }
-}
-
-/// `Linear::forward` for `[batch, seq, d_in]` inputs, run as one 2-D GEMM over `batch · seq`
-/// rows. burn's own 3-D path runs a batched GEMM with a broadcast weight, which on the CPU costs
-/// 1.3-2x as much for the shapes of these models; on Flex the bias is folded into the GEMM
-/// ([`ember_kernels::linear`]).
-pub(crate) trait FlatLinear<B: Backend> {
-    /// `x · W + b` with `x` flattened to rows.
-    fn forward_flat(&self, x: Tensor<B, 3>) -> Tensor<B, 3>;
-}
-
-impl<B: Backend> FlatLinear<B> for Linear<B> {
-    fn forward_flat(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, seq, d_in] = x.dims();
-        let weight = self.weight.val();
-        let d_out = weight.dims()[1];
-        let rows = x.reshape([batch * seq, d_in]);
-        let bias = self.bias.as_ref().map(|b| b.val());
-        let y = ember_kernels::linear(&rows, &weight, bias.as_ref()).unwrap_or_else(|| {
-            let y = rows.matmul(weight);
-            match bias {
-                Some(b) => y + b.unsqueeze_dim(0),
-                None => y,
-            }
-        });
-        y.reshape([batch, seq, d_out])
     }
 }
 
@@ -156,7 +147,7 @@ pub(crate) fn init_linear<B: Backend>(
     d_out: usize,
     std: f64,
     device: &B::Device,
-) -> Linear<B> {
+) -> Projection<B> {
     let d = device.clone();
     let weight = Param::uninitialized(
         ParamId::new(),
@@ -173,10 +164,10 @@ pub(crate) fn init_linear<B: Backend>(
         [d_in, d_out].into(),
     );
     let bias = Param::from_tensor(Tensor::zeros([d_out], device));
-    Linear {
+    Projection::new(Linear {
         weight,
         bias: Some(bias),
-    }
+    })
 }
 
 /// An embedding table with rows from N(0, std) and the padding row zeroed, as HF initialises
@@ -187,7 +178,7 @@ pub(crate) fn init_embedding<B: Backend>(
     std: f64,
     padding_idx: Option<usize>,
     device: &B::Device,
-) -> Embedding<B> {
+) -> TokenEmbedding<B> {
     let weight = Param::uninitialized(
         ParamId::new(),
         move |device, grad| {
@@ -205,7 +196,7 @@ pub(crate) fn init_embedding<B: Backend>(
         true,
         [n, d].into(),
     );
-    Embedding { weight }
+    TokenEmbedding::new(Embedding { weight })
 }
 
 /// A LayerNorm with weight 1, bias 0 and HF's epsilon.
@@ -513,3 +504,60 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         io(e)
     })
 }
+
+/// Hands a model's layers to an `ember-peft` [`LayerVisitor`] through the HF-key walk, so that
+/// adapters find every projection and embedding under the path Python peft uses.
+pub(crate) struct LayerBridge<'a, B: Backend> {
+    pub inner: &'a mut dyn LayerVisitor<B>,
+}
+
+impl<B: Backend> ParamVisitor<B> for LayerBridge<'_, B> {
+    fn visit1(&mut self, key: &str, mut param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        self.inner.param(key, &mut param);
+        Ok(param)
+    }
+
+    fn visit2(
+        &mut self,
+        _key: &str,
+        param: Param<Tensor<B, 2>>,
+        _transposed: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        Ok(param)
+    }
+
+    fn projection(&mut self, key: &str, mut layer: Projection<B>) -> Result<Projection<B>> {
+        self.inner.projection(key, &mut layer);
+        Ok(layer)
+    }
+
+    fn embedding(&mut self, key: &str, mut layer: TokenEmbedding<B>) -> Result<TokenEmbedding<B>> {
+        self.inner.embedding(key, &mut layer);
+        Ok(layer)
+    }
+
+    fn enter(&mut self, key: &str, kind: &str) {
+        self.inner.module(key, kind);
+    }
+}
+
+/// `ember_peft::AdaptableModel` for a model whose parameters are walked by [`VisitParams`]
+/// from the empty prefix; `$model_type` reads the HF `model_type` from `$m`.
+macro_rules! adaptable {
+    ($model:ident, |$m:ident| $model_type:expr) => {
+        impl<B: Backend> ember_peft::AdaptableModel<B> for $model<B> {
+            fn visit_layers(&mut self, visitor: &mut dyn ember_peft::LayerVisitor<B>) {
+                let mut bridge = $crate::params::LayerBridge { inner: visitor };
+                let model = self.clone();
+                *self = $crate::params::VisitParams::visit(model, "", &mut bridge)
+                    .expect("the layer walk itself never fails");
+            }
+
+            fn model_type(&self) -> Option<String> {
+                let $m = self;
+                Some($model_type)
+            }
+        }
+    };
+}
+pub(crate) use adaptable;

@@ -1,6 +1,8 @@
 //! `ember_train::TrainableModel` for the encoder heads and the causal LMs (feature `train`), so
-//! that the `Trainer` fine-tunes them: a collated batch in, HF's loss and the logits out.
+//! that the `Trainer` fine-tunes them: a collated batch in, HF's loss and the logits out. Also
+//! for [`AnyCausalLm`], with the burn `Module` impl the `Trainer` needs of it.
 
+use crate::auto_causal::AnyCausalLm;
 use crate::bert::EncoderInput;
 use crate::bloom::BloomForCausalLM;
 use crate::causal::{CausalLmInput, CausalLmOutput};
@@ -10,6 +12,7 @@ use crate::heads::{
     TokenLogitsOutput,
 };
 use crate::llama::LlamaForCausalLM;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::Backend;
 use ember_datasets::{Batch, BatchLabels};
 use ember_train::{require_labels, ModelOutput, TrainableModel, TrainableParam};
@@ -133,3 +136,146 @@ trainable!(BloomForCausalLM, |m, batch| {
 trainable!(GPT2LMHeadModel, |m, batch| {
     causal_forward(&batch, |i| m.forward(i))
 });
+
+// ---- AnyCausalLm -------------------------------------------------------------------------------
+//
+// `AnyCausalLm` is a plain enum in `auto_causal.rs`; the `Trainer` needs a burn `Module`, so the
+// `Module` / `AutodiffModule` impls (what `#[derive(Module)]` writes for an enum, except that
+// visiting is transparent: parameter paths are the inner model's) live here with its
+// `TrainableModel`. Every method delegates to the variant.
+
+/// The record of an [`AnyCausalLm`]: the record of the variant it holds.
+#[derive(burn::record::Record)]
+pub enum AnyCausalLmRecord<B: Backend> {
+    /// A `LlamaForCausalLM`'s record.
+    Llama(<LlamaForCausalLM<B> as Module<B>>::Record),
+    /// A `BloomForCausalLM`'s record.
+    Bloom(<BloomForCausalLM<B> as Module<B>>::Record),
+    /// A `GPT2LMHeadModel`'s record.
+    Gpt2(<GPT2LMHeadModel<B> as Module<B>>::Record),
+}
+
+/// Runs `$body` with `$m` bound to the inner model; with `wrap`, rebuilds the same variant
+/// around the result.
+macro_rules! any_causal {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            AnyCausalLm::Llama($m) => $body,
+            AnyCausalLm::Bloom($m) => $body,
+            AnyCausalLm::Gpt2($m) => $body,
+        }
+    };
+    (wrap $self:expr, $m:ident => $body:expr) => {
+        match $self {
+            AnyCausalLm::Llama($m) => AnyCausalLm::Llama($body),
+            AnyCausalLm::Bloom($m) => AnyCausalLm::Bloom($body),
+            AnyCausalLm::Gpt2($m) => AnyCausalLm::Gpt2($body),
+        }
+    };
+}
+
+impl<B: Backend> Module<B> for AnyCausalLm<B> {
+    type Record = AnyCausalLmRecord<B>;
+
+    fn collect_devices(&self, devices: burn::module::Devices<B>) -> burn::module::Devices<B> {
+        any_causal!(self, m => m.collect_devices(devices))
+    }
+
+    fn fork(self, device: &B::Device) -> Self {
+        any_causal!(wrap self, m => m.fork(device))
+    }
+
+    fn to_device(self, device: &B::Device) -> Self {
+        any_causal!(wrap self, m => m.to_device(device))
+    }
+
+    fn num_params(&self) -> usize {
+        any_causal!(self, m => Module::num_params(m))
+    }
+
+    fn visit<V: burn::module::ModuleVisitor<B>>(&self, visitor: &mut V) {
+        any_causal!(self, m => m.visit(visitor))
+    }
+
+    fn map<M: burn::module::ModuleMapper<B>>(self, mapper: &mut M) -> Self {
+        any_causal!(wrap self, m => m.map(mapper))
+    }
+
+    /// Loads the record of the same architecture.
+    ///
+    /// # Panics
+    ///
+    /// When the record holds another architecture than `self` (as `#[derive(Module)]` does for
+    /// enums: a record always comes from a module of the same type).
+    fn load_record(self, record: Self::Record) -> Self {
+        match (self, record) {
+            (AnyCausalLm::Llama(m), AnyCausalLmRecord::Llama(r)) => {
+                AnyCausalLm::Llama(m.load_record(r))
+            }
+            (AnyCausalLm::Bloom(m), AnyCausalLmRecord::Bloom(r)) => {
+                AnyCausalLm::Bloom(m.load_record(r))
+            }
+            (AnyCausalLm::Gpt2(m), AnyCausalLmRecord::Gpt2(r)) => {
+                AnyCausalLm::Gpt2(m.load_record(r))
+            }
+            (m, _) => panic!(
+                "cannot load a record of another architecture into a {}",
+                m.class_name()
+            ),
+        }
+    }
+
+    fn into_record(self) -> Self::Record {
+        match self {
+            AnyCausalLm::Llama(m) => AnyCausalLmRecord::Llama(m.into_record()),
+            AnyCausalLm::Bloom(m) => AnyCausalLmRecord::Bloom(m.into_record()),
+            AnyCausalLm::Gpt2(m) => AnyCausalLmRecord::Gpt2(m.into_record()),
+        }
+    }
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> AutodiffModule<B> for AnyCausalLm<B> {
+    type InnerModule = AnyCausalLm<B::InnerBackend>;
+
+    fn valid(&self) -> Self::InnerModule {
+        any_causal!(wrap self, m => m.valid())
+    }
+
+    fn from_inner(module: Self::InnerModule) -> Self {
+        match module {
+            AnyCausalLm::Llama(m) => AnyCausalLm::Llama(LlamaForCausalLM::from_inner(m)),
+            AnyCausalLm::Bloom(m) => AnyCausalLm::Bloom(BloomForCausalLM::from_inner(m)),
+            AnyCausalLm::Gpt2(m) => AnyCausalLm::Gpt2(GPT2LMHeadModel::from_inner(m)),
+        }
+    }
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> burn::module::HasAutodiffModule<B>
+    for AnyCausalLm<B::InnerBackend>
+{
+    type TrainModule = AnyCausalLm<B>;
+}
+
+/// The `Trainer` trains whichever architecture `AutoModelForCausalLM` loaded: each method is
+/// the variant's own `TrainableModel` method.
+impl<B: Backend> TrainableModel<B> for AnyCausalLm<B> {
+    fn forward_batch(&self, batch: Batch<B>) -> Result<ModelOutput<B>, String> {
+        any_causal!(self, m => m.forward_batch(batch))
+    }
+
+    fn trainable_params(&self) -> Vec<TrainableParam> {
+        any_causal!(self, m => m.trainable_params())
+    }
+
+    fn with_stable_param_ids(self) -> Self {
+        any_causal!(wrap self, m => TrainableModel::with_stable_param_ids(m))
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<(), String> {
+        any_causal!(self, m => TrainableModel::save_pretrained(m, dir))
+    }
+
+    fn load_weights(self, dir: &Path) -> Result<Self, String> {
+        Ok(any_causal!(wrap self, m => TrainableModel::load_weights(m, dir)?))
+    }
+}

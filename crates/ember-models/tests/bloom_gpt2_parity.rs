@@ -486,8 +486,14 @@ fn a_training_step_has_gradients() {
             .unwrap();
         let grads = loss.backward();
         let weight = match &model {
-            AnyCausalLm::Gpt2(m) => &m.transformer.h[0].attn.c_attn.weight,
-            AnyCausalLm::Bloom(m) => &m.transformer.h[0].self_attention.query_key_value.weight,
+            AnyCausalLm::Gpt2(m) => &m.transformer.h[0].attn.c_attn.base.weight,
+            AnyCausalLm::Bloom(m) => {
+                &m.transformer.h[0]
+                    .self_attention
+                    .query_key_value
+                    .base
+                    .weight
+            }
             _ => unreachable!("a GPT-2 or Bloom folder"),
         };
         let g = weight.grad(&grads).unwrap();

@@ -1,9 +1,18 @@
-//! Glue between tokenizers and datasets: the `dataset.map(tokenize, batched=True)` step.
+//! Glue between tokenizers and datasets: the `dataset.map(tokenize, batched=True)` step, and
+//! causal-LM fine-tuning data ([`causal_lm`]: instruction rows or plain text with labels).
 
 use ember_datasets::arrow::array::{ArrayRef, Int64Builder, ListBuilder};
 use ember_datasets::{Dataset, DatasetError};
 use ember_tokenizers::{BatchEncoding, EncodeOptions};
 use std::sync::Arc;
+
+pub mod causal_lm;
+pub use causal_lm::{
+    features_dataset, format_instruction, format_instruction_chat,
+    format_instruction_human_assistant, format_text, instruction_examples, tokenize_instructions,
+    tokenize_texts, CausalLmDataError, CausalLmFeatures, CausalLmFormatOptions, InstructionExample,
+    PromptFormat,
+};
 
 /// The columns HF's tokenizer call adds to a batch: `input_ids`, `token_type_ids`,
 /// `attention_mask`, as Arrow list-of-int64 columns.
