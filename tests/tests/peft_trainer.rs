@@ -6,7 +6,10 @@ use ember::datasets::{DataCollatorWithPadding, Dataset};
 use ember::models::{BertForSequenceClassification, FromPretrainedOptions};
 use ember::peft::{PeftModel, DEFAULT_ADAPTER};
 use ember::prelude::*;
-use ember::train::{IntervalStrategy, TrainableModel, Trainer, TrainingArguments};
+use ember::train::{
+    Control, IntervalStrategy, TrainableModel, Trainer, TrainerCallback, TrainerState,
+    TrainingArguments,
+};
 use std::path::{Path, PathBuf};
 
 type Model = BertForSequenceClassification<TrainBackend>;
@@ -150,6 +153,17 @@ impl BaseWeight for Model {
     }
 }
 
+/// Stops the run after a given step, without saving.
+struct StopAt(usize);
+
+impl TrainerCallback for StopAt {
+    fn on_step_end(&mut self, _: &TrainingArguments, state: &TrainerState) -> Control {
+        Control {
+            should_training_stop: state.global_step >= self.0,
+        }
+    }
+}
+
 #[test]
 fn checkpoints_hold_the_adapter_and_resume_step_exactly() {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,9 +177,11 @@ fn checkpoints_hold_the_adapter_and_resume_step_exactly() {
     a.max_steps = 12;
     a.save_strategy = IntervalStrategy::Steps;
     a.save_steps = 5.0;
-    let mut stopped = a.clone();
-    stopped.max_steps = 7;
-    trainer(stopped, model()).train().unwrap();
+    // Stopped after step 7 as a crash would (checkpoint-5 its last), then resumed.
+    trainer(a.clone(), model())
+        .callback(StopAt(7))
+        .train()
+        .unwrap();
     let checkpoint = tmp.path().join("split/checkpoint-5");
     let mut files: Vec<String> = std::fs::read_dir(&checkpoint)
         .unwrap()

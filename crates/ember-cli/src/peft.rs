@@ -45,11 +45,6 @@ impl AdapterArgs {
             .collect()
     }
 
-    /// Whether any adapter was given.
-    pub fn is_empty(&self) -> bool {
-        self.adapters.is_empty()
-    }
-
     /// `model` with the adapters loaded (frozen) and the chosen one active; the layers keep
     /// the adapters unmerged, as peft runs a `PeftModel`.
     pub fn apply<B: BackendTrait, M: AdaptableModel<B>>(&self, model: M) -> Result<M> {

@@ -61,8 +61,13 @@ pub struct TrainArgs {
     /// of its checkpoint: training from scratch with that folder's tokenizer.
     #[arg(long)]
     from_scratch: bool,
+    /// PEFT: an `adapter_config.json`-style file (JSON, or TOML with the same fields: LoRA or
+    /// IA3). The base weights stay frozen, only the adapter trains, and the final adapter
+    /// (adapter_config.json + adapter_model.safetensors) goes to the output folder.
+    #[arg(long)]
+    peft: Option<PathBuf>,
     /// `sequence` (a label per text), `ner` (CoNLL-style files: a tag per word) or `causal-lm`
-    /// (full fine-tuning of a causal LM on instruction rows or plain text).
+    /// (fine-tuning a causal LM on instruction rows or plain text).
     #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner", "causal-lm"])]
     task: String,
 }

@@ -410,23 +410,24 @@ impl PeftConfig {
             TaskType::parse(task)?;
         }
         let parse_err = |e: serde_json::Error| config_error(&kind, e.to_string());
-        let config =
-            match kind.as_str() {
-                "LORA" => Self::Lora(serde_json::from_value(value).map_err(parse_err)?),
-                "IA3" => Self::Ia3(serde_json::from_value(value).map_err(parse_err)?),
-                "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING" => return Err(config_error(
+        let config = match kind.as_str() {
+            "LORA" => Self::Lora(serde_json::from_value(value).map_err(parse_err)?),
+            "IA3" => Self::Ia3(serde_json::from_value(value).map_err(parse_err)?),
+            "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING" => {
+                return Err(config_error(
                     "peft_type",
                     format!(
                         "`{kind}` (prompt learning) is not supported yet; Ember reads LORA and IA3"
                     ),
-                )),
-                other => {
-                    return Err(config_error(
-                        "peft_type",
-                        format!("unknown peft type `{other}`; Ember reads LORA and IA3"),
-                    ))
-                }
-            };
+                ))
+            }
+            other => {
+                return Err(config_error(
+                    "peft_type",
+                    format!("unknown peft type `{other}`; Ember reads LORA and IA3"),
+                ))
+            }
+        };
         config.validate()?;
         Ok(config)
     }
