@@ -254,12 +254,10 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if let Ok(tokenizer) = AutoTokenizer::from_pretrained(&a.model) {
         tokenizer.save_pretrained(&a.output_dir)?;
     }
-    for extra in ["generation_config.json"] {
-        let from = a.model.join(extra);
-        if from.is_file() {
-            std::fs::copy(&from, a.output_dir.join(extra))
-                .with_context(|| format!("copying {}", from.display()))?;
-        }
+    let generation = a.model.join("generation_config.json");
+    if generation.is_file() {
+        std::fs::copy(&generation, a.output_dir.join("generation_config.json"))
+            .with_context(|| format!("copying {}", generation.display()))?;
     }
     eprintln!(
         "merged {} into {}",
