@@ -4,10 +4,16 @@
 5.24, then the process's peak resident set (`VmHWM`) as one JSON line. The Rust side is
 `cargo run --release -p ember-models --example train_step_memory`.
 
-    python xtask/bench/memory_bench.py SHARED_DIR
+With `--lora`, the model is wrapped by `peft` 0.21 first (LoRA r 8, alpha 16 on `query` /
+`value`, `task_type="SEQ_CLS"`: the `peft/lora_rbt3_train_step_b32_s128` workload) and AdamW
+gets the trainable parameters only; the row is `memory/lora_rbt3_train_step_b32_s128` (Rust:
+`... --example train_step_memory -- --lora`).
+
+    python xtask/bench/memory_bench.py SHARED_DIR [--lora]
 """
 
 import json
+import sys
 
 import torch
 import transformers
@@ -29,7 +35,14 @@ def main():
     cfg = BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=3, num_attention_heads=12,
                      intermediate_size=3072)
     model = BertForSequenceClassification(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.01)
+    lora = "--lora" in sys.argv[1:]
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
+        model = get_peft_model(model, config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-5, eps=1e-8, weight_decay=0.01)
     ids = torch.randint(0, cfg.vocab_size, (32, 128))
     mask = torch.ones(32, 128, dtype=torch.int64)
     labels = torch.randint(0, 2, (32,))
@@ -38,7 +51,8 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    print(json.dumps({"bench": "memory/rbt3_train_step_b32_s128", "peak_rss_mib": peak_rss_mib()}), flush=True)
+    name = "memory/lora_rbt3_train_step_b32_s128" if lora else "memory/rbt3_train_step_b32_s128"
+    print(json.dumps({"bench": name, "peak_rss_mib": peak_rss_mib()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,24 @@ const PAIRS: &[Pair] = &[
         script: "trainer_bench.py",
         unit: "samples",
     },
+    // LoRA training steps beside Python peft; the decoding rows (`*_generate_*`, in tokens)
+    // are Ember's alone: base, unmerged and merged adapter.
+    Pair {
+        package: "ember-models",
+        bench: "peft",
+        script: "peft_bench.py",
+        unit: "sequences",
+    },
 ];
+
+/// The unit of a row's throughput: its pair's, but tokens for decoding rows.
+fn unit_of(name: &str, pair_unit: &'static str) -> &'static str {
+    if name.contains("_generate_") {
+        "tokens"
+    } else {
+        pair_unit
+    }
+}
 
 /// Per bench: Ember's seconds per round, the reference's seconds per round, items, unit.
 type Results = BTreeMap<String, (Vec<f64>, Vec<f64>, u64, &'static str)>;
@@ -112,9 +129,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 ]),
             )?;
             for (name, secs, items) in criterion_medians(root, pair.bench)? {
+                let unit = unit_of(&name, pair.unit);
                 let e = results
                     .entry(name)
-                    .or_insert((Vec::new(), Vec::new(), items, pair.unit));
+                    .or_insert((Vec::new(), Vec::new(), items, unit));
                 e.0.push(secs);
             }
             if let Some(py) = &python {
@@ -132,9 +150,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 for line in String::from_utf8_lossy(&out.stdout).lines() {
                     let v: serde_json::Value = serde_json::from_str(line)?;
                     let name = v["bench"].as_str().unwrap_or_default().to_owned();
+                    let unit = unit_of(&name, pair.unit);
                     let e = results
                         .entry(name)
-                        .or_insert((Vec::new(), Vec::new(), 0, pair.unit));
+                        .or_insert((Vec::new(), Vec::new(), 0, unit));
                     e.1.push(v["median_s"].as_f64().unwrap_or(f64::NAN));
                     e.2 = v["items"].as_u64().unwrap_or(e.2);
                 }
@@ -163,7 +182,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 type Memory = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
 
 /// Runs the peak-memory probes (`ember-models`' `train_step_memory` example and
-/// `xtask/bench/memory_bench.py`), each in a fresh process, and records their `peak_rss_mib`.
+/// `xtask/bench/memory_bench.py`), each in a fresh process, for full fine-tuning and (with
+/// `--lora`) for LoRA, and records their `peak_rss_mib`.
 fn measure_memory(
     root: &Path,
     python: Option<&Path>,
@@ -171,23 +191,29 @@ fn measure_memory(
     memory: &mut Memory,
 ) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut ember = Command::new(cargo);
-    ember.current_dir(root).args([
-        "run",
-        "--release",
-        "--quiet",
-        "-p",
-        "ember-models",
-        "--example",
-        "train_step_memory",
-    ]);
-    record_memory(ember, "train_step_memory", memory, false)?;
-    if let Some(py) = python {
-        let mut reference = Command::new(py);
-        reference
-            .arg(root.join("xtask/bench/memory_bench.py"))
-            .arg(shared);
-        record_memory(reference, "memory_bench.py", memory, true)?;
+    for extra in [None, Some("--lora")] {
+        let mut ember = Command::new(&cargo);
+        ember.current_dir(root).args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "ember-models",
+            "--example",
+            "train_step_memory",
+        ]);
+        if let Some(flag) = extra {
+            ember.args(["--", flag]);
+        }
+        record_memory(ember, "train_step_memory", memory, false)?;
+        if let Some(py) = python {
+            let mut reference = Command::new(py);
+            reference
+                .arg(root.join("xtask/bench/memory_bench.py"))
+                .arg(shared)
+                .args(extra);
+            record_memory(reference, "memory_bench.py", memory, true)?;
+        }
     }
     Ok(())
 }
@@ -240,9 +266,12 @@ fn memory_table(memory: &Memory) -> String {
 }
 
 /// Median time per iteration of every benchmark of a criterion group, from
-/// `target/criterion/<group>/<id>/new/estimates.json`, with its throughput element count.
+/// `<target>/criterion/<group>/<id>/new/estimates.json` (`<target>`: `$CARGO_TARGET_DIR`, else
+/// `target`), with its throughput element count.
 fn criterion_medians(root: &Path, group: &str) -> Result<Vec<(String, f64, u64)>> {
-    let dir = root.join("target/criterion").join(group);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+    let dir = target.join("criterion").join(group);
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let bench_dir = entry?.path();

@@ -4,14 +4,20 @@
 //! of `/proc/self/status`, Linux only), which `cargo xtask bench` compares with
 //! `xtask/bench/memory_bench.py`, the same steps in PyTorch.
 //!
+//! With `--lora`, the classifier is wrapped by `ember_peft::get_peft_model` first (LoRA r 8,
+//! alpha 16 on `query` / `value`, task `SEQ_CLS`: the `peft/lora_rbt3_train_step_b32_s128`
+//! workload), so only the adapters and the classifier's copy are trained; the row is
+//! `memory/lora_rbt3_train_step_b32_s128` (Python: `memory_bench.py --lora`).
+//!
 //! ```sh
-//! cargo run --release -p ember-models --example train_step_memory
+//! cargo run --release -p ember-models --example train_step_memory [-- --lora]
 //! ```
 
 use burn::backend::{Autodiff, Flex};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor};
 use ember_models::{BertConfig, BertForSequenceClassification, EncoderInput, SequenceLabels};
+use ember_peft::{get_peft_model, LoraConfig, TargetModules, TaskType};
 
 type B = Autodiff<Flex>;
 
@@ -33,28 +39,62 @@ fn main() {
         intermediate_size: 3072,
         ..BertConfig::default()
     };
-    let mut model = BertForSequenceClassification::<B>::new(&config, &device);
-    let mut optimizer = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init::<B, BertForSequenceClassification<B>>();
     let ids = Tensor::<B, 2>::random([32, 128], Distribution::Uniform(0.0, 21128.0), &device).int();
     let input = EncoderInput::new(ids).with_attention_mask(Tensor::ones([32, 128], &device));
     let labels = Tensor::<B, 1>::random([32], Distribution::Uniform(0.0, 2.0), &device).int();
-    for _ in 0..3 {
-        let loss = model
+    let step = |model: &BertForSequenceClassification<B>| {
+        model
             .forward(input.clone(), Some(SequenceLabels::Classes(labels.clone())))
             .expect("the inputs match the model")
             .loss
-            .expect("labels were given");
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optimizer.step(2e-5, model, grads);
+            .expect("labels were given")
+    };
+    let model = BertForSequenceClassification::<B>::new(&config, &device);
+    let lora = std::env::args().any(|a| a == "--lora");
+    if lora {
+        let lora = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            task_type: Some(TaskType::SeqCls),
+            ..LoraConfig::new(TargetModules::names(["query", "value"]))
+        };
+        let mut model = get_peft_model(model, lora).expect("query / value exist in BERT");
+        let mut optimizer = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init::<B, _>();
+        for _ in 0..3 {
+            let loss = step(&model.base_model);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(2e-5, model, grads);
+        }
+        let _ = model.base_model.classifier.out_proj.adapters[0]
+            .copy
+            .as_ref()
+            .expect("SEQ_CLS trains a copy of the classifier")
+            .weight
+            .val()
+            .into_data();
+    } else {
+        let mut model = model;
+        let mut optimizer = AdamWConfig::new()
+            .with_epsilon(1e-8)
+            .with_weight_decay(0.01)
+            .init::<B, BertForSequenceClassification<B>>();
+        for _ in 0..3 {
+            let loss = step(&model);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(2e-5, model, grads);
+        }
+        let _ = model.classifier.out_proj.base.weight.val().into_data();
     }
-    let _ = model.classifier.out_proj.base.weight.val().into_data();
+    let name = if lora {
+        "memory/lora_rbt3_train_step_b32_s128"
+    } else {
+        "memory/rbt3_train_step_b32_s128"
+    };
     match peak_rss_mib() {
-        Some(mib) => println!(
-            "{{\"bench\": \"memory/rbt3_train_step_b32_s128\", \"peak_rss_mib\": {mib:.1}}}"
-        ),
+        Some(mib) => println!("{{\"bench\": \"{name}\", \"peak_rss_mib\": {mib:.1}}}"),
         None => eprintln!("SKIP peak memory: /proc/self/status has no VmHWM on this system"),
     }
 }
