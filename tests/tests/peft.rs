@@ -442,14 +442,26 @@ fn adapter_model_bin_is_read_too() {
     let case = "bert-seqcls-lora";
     let src = fixtures().join("peft").join(case);
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("adapter_config.json"), tmp.path().join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        tmp.path().join("adapter_config.json"),
+    )
+    .unwrap();
     let script = format!(
         "import torch; from safetensors.torch import load_file; torch.save(load_file({:?}), {:?})",
         src.join("adapter_model.safetensors").to_str().unwrap(),
         tmp.path().join("adapter_model.bin").to_str().unwrap()
     );
-    let out = std::process::Command::new(python).arg("-c").arg(script).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (model, _) = BertForSequenceClassification::<Backend>::from_pretrained_with(
         fixture_model("tiny-bert"),
         &dropout_off(),
@@ -460,7 +472,12 @@ fn adapter_model_bin_is_read_too() {
     let e = Expected::load();
     let ids = e.ids::<Backend>(&format!("{case}.input_ids"));
     let mask = e.ids::<Backend>(&format!("{case}.attention_mask"));
-    let logits = flat(peft.model().forward(encoder_input(ids, mask), None).unwrap().logits);
+    let logits = flat(
+        peft.model()
+            .forward(encoder_input(ids, mask), None)
+            .unwrap()
+            .logits,
+    );
     let d = max_diff(&logits, &e.values(&format!("{case}.logits")));
     assert!(d < 1e-5, "logits from adapter_model.bin differ by {d}");
 }
