@@ -42,6 +42,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before any thread allocates: every command reuses its freed buffers.
+    ember::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -9,12 +9,14 @@
 //! - [`linear`]: `x · W + b` as one GEMM that starts from the bias rows;
 //! - [`layer_norm`]: residual add and LayerNorm in one pass per row; [`rms_norm`] likewise;
 //! - [`gelu_erf`] and [`silu_mul`]: vectorised GELU and SwiGLU gating;
+//! - [`rotary`]: rotary position embeddings read from the strided head view;
+//! - [`cross_entropy`]: the mean loss over rows of logits from one `log Σ exp` per row;
 //! - [`attention`]: scaled dot-product attention over strided `[batch, heads, seq, head_dim]`
 //!   views (head split and merge cost nothing), with a key padding mask, a causal mask and
 //!   grouped key / value heads.
 //!
-//! For training on the CPU (feature `autodiff`), [`linear`], [`layer_norm`], [`gelu_erf`] and
-//! [`attention`] also run on `Autodiff<Flex>`, each as one recorded operation with its own
+//! For training on the CPU (feature `autodiff`), [`linear`], [`layer_norm`], [`rms_norm`],
+//! [`gelu_erf`], [`silu_mul`], [`rotary`], [`attention`] and [`cross_entropy`] also run on `Autodiff<Flex>`, each as one recorded operation with its own
 //! backward pass, and [`dropout_mask`] draws dropout masks with a fast generator.
 //!
 //! For decoding, [`linear`] reads a weight whose values are all bf16 (a checkpoint published in
@@ -26,25 +28,37 @@
 
 #![warn(unsafe_op_in_unsafe_fn)]
 
+mod alloc;
 mod attention;
 mod bridge;
 mod dropout;
 mod linear;
+mod loss;
 mod math;
 mod norm;
 mod packed;
 mod ptr;
+mod rotary;
 #[cfg(feature = "autodiff")]
 mod tracked;
 
+pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
 pub use dropout::dropout_mask;
 pub use linear::linear;
+pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
+pub use rotary::rotary;
 
 /// Whether the kernels of this crate run for backend `B` (Flex, f32 tensors).
 pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
     bridge::is_flex::<B>()
+}
+
+/// Whether the kernels of this crate run, with their own backward passes, for backend `B`
+/// (Flex under burn's autodiff, f32 tensors; always false without the `autodiff` feature).
+pub fn trains<B: burn::tensor::backend::Backend>() -> bool {
+    bridge::is_autodiff_flex::<B>()
 }
 
 /// Runs `f` on one of rayon's worker threads when `B` is Flex, else on the calling thread.

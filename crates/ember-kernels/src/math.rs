@@ -381,6 +381,88 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// Backward pass of [`rms_norm_rows`] over rows of `gamma.len()` values: with `u = gamma ·
+    /// dy` and `r = 1 / sqrt(mean(x²) + eps)`, `dx = r · (u - x · r² · mean(u · x))`; each
+    /// row's `dy · x · r` is added into `dgamma`.
+    pub(crate) fn rms_norm_backward_rows(
+        x: &[f32],
+        dy: &[f32],
+        gamma: &[f32],
+        eps: f32,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+    ) {
+        let cols = gamma.len();
+        let rows = x.chunks_exact(cols).zip(dy.chunks_exact(cols));
+        for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(cols)) {
+            let r = 1.0 / (sum_sq_dev(xr, 0.0) / cols as f32 + eps).sqrt();
+            let mut acc = [0.0f32; LANES];
+            let full = cols / LANES * LANES;
+            for c in (0..full).step_by(LANES) {
+                for i in 0..LANES {
+                    acc[i] += gamma[c + i] * dyr[c + i] * xr[c + i];
+                }
+            }
+            let tail: f32 = (full..cols).map(|c| gamma[c] * dyr[c] * xr[c]).sum();
+            let k = r * r * (acc.iter().sum::<f32>() + tail) / cols as f32;
+            for c in 0..cols {
+                dxr[c] = r * (gamma[c] * dyr[c] - xr[c] * k);
+                dgamma[c] += dyr[c] * xr[c] * r;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Backward pass of [`silu_mul_slice`]: with `s = sigmoid(gate)`, `d_up = dy · gate · s`
+    /// and `d_gate = dy · up · s · (1 + gate · (1 - s))`.
+    pub(crate) fn silu_mul_backward_slice(
+        gate: &[f32],
+        up: &[f32],
+        dy: &[f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+    ) {
+        for i in 0..gate.len() {
+            let (g, u, d) = (gate[i], up[i], dy[i]);
+            let s = 1.0 / (1.0 + exp(-g));
+            d_up[i] = d * g * s;
+            d_gate[i] = d * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+}
+
+simd_fn! {
+    /// `log Σ exp(x)` of each row of `cols` values into `out` (one value per row), computed
+    /// as `max + log Σ exp(x - max)`.
+    pub(crate) fn log_sum_exp_rows(x: &[f32], cols: usize, out: &mut [f32]) {
+        for (row, o) in x.chunks_exact(cols).zip(out.iter_mut()) {
+            let m = max(row);
+            let mut acc = [0.0f32; LANES];
+            let full = cols / LANES * LANES;
+            for c in (0..full).step_by(LANES) {
+                for i in 0..LANES {
+                    acc[i] += exp(row[c + i] - m);
+                }
+            }
+            let tail: f32 = row[full..].iter().map(|v| exp(v - m)).sum();
+            *o = m + (acc.iter().sum::<f32>() + tail).ln();
+        }
+    }
+}
+
+simd_fn! {
+    /// Gradient of the cross entropy of one row of logits (whose `log Σ exp` is `lse`) against
+    /// class `target`, times `scale`, written over the row: `scale · (softmax(x) - onehot)`.
+    pub(crate) fn cross_entropy_backward_in_place(x: &mut [f32], lse: f32, target: usize, scale: f32) {
+        for v in x.iter_mut() {
+            *v = scale * exp(*v - lse);
+        }
+        x[target] -= scale;
+    }
+}
+
+simd_fn! {
     /// Masks and normalises attention scores, rows of `padding.len()` keys: a key flagged in
     /// `padding`, or (with `causal_offset`) a key after `row + offset`, gets `f32::MIN`; then
     /// each row goes through softmax.

@@ -7,7 +7,7 @@ use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 /// Below this many values a kernel runs on the calling thread.
-const PARALLEL_VALUES: usize = 1 << 15;
+pub(crate) const PARALLEL_VALUES: usize = 1 << 15;
 
 /// Rows of `cols` values handed to one task: at least `PARALLEL_VALUES / 4` values per task.
 pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
@@ -109,17 +109,28 @@ pub fn rms_norm<B: Backend, const D: usize>(
     gamma: &Tensor<B, 1>,
     eps: f64,
 ) -> Option<Tensor<B, D>> {
-    let xf = bridge::rows(&bridge::flex(x)?);
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::rms_norm(x, gamma, eps);
+    }
+    Some(bridge::wrap(rms_norm_flex(
+        &bridge::rows(&bridge::flex(x)?),
+        &bridge::rows(&bridge::flex(gamma)?),
+        eps,
+    )?))
+}
+
+/// [`rms_norm`] on contiguous Flex tensors.
+pub(crate) fn rms_norm_flex(xf: &FlexTensor, gf: &FlexTensor, eps: f64) -> Option<FlexTensor> {
     let shape: Vec<usize> = xf.layout().shape().to_vec();
     let cols = *shape.last()?;
-    let gf = bridge::rows(&bridge::flex(gamma)?);
-    let xs = bridge::contiguous(&xf)?;
-    let g = bridge::contiguous(&gf).filter(|g| g.len() == cols && cols > 0)?;
+    let xs = bridge::contiguous(xf)?;
+    let g = bridge::contiguous(gf).filter(|g| g.len() == cols && cols > 0)?;
     let eps = eps as f32;
     let out = by_row_blocks(xs.len(), cols, |at, chunk| {
         math::rms_norm_rows(&xs[at], g, eps, chunk)
     });
-    Some(bridge::wrap(bridge::from_vec(out, &shape)))
+    Some(bridge::from_vec(out, &shape))
 }
 
 /// Applies `f` to every value of `x` into a new tensor of the same shape, in parallel chunks.
@@ -185,6 +196,10 @@ pub fn silu_mul<B: Backend, const D: usize>(
     gate: &Tensor<B, D>,
     up: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::silu_mul(gate, up);
+    }
     let (gf, uf) = (bridge::flex(gate)?, bridge::flex(up)?);
     Some(bridge::wrap(zip_map(&gf, Some(&uf), math::silu_mul_slice)?))
 }

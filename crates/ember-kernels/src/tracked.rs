@@ -8,7 +8,8 @@
 
 use crate::attention::{self, AttentionMask, Masks};
 use crate::linear as dense;
-use crate::{bridge, math, norm};
+use crate::rotary::{self as rope, Table};
+use crate::{bridge, loss, math, norm};
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -342,6 +343,197 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
+// --- RMSNorm -------------------------------------------------------------------------------
+
+/// [`crate::rms_norm`] under autodiff: the input is kept for the backward pass, which
+/// recomputes each row's scale from it.
+pub(crate) fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    gamma: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    let (xa, ga) = (ad(x)?, ad(gamma)?);
+    let xs = bridge::rows(&xa.primitive);
+    let gs = bridge::rows(&ga.primitive);
+    let out = norm::rms_norm_flex(&xs, &gs, eps)?;
+    let op = RmsNormBackward { eps: eps as f32 };
+    Some(wrap(record(op, [&xa, &ga], (xs, gs), out)))
+}
+
+/// Backward pass of `y = x / sqrt(mean(x²) + eps) · gamma` ([`math::rms_norm_backward_rows`]).
+#[derive(Debug)]
+struct RmsNormBackward {
+    eps: f32,
+}
+
+impl Backward<Flex, 2> for RmsNormBackward {
+    /// `x` and `gamma`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = bridge::rows(&grads.consume::<Flex>(&ops.node));
+        let (x, gamma) = ops.state;
+        let shape: Vec<usize> = x.layout().shape().to_vec();
+        let xs = bridge::contiguous(&x).expect("kept contiguous");
+        let g = bridge::contiguous(&gamma).expect("kept contiguous");
+        let dys = bridge::contiguous(&dy).expect("made contiguous");
+        let cols = g.len();
+        let mut dx = vec![0.0f32; xs.len()];
+        let per_task = norm::rows_per_task(xs.len() / cols, cols) * cols;
+        let dgamma = dx
+            .par_chunks_mut(per_task)
+            .enumerate()
+            .map(|(task, chunk)| {
+                let at = task * per_task..task * per_task + chunk.len();
+                let mut dg = vec![0.0f32; cols];
+                math::rms_norm_backward_rows(
+                    &xs[at.clone()],
+                    &dys[at],
+                    g,
+                    self.eps,
+                    chunk,
+                    &mut dg,
+                );
+                dg
+            })
+            // Added in block order, so that every run gives the same sums.
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(|mut a, b| {
+                math::add_rows(&mut a, &b);
+                a
+            })
+            .unwrap_or_else(|| vec![0.0; cols]);
+        give(grads, ids[0], || bridge::from_vec(dx, &shape));
+        give(grads, ids[1], || bridge::from_vec(dgamma, &[cols]));
+    }
+}
+
+// --- SwiGLU ----------------------------------------------------------------------------------
+
+/// [`crate::silu_mul`] under autodiff: both inputs are kept for the backward pass.
+pub(crate) fn silu_mul<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    let (ga, ua) = (ad(gate)?, ad(up)?);
+    let (gs, us) = (bridge::rows(&ga.primitive), bridge::rows(&ua.primitive));
+    let out = norm::zip_map(&gs, Some(&us), math::silu_mul_slice)?;
+    Some(wrap(record(SiluMulBackward, [&ga, &ua], (gs, us), out)))
+}
+
+/// Backward pass of `y = silu(gate) · up` ([`math::silu_mul_backward_slice`]).
+#[derive(Debug)]
+struct SiluMulBackward;
+
+impl Backward<Flex, 2> for SiluMulBackward {
+    /// `gate` and `up`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = bridge::rows(&grads.consume::<Flex>(&ops.node));
+        let (gate, up) = ops.state;
+        let shape: Vec<usize> = gate.layout().shape().to_vec();
+        let (g, u) = (
+            bridge::contiguous(&gate).expect("kept contiguous"),
+            bridge::contiguous(&up).expect("kept contiguous"),
+        );
+        let dys = bridge::contiguous(&dy).expect("made contiguous");
+        let (mut d_gate, mut d_up) = (vec![0.0f32; g.len()], vec![0.0f32; g.len()]);
+        let chunk = norm::PARALLEL_VALUES;
+        d_gate
+            .par_chunks_mut(chunk)
+            .zip(d_up.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, (dg, du))| {
+                let at = i * chunk..i * chunk + dg.len();
+                math::silu_mul_backward_slice(&g[at.clone()], &u[at.clone()], &dys[at], dg, du);
+            });
+        give(grads, ids[0], || bridge::from_vec(d_gate, &shape));
+        give(grads, ids[1], || bridge::from_vec(d_up, &shape));
+    }
+}
+
+// --- cross entropy ---------------------------------------------------------------------------
+
+/// [`crate::cross_entropy`] under autodiff: the logits and each row's `log Σ exp` are kept
+/// for the backward pass.
+pub(crate) fn cross_entropy<B: Backend, const D: usize>(
+    logits: &Tensor<B, D>,
+    targets: Vec<i64>,
+) -> Option<Tensor<B, 1>> {
+    let la = ad(logits)?;
+    let rows = bridge::rows(&la.primitive);
+    let summary = loss::Summary::of(&rows, &targets)?;
+    let out = bridge::from_vec(vec![summary.loss], &[1]);
+    let state = CrossEntropyState {
+        logits: rows,
+        targets,
+        summary,
+    };
+    Some(wrap(record(CrossEntropyBackward, [&la], state, out)))
+}
+
+/// What the cross entropy's backward pass reads.
+#[derive(Debug, Clone)]
+struct CrossEntropyState {
+    logits: FlexTensor,
+    targets: Vec<i64>,
+    summary: loss::Summary,
+}
+
+/// Backward pass of the mean cross entropy ([`loss::Summary::backward`]).
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    type State = CrossEntropyState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let d_loss = bridge::rows(&grads.consume::<Flex>(&ops.node));
+        let g = bridge::contiguous(&d_loss).expect("made contiguous")[0];
+        let s = ops.state;
+        give(grads, ids[0], || {
+            s.summary.backward(s.logits, &s.targets, g)
+        });
+    }
+}
+
+// --- rotary positions -----------------------------------------------------------------------
+
+/// [`crate::rotary`] under autodiff: the table is kept for the backward pass (the cosines and
+/// sines get no gradient: they come from the positions).
+pub(crate) fn rotary<B: Backend>(
+    x: &Tensor<B, 4>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+) -> Option<Tensor<B, 4>> {
+    let xa = ad(x)?;
+    let table = Table::new(&ad(cos)?.primitive, &ad(sin)?.primitive)?;
+    let out = rope::rotate(&xa.primitive, &table, false)?;
+    Some(wrap(record(RotaryBackward, [&xa], table, out)))
+}
+
+/// Backward pass of the rotation: the transposed rotation of the output's gradient.
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl Backward<Flex, 1> for RotaryBackward {
+    type State = Table;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = grads.consume::<Flex>(&ops.node);
+        give(grads, ids[0], || {
+            rope::rotate(&bridge::rows(&dy), &ops.state, true)
+                .expect("the gradient has the input's shape")
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::{Autodiff, Flex};
@@ -442,6 +634,81 @@ mod tests {
         let g_got = (got * r.clone()).sum().backward();
         let g_want = (want * r).sum().backward();
         close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+    }
+
+    #[test]
+    fn rms_norm_and_silu_mul_gradients_equal_burns() {
+        for shape in [[2, 3, 20], [4, 300, 771]] {
+            let cols = shape[2];
+            let (x, g) = (random(shape), random([cols]));
+            let r = random(shape).detach();
+            let got = crate::rms_norm(&x, &g, 1e-6).unwrap();
+            let inv = (x.clone().powi_scalar(2).mean_dim(2) + 1e-6).sqrt().recip();
+            let want = x.clone() * inv * g.clone().unsqueeze::<3>();
+            close(got.clone().inner(), want.clone().inner());
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (want * r.clone()).sum().backward();
+            close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+            close(g.grad(&g_got).unwrap(), g.grad(&g_want).unwrap());
+
+            let (gate, up) = (random(shape), random(shape));
+            let got = crate::silu_mul(&gate, &up).unwrap();
+            let want = activation::silu(gate.clone()) * up.clone();
+            close(got.clone().inner(), want.clone().inner());
+            let g_got = (got * r.clone()).sum().backward();
+            let g_want = (want * r).sum().backward();
+            close(gate.grad(&g_got).unwrap(), gate.grad(&g_want).unwrap());
+            close(up.grad(&g_got).unwrap(), up.grad(&g_want).unwrap());
+        }
+    }
+
+    #[test]
+    fn cross_entropy_gradient_equals_burns() {
+        let device = Default::default();
+        let logits = random([3, 11, 517]);
+        let ids: Vec<i64> = (0..33)
+            .map(|i| if i % 4 == 3 { -100 } else { i * 31 % 517 })
+            .collect();
+        let targets = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::from(ids.as_slice()),
+            &device,
+        );
+        // Logits whose buffer only the loss holds at backward time (a product's output: the
+        // gradient is written over it), then a view of a leaf that the test keeps (copied).
+        for owned in [true, false] {
+            // Views of their own: a backward pass consumes the graph steps it walks.
+            let rows = logits.clone().reshape([33, 517]);
+            let input = if owned { rows * 1.0 } else { rows };
+            let got = crate::cross_entropy(&input, &targets).unwrap();
+            drop(input);
+            let rows = logits.clone().reshape([33, 517]);
+            let kept = targets.clone().not_equal_elem(-100);
+            let safe = targets.clone().mask_fill(kept.clone().bool_not(), 0);
+            let picked = activation::log_softmax(rows, 1)
+                .gather(1, safe.unsqueeze_dim::<2>(1))
+                .squeeze_dim::<1>(1);
+            let kept = kept.float();
+            let want = (picked * kept.clone()).sum().neg() / kept.sum();
+            close(got.clone().inner(), want.clone().inner());
+            let (g_got, g_want) = ((got * 3.0).backward(), (want * 3.0).backward());
+            close(logits.grad(&g_got).unwrap(), logits.grad(&g_want).unwrap());
+        }
+    }
+
+    #[test]
+    fn rotary_gradient_equals_burns() {
+        let device = Default::default();
+        let rows = random([2, 5, 3 * 8]);
+        let heads = || rows.clone().reshape([2, 5, 3, 8]).swap_dims(1, 2);
+        let cos = Tensor::<B, 4>::random([1, 1, 5, 8], Distribution::Default, &device);
+        let sin = Tensor::<B, 4>::random([1, 1, 5, 8], Distribution::Default, &device);
+        let got = crate::rotary(&heads(), &cos, &sin).unwrap();
+        let want = crate::rotary::tests::reference(heads(), &cos, &sin);
+        close(got.clone().inner(), want.clone().inner());
+        let r = random([2, 3, 5, 8]).detach();
+        let g_got = (got * r.clone()).sum().backward();
+        let g_want = (want * r).sum().backward();
+        close(rows.grad(&g_got).unwrap(), rows.grad(&g_want).unwrap());
     }
 
     /// Attention through burn's operations: `softmax(q · kᵀ / √d + mask) · factor · v`, with

@@ -105,6 +105,8 @@ fn train_step(c: &mut Criterion) {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the CLI and the Trainer run: freed buffers reused by the next iteration.
+    ember_kernels::keep_freed_memory();
     forward(
         c,
         "bert_base_forward_b8_s128",

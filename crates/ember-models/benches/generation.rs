@@ -78,6 +78,8 @@ fn read_on_every_core(values: &[f32]) -> f32 {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the CLI and the Trainer run: freed buffers reused by the next iteration.
+    ember_kernels::keep_freed_memory();
     let Some(dir) = ember_testkit::smollm2() else {
         return;
     };

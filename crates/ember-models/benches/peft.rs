@@ -195,6 +195,8 @@ fn decode_with_adapter(c: &mut Criterion, dir: &std::path::Path) {
 }
 
 fn bench(c: &mut Criterion) {
+    // As the CLI and the Trainer run: freed buffers reused by the next iteration.
+    ember_kernels::keep_freed_memory();
     rbt3_train_step(c);
     let Some(dir) = ember_testkit::smollm2() else {
         return;

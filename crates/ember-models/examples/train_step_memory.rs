@@ -30,6 +30,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() {
+    // As the CLI and the Trainer run.
+    ember_kernels::keep_freed_memory();
     let device = Default::default();
     let config = BertConfig {
         vocab_size: 21128,

@@ -149,6 +149,9 @@ pub(crate) fn apply<B: Backend>(
     cos: &Tensor<B, 4>,
     sin: &Tensor<B, 4>,
 ) -> Tensor<B, 4> {
+    if let Some(rotated) = ember_kernels::rotary(&x, cos, sin) {
+        return rotated;
+    }
     let [b, h, s, d] = x.dims();
     let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
     let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);

@@ -252,7 +252,11 @@ where
 
     /// Trains (resuming from `args.resume_from_checkpoint` when set) and returns the final log
     /// entry (`train_loss`, `train_runtime`, `train_samples_per_second`, ...).
+    ///
+    /// Training keeps freed memory in the process for the next step
+    /// ([`ember_kernels::keep_freed_memory`]).
     pub fn train(&mut self) -> Result<BTreeMap<String, f64>> {
+        ember_kernels::keep_freed_memory();
         let dataset = self
             .train_dataset
             .clone()

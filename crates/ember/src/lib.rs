@@ -37,6 +37,7 @@ pub use burn;
 pub mod data;
 pub use ember_datasets as datasets;
 pub use ember_distributed as distributed;
+pub use ember_kernels::keep_freed_memory;
 pub use ember_models as models;
 pub use ember_peft as peft;
 pub use ember_quant as quant;
