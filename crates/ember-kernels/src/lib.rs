@@ -55,12 +55,6 @@ pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
     bridge::is_flex::<B>()
 }
 
-/// Whether the kernels of this crate run, with their own backward passes, for backend `B`
-/// (Flex under burn's autodiff, f32 tensors; always false without the `autodiff` feature).
-pub fn trains<B: burn::tensor::backend::Backend>() -> bool {
-    bridge::is_autodiff_flex::<B>()
-}
-
 /// Runs `f` on one of rayon's worker threads when `B` is Flex, else on the calling thread.
 ///
 /// Flex and these kernels run their parallel loops in rayon's pool, one worker per core.

@@ -112,6 +112,19 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
+/// `Σ f(i)` over `0..n`, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let whole = n / LANES * LANES;
+    for start in (0..whole).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(start + l);
+        }
+    }
+    acc.iter().sum::<f32>() + (whole..n).map(&f).sum::<f32>()
+}
+
 /// Sum of squared deviations from `mean`, in [`LANES`] partial sums.
 #[inline(always)]
 pub(crate) fn sum_sq_dev(x: &[f32], mean: f32) -> f32 {
@@ -396,15 +409,7 @@ simd_fn! {
         let rows = x.chunks_exact(cols).zip(dy.chunks_exact(cols));
         for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(cols)) {
             let r = 1.0 / (sum_sq_dev(xr, 0.0) / cols as f32 + eps).sqrt();
-            let mut acc = [0.0f32; LANES];
-            let full = cols / LANES * LANES;
-            for c in (0..full).step_by(LANES) {
-                for i in 0..LANES {
-                    acc[i] += gamma[c + i] * dyr[c + i] * xr[c + i];
-                }
-            }
-            let tail: f32 = (full..cols).map(|c| gamma[c] * dyr[c] * xr[c]).sum();
-            let k = r * r * (acc.iter().sum::<f32>() + tail) / cols as f32;
+            let k = r * r * sum_by(cols, |c| gamma[c] * dyr[c] * xr[c]) / cols as f32;
             for c in 0..cols {
                 dxr[c] = r * (gamma[c] * dyr[c] - xr[c] * k);
                 dgamma[c] += dyr[c] * xr[c] * r;
@@ -438,15 +443,7 @@ simd_fn! {
     pub(crate) fn log_sum_exp_rows(x: &[f32], cols: usize, out: &mut [f32]) {
         for (row, o) in x.chunks_exact(cols).zip(out.iter_mut()) {
             let m = max(row);
-            let mut acc = [0.0f32; LANES];
-            let full = cols / LANES * LANES;
-            for c in (0..full).step_by(LANES) {
-                for i in 0..LANES {
-                    acc[i] += exp(row[c + i] - m);
-                }
-            }
-            let tail: f32 = row[full..].iter().map(|v| exp(v - m)).sum();
-            *o = m + (acc.iter().sum::<f32>() + tail).ln();
+            *o = m + sum_by(cols, |c| exp(row[c] - m)).ln();
         }
     }
 }

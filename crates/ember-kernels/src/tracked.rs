@@ -85,6 +85,38 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
+/// Fills `out` in parallel blocks of whole rows of `cols` values with `fill(range, block,
+/// sums)`, where each block also adds its rows' shares into `K` per-column sums of its own;
+/// those are then added in block order, so that every run gives the same sums.
+fn rows_with_column_sums<const K: usize>(
+    out: &mut [f32],
+    cols: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32], &mut [Vec<f32>; K]) + Sync,
+) -> [Vec<f32>; K] {
+    let zeros = || std::array::from_fn(|_| vec![0.0f32; cols]);
+    let per_task = norm::rows_per_task(out.len() / cols, cols) * cols;
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .map(|(task, chunk)| {
+            let mut sums = zeros();
+            fill(
+                task * per_task..task * per_task + chunk.len(),
+                chunk,
+                &mut sums,
+            );
+            sums
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(|mut acc, sums| {
+            for (a, s) in acc.iter_mut().zip(&sums) {
+                math::add_rows(a, s);
+            }
+            acc
+        })
+        .unwrap_or_else(zeros)
+}
+
 // --- linear ---------------------------------------------------------------------------------
 
 /// [`crate::linear`] under autodiff.
@@ -231,33 +263,9 @@ impl<const N: usize> Backward<Flex, N> for LayerNormBackward {
         let dys = bridge::contiguous(&dy).expect("made contiguous");
         let cols = g.len();
         let mut ds = vec![0.0f32; s.len()];
-        let per_task = norm::rows_per_task(s.len() / cols, cols) * cols;
-        let (dgamma, dbeta) = ds
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .map(|(task, chunk)| {
-                let at = task * per_task..task * per_task + chunk.len();
-                let (mut dg, mut db) = (vec![0.0f32; cols], vec![0.0f32; cols]);
-                math::layer_norm_backward_rows(
-                    &s[at.clone()],
-                    &dys[at],
-                    g,
-                    self.eps,
-                    chunk,
-                    &mut dg,
-                    &mut db,
-                );
-                (dg, db)
-            })
-            // Added in block order, so that every run gives the same sums.
-            .collect::<Vec<_>>()
-            .into_iter()
-            .reduce(|(mut ga, mut ba), (gb, bb)| {
-                math::add_rows(&mut ga, &gb);
-                math::add_rows(&mut ba, &bb);
-                (ga, ba)
-            })
-            .unwrap_or_else(|| (vec![0.0; cols], vec![0.0; cols]));
+        let [dgamma, dbeta] = rows_with_column_sums(&mut ds, cols, |at, chunk, [dg, db]| {
+            math::layer_norm_backward_rows(&s[at.clone()], &dys[at], g, self.eps, chunk, dg, db)
+        });
         let ds = bridge::from_vec(ds, &shape);
         let gamma_at = 1 + usize::from(self.residual);
         if self.residual {
@@ -380,31 +388,9 @@ impl Backward<Flex, 2> for RmsNormBackward {
         let dys = bridge::contiguous(&dy).expect("made contiguous");
         let cols = g.len();
         let mut dx = vec![0.0f32; xs.len()];
-        let per_task = norm::rows_per_task(xs.len() / cols, cols) * cols;
-        let dgamma = dx
-            .par_chunks_mut(per_task)
-            .enumerate()
-            .map(|(task, chunk)| {
-                let at = task * per_task..task * per_task + chunk.len();
-                let mut dg = vec![0.0f32; cols];
-                math::rms_norm_backward_rows(
-                    &xs[at.clone()],
-                    &dys[at],
-                    g,
-                    self.eps,
-                    chunk,
-                    &mut dg,
-                );
-                dg
-            })
-            // Added in block order, so that every run gives the same sums.
-            .collect::<Vec<_>>()
-            .into_iter()
-            .reduce(|mut a, b| {
-                math::add_rows(&mut a, &b);
-                a
-            })
-            .unwrap_or_else(|| vec![0.0; cols]);
+        let [dgamma] = rows_with_column_sums(&mut dx, cols, |at, chunk, [dg]| {
+            math::rms_norm_backward_rows(&xs[at.clone()], &dys[at], g, self.eps, chunk, dg)
+        });
         give(grads, ids[0], || bridge::from_vec(dx, &shape));
         give(grads, ids[1], || bridge::from_vec(dgamma, &[cols]));
     }

@@ -372,27 +372,20 @@ pub fn shifted_cross_entropy<B: Backend>(
     if seq < 2 {
         return Tensor::zeros([1], &logits.device());
     }
-    if ember_kernels::applies::<B>() || ember_kernels::trains::<B>() {
-        // Every position's row against the next label, the last one skipped: the logits are
-        // read in place rather than sliced into a copy.
-        let device = logits.device();
-        let next = Tensor::cat(
-            vec![
-                labels.slice([0..batch, 1..seq]),
-                Tensor::full([batch, 1], loss::IGNORE_INDEX, &device),
-            ],
-            1,
-        );
-        let rows = logits.reshape([batch * seq, vocab]);
-        return loss::cross_entropy(rows, next.reshape([batch * seq]));
-    }
-    let predicted = logits
-        .slice([0..batch, 0..seq - 1])
-        .reshape([batch * (seq - 1), vocab]);
-    let targets = labels
-        .slice([0..batch, 1..seq])
-        .reshape([batch * (seq - 1)]);
-    loss::cross_entropy(predicted, targets)
+    // Every position's row against the next label, the last one skipped: the logits are read
+    // in place rather than sliced into a copy.
+    let device = logits.device();
+    let next = Tensor::cat(
+        vec![
+            labels.slice([0..batch, 1..seq]),
+            Tensor::full([batch, 1], loss::IGNORE_INDEX, &device),
+        ],
+        1,
+    );
+    loss::cross_entropy(
+        logits.reshape([batch * seq, vocab]),
+        next.reshape([batch * seq]),
+    )
 }
 
 /// The boolean mask (true = masked) for attention over `past + seq` keys from `seq` queries,

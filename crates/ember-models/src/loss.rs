@@ -3,7 +3,7 @@
 use burn::tensor::{activation, backend::Backend, Int, Tensor};
 
 /// The label value that cross entropy skips (PyTorch's `ignore_index` default).
-pub const IGNORE_INDEX: i64 = -100;
+pub use ember_kernels::IGNORE_INDEX;
 
 /// Mean cross entropy of `logits` `[n, classes]` against class ids `labels` `[n]`, skipping
 /// labels equal to `-100`. Returns `[1]`; 0 when every label is skipped (PyTorch gives NaN).
