@@ -56,15 +56,82 @@ pub(crate) fn linear_flex(
     if k != k2 || bf.is_some_and(|b| b.layout().num_elements() != n) {
         return None;
     }
-    let mut out = vec![0.0f32; m * n];
+    let plan = Plan::of(xf, wf, [m, k, n]);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
     if let Some(b) = bf.filter(|_| n > 0) {
         let b = bridge::contiguous(b)?;
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+    } else if plan.reads_output() {
+        out.resize(m * n, 0.0);
+    }
+    // SAFETY: `out` has room for m · n values; it holds them already (bias rows or zeros)
+    // unless the plan is a GEMM that does not read its output, which then writes every one.
+    unsafe {
+        gemm_into(
+            out.as_mut_ptr(),
+            xf,
+            wf,
+            [m, k, n],
+            bf.is_some(),
+            weights,
+            plan,
+        );
+        out.set_len(m * n);
+    }
+    Some(bridge::from_vec(out, &[m, n]))
+}
+
+/// How [`gemm_into`] computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Nothing to multiply (an empty dimension): the output keeps its bias rows or zeros.
+    Nothing,
+    /// [`few_rows`]: the weight read once for a few rows, added into the output.
+    FewRows,
+    /// One `gemm` call split by `gemm` itself over the threads.
+    Parallel,
+    /// The weight's columns split over the threads, one `gemm` call each.
+    SplitColumns,
+    /// One `gemm` call on the calling thread.
+    Single,
+}
+
+impl Plan {
+    /// The plan for `lhs [m, k] · rhs [k, n]` over the tensors' strides.
+    ///
+    /// Large products let `gemm` split the work over the threads. A product with few rows and
+    /// a large weight (decoding: one row per sequence) is below `gemm`'s threshold yet reads
+    /// the whole weight from memory, which one core cannot do at the memory's rate:
+    /// [`few_rows`] splits the weight over the threads instead. Other products below the
+    /// threshold with a large weight split its columns over the threads.
+    fn of(lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3]) -> Self {
+        let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
+        let threads = rayon::current_num_threads();
+        let lhs_rows = ls[1] == 1 || m == 1;
+        // Dot products (a column-major weight) pay off for one or two rows only; more rows
+        // are compute-bound there, where `gemm` is faster.
+        let few_rows_layout = rs[1] == 1 || (rs[0] == 1 && m <= 2);
+        if m * k * n == 0 {
+            Self::Nothing
+        } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
+            Self::FewRows
+        } else if m * n * k >= PARALLEL_WORK {
+            Self::Parallel
+        } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
+            Self::SplitColumns
+        } else {
+            Self::Single
         }
     }
-    gemm_into(&mut out, xf, wf, [m, k, n], bf.is_some(), weights);
-    Some(bridge::from_vec(out, &[m, n]))
+
+    /// Whether the output must hold its starting values (zeros) before [`gemm_into`] runs:
+    /// `gemm` without a bias overwrites every output value; the other plans add into it or
+    /// leave it as it is.
+    fn reads_output(self) -> bool {
+        matches!(self, Self::Nothing | Self::FewRows)
+    }
 }
 
 /// `lhs · rhs` for 2-D tensors of any strides whose inner dimensions the caller checked agree.
@@ -105,30 +172,30 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
-/// `out (+)= lhs · rhs` over the tensors' own strides. `out` starts as zeros or the bias rows;
-/// `accumulate` says it holds a bias, which `gemm` must then read.
+/// `out (+)= lhs · rhs` over the tensors' own strides, computed as `plan` says (see [`Plan`]).
+/// `accumulate` says `out` holds a bias, which `gemm` must then read.
 ///
-/// Large products let `gemm` split the work over the threads. A product with few rows and a
-/// large weight (decoding: one row per sequence) is below `gemm`'s threshold yet reads the
-/// whole weight from memory, which one core cannot do at the memory's rate: [`few_rows`]
-/// splits the weight over the threads instead. Other products below the threshold with a
-/// large weight split its columns over the threads, one `gemm` call each.
-fn gemm_into(
-    out: &mut [f32],
+/// # Safety
+/// `out` has room for `m · n` values, written row-major; it must hold initialised values
+/// when `accumulate` or `plan.reads_output()`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    out: *mut f32,
     lhs: &FlexTensor,
     rhs: &FlexTensor,
     [m, k, n]: [usize; 3],
     accumulate: bool,
     weights: Weights,
+    plan: Plan,
 ) {
     let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
     let lhs_ptr = Shared::new(lhs.storage::<f32>()[lhs.layout().start_offset()..].as_ptr());
     let rhs_ptr = Shared::new(rhs.storage::<f32>()[rhs.layout().start_offset()..].as_ptr());
-    let out_ptr = SharedMut::new(out.as_mut_ptr());
+    let out_ptr = SharedMut::new(out);
     // SAFETY (both calls): the pointers address the tensors' own buffers at their layouts'
     // start offsets, and every element the strides reach over `[m, k]` / `[k, n]` lies inside
-    // them (burn checked the layouts when it built the views); `out` holds m · n values written
-    // row-major, and each task writes only its own columns `cols` of it.
+    // them (burn checked the layouts when it built the views); `out` has room for m · n values
+    // written row-major, and each task writes only its own columns `cols` of it.
     let run = |cols: std::ops::Range<usize>, parallelism| unsafe {
         gemm::gemm(
             m,
@@ -153,46 +220,45 @@ fn gemm_into(
         );
     };
     let threads = rayon::current_num_threads();
-    let lhs_rows = ls[1] == 1 || m == 1;
-    // Dot products (a column-major weight) pay off for one or two rows only; more rows are
-    // compute-bound there, where `gemm` is faster.
-    let few_rows_layout = rs[1] == 1 || (rs[0] == 1 && m <= 2);
-    if m * k * n == 0 {
+    match plan {
         // Nothing to multiply: `out` already holds the bias rows or zeros.
-    } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
-        // The region of the weight's buffer the view covers, and its bf16 copy if it has one.
-        let extent = if rs[1] == 1 {
-            (k - 1) * rs[0] as usize + n
-        } else {
-            (n - 1) * rs[1] as usize + k
-        };
-        let packed = (weights == Weights::Bf16Copies && k * n >= SPLIT_WEIGHT)
-            .then(|| packed::bf16_copy(rhs, extent))
-            .flatten();
-        // SAFETY: as above; `lhs` rows are contiguous (or there is one row) and `rhs` is row-
-        // or column-major, which is what `few_rows` reads; `packed` covers the same region.
-        unsafe {
-            few_rows(
-                out_ptr,
-                lhs_ptr,
-                ls[0],
-                (rhs_ptr, packed.as_deref()),
-                rs,
-                [m, k, n],
-                threads,
-            )
-        };
-    } else if m * n * k >= PARALLEL_WORK {
-        run(0..n, gemm::Parallelism::Rayon(0));
-    } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
-        use rayon::prelude::*;
-        // Chunks of a multiple of 16 columns (two AVX-512 vectors), about two per thread.
-        let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
-        (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|c| run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None));
-    } else {
-        run(0..n, gemm::Parallelism::None);
+        Plan::Nothing => {}
+        Plan::FewRows => {
+            // The region of the weight's buffer the view covers, and its bf16 copy if it has
+            // one.
+            let extent = if rs[1] == 1 {
+                (k - 1) * rs[0] as usize + n
+            } else {
+                (n - 1) * rs[1] as usize + k
+            };
+            let packed = (weights == Weights::Bf16Copies && k * n >= SPLIT_WEIGHT)
+                .then(|| packed::bf16_copy(rhs, extent))
+                .flatten();
+            // SAFETY: as above; the plan checked that `lhs` rows are contiguous (or there is
+            // one row) and `rhs` is row- or column-major, which is what `few_rows` reads;
+            // `packed` covers the same region; `out` holds initialised values.
+            unsafe {
+                few_rows(
+                    out_ptr,
+                    lhs_ptr,
+                    ls[0],
+                    (rhs_ptr, packed.as_deref()),
+                    rs,
+                    [m, k, n],
+                    threads,
+                )
+            };
+        }
+        Plan::Parallel => run(0..n, gemm::Parallelism::Rayon(0)),
+        Plan::SplitColumns => {
+            use rayon::prelude::*;
+            // Chunks of a multiple of 16 columns (two AVX-512 vectors), about two per thread.
+            let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
+            (0..n.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None));
+        }
+        Plan::Single => run(0..n, gemm::Parallelism::None),
     }
 }
 

@@ -1,13 +1,15 @@
 //! Elementwise functions written so that the compiler vectorises them: no calls into `libm`,
 //! only multiplies, adds, a division, min / max and integer bit tricks.
 //!
-//! Each kernel loop is declared with [`simd_fn!`], which compiles it twice, once for the
-//! baseline target and once with AVX2 + FMA, and picks the second at run time where the CPU
-//! has it (any x86-64 of the last ten years), without asking users for `-C target-cpu`.
+//! Each kernel loop is declared with [`simd_fn!`], which compiles it three times, for the
+//! baseline target, with AVX2 + FMA and with AVX-512, and picks the widest the CPU has at run
+//! time, without asking users for `-C target-cpu`. These machines differ: some expose AVX-512,
+//! others only AVX2 + FMA.
 
-/// Declares `fn name(args) -> ret { body }` whose body is compiled a second time with AVX2 and
-/// FMA enabled, and called that way when the CPU has them. The body is an `#[inline(always)]`
-/// function so that it (and the `#[inline(always)]` helpers it calls) is generated inside the
+/// Declares `fn name(args) -> ret { body }` whose body is compiled twice more, with AVX2 and
+/// FMA enabled (`fast`) and with AVX-512 as well (`widest`: 16 lanes per vector instead of 8),
+/// and called the widest way the CPU supports. The body is an `#[inline(always)]` function so
+/// that it (and the `#[inline(always)]` helpers it calls) is generated inside each
 /// `#[target_feature]` wrapper; a closure would stay a separate baseline-compiled function.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -17,9 +19,17 @@ macro_rules! simd_fn {
             fn imp($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                fn widest($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn fast($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
+                }
+                if $crate::math::has_avx512() {
+                    // SAFETY: the CPU supports the features `widest` is compiled for.
+                    return unsafe { widest($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `fast` is compiled for.
@@ -29,6 +39,25 @@ macro_rules! simd_fn {
             imp($($arg),*)
         }
     };
+}
+
+/// Whether the [`simd_fn!`] kernels run their AVX-512 build: the CPU has AVX-512 F, BW and VL
+/// (with AVX2 and FMA) and `EMBER_NO_AVX512` is not set (tests force the AVX2 build with it).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    #[cfg(test)]
+    if tests::NARROW.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    *HAS.get_or_init(|| {
+        std::env::var_os("EMBER_NO_AVX512").is_none()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    })
 }
 
 /// Lanes used for reductions: eight independent partial sums, which the compiler keeps in one
@@ -577,8 +606,40 @@ simd_fn! {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Set by a test to run the AVX2 build of the kernels on a CPU with AVX-512.
+    pub(crate) static NARROW: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+
+    #[test]
+    fn the_avx512_and_avx2_builds_give_the_same_values() {
+        use std::sync::atomic::Ordering;
+        let x: Vec<f32> = (0..3 * 1000)
+            .map(|i| ((i * 7919) % 2003) as f32 / 97.0 - 10.0)
+            .collect();
+        let run = || {
+            let mut lse = vec![0.0f32; 3];
+            log_sum_exp_rows(&x, 1000, &mut lse);
+            let mut gelu = vec![0.0f32; x.len()];
+            gelu_slice(&x, &mut gelu);
+            let mut gated = vec![0.0f32; x.len()];
+            silu_mul_slice(&x, &x, &mut gated);
+            let mut probs = x.clone();
+            masked_softmax_rows(&mut probs, &[false; 1000], Some(0));
+            [lse, gelu, gated, probs]
+        };
+        let wide = run();
+        NARROW.store(true, Ordering::Relaxed);
+        let narrow = run();
+        NARROW.store(false, Ordering::Relaxed);
+        for (w, n) in wide.iter().zip(&narrow) {
+            for (a, b) in w.iter().zip(n) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "{a} against {b}");
+            }
+        }
+    }
 
     /// Largest error relative to the f64 reference, over a dense grid of `[lo, hi]`.
     fn worst(f: fn(f32) -> f32, reference: fn(f64) -> f64, lo: f32, hi: f32) -> f64 {

@@ -514,7 +514,10 @@ impl Backward<Flex, 1> for RotaryBackward {
         let ids = wanted(&ops);
         let dy = grads.consume::<Flex>(&ops.node);
         give(grads, ids[0], || {
-            rope::rotate(&bridge::rows(&dy), &ops.state, true)
+            // The gradient is read in place through its strides (a head view of the
+            // attention's `[batch, seq, heads, dim]` rows) unless its rows are not contiguous.
+            rope::rotate(&dy, &ops.state, true)
+                .or_else(|| rope::rotate(&bridge::rows(&dy), &ops.state, true))
                 .expect("the gradient has the input's shape")
         });
     }
