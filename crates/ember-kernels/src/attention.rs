@@ -77,6 +77,11 @@ pub fn attention<B: Backend>(
     Some(bridge::wrap(out))
 }
 
+/// Query rows per block of a causal attention (see `Masks::query_blocks`): large enough for
+/// `gemm`'s microkernels (which take 64 rows at a time with AVX-512), small enough that the
+/// blocks skip most of the hidden keys.
+const QUERY_BLOCK: usize = 64;
+
 /// The masks of one attention call, read by the forward and backward passes.
 #[derive(Debug, Clone)]
 pub(crate) struct Masks {
@@ -182,6 +187,29 @@ impl Masks {
         (padding, self.causal.then_some(offset))
     }
 
+    /// The blocks of query rows and how many keys each block sees (a prefix of the keys).
+    ///
+    /// A causal mask without padding hides from query `i` every key after `i + seq_k - seq_q`,
+    /// so a block of queries needs scores, and a gradient, only against the keys its last row
+    /// sees: blocks of [`QUERY_BLOCK`] rows skip about half of the products at seq 256. Every
+    /// row still sees key 0, so its hidden keys get weight exactly 0 whether they were scored
+    /// or not. Otherwise (padding, no causal mask, more queries than keys, short sequences)
+    /// there is one block of all queries against all keys.
+    fn query_blocks(&self, sh: &Shapes) -> Vec<(std::ops::Range<usize>, usize)> {
+        let (seq_q, seq_k) = (sh.seq_q, sh.seq_k);
+        if !self.causal || !self.padding.is_empty() || seq_k < seq_q || seq_q < 2 * QUERY_BLOCK {
+            return vec![(0..seq_q, seq_k)];
+        }
+        let offset = seq_k - seq_q;
+        (0..seq_q)
+            .step_by(QUERY_BLOCK)
+            .map(|r0| {
+                let r1 = (r0 + QUERY_BLOCK).min(seq_q);
+                (r0..r1, (r1 + offset).min(seq_k))
+            })
+            .collect()
+    }
+
     /// The dropout factors of task `task` (one batch row and head), `[seq_q, seq_k]`.
     fn dropout_of(&self, task: usize, len: usize) -> Option<&[f32]> {
         let m = bridge::contiguous(self.dropout.as_ref()?)?;
@@ -225,6 +253,7 @@ pub(crate) fn attention_flex(
     );
     let (q_data, k_data, v_data) = (base(qf), base(kf), base(vf));
     let tasks = if seq_q == 0 { 0 } else { batch * heads };
+    let blocks = masks.query_blocks(&sh);
     (0..tasks).into_par_iter().for_each(|task| {
         let (bi, hi) = (task / heads, task % heads);
         let kh = hi / group;
@@ -237,31 +266,36 @@ pub(crate) fn attention_flex(
             scratch.resize(block, 0.0);
             &mut scratch
         };
-        // SAFETY: the offsets stay inside each tensor's buffer (its layout's own strides over
-        // its own shape); this task writes only rows `bi` and head `hi` of `out`, which no
-        // other task writes.
-        unsafe {
-            gemm::gemm(
-                seq_q,
-                seq_k,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                seq_k as isize,
-                false,
-                q_data.at(bi as isize * qs[0] + hi as isize * qs[1]),
-                1,
-                qs[2],
-                k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
-                ks[2],
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        // Scores against the keys each block of queries sees; the rest of each row is hidden
+        // and set by the masked softmax.
+        for (rows, keys) in &blocks {
+            // SAFETY: the offsets stay inside each tensor's buffer (its layout's own strides
+            // over its own shape); the scores of rows `rows` lie inside this task's block.
+            unsafe {
+                gemm::gemm(
+                    rows.len(),
+                    *keys,
+                    d,
+                    scores.as_mut_ptr().add(rows.start * seq_k),
+                    1,
+                    seq_k as isize,
+                    false,
+                    q_data.at(bi as isize * qs[0]
+                        + hi as isize * qs[1]
+                        + rows.start as isize * qs[2]),
+                    1,
+                    qs[2],
+                    k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
+                    ks[2],
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         }
         let (pad, causal) = masks.of_row(bi, &sh, &no_padding);
         math::masked_softmax_rows(scores, pad, causal);
@@ -277,29 +311,33 @@ pub(crate) fn attention_flex(
             None => scores,
         };
         let row_stride = (heads * dv) as isize;
-        // SAFETY: as above.
-        unsafe {
-            gemm::gemm(
-                seq_q,
-                dv,
-                seq_k,
-                out_ptr.at(bi as isize * seq_q as isize * row_stride + (hi * dv) as isize),
-                1,
-                row_stride,
-                false,
-                weights.as_ptr(),
-                1,
-                seq_k as isize,
-                v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
-                1,
-                vs_[2],
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+        for (rows, keys) in &blocks {
+            // SAFETY: as above; this task writes only batch row `bi` and head `hi` of `out`,
+            // which no other task writes.
+            unsafe {
+                gemm::gemm(
+                    rows.len(),
+                    dv,
+                    *keys,
+                    out_ptr
+                        .at((bi * seq_q + rows.start) as isize * row_stride + (hi * dv) as isize),
+                    1,
+                    row_stride,
+                    false,
+                    weights.as_ptr().add(rows.start * seq_k),
+                    1,
+                    seq_k as isize,
+                    v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
+                    1,
+                    vs_[2],
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
         }
     });
     let shape = [batch, heads, seq_q, dv];
@@ -350,6 +388,7 @@ pub(crate) fn attention_backward(
     );
     let (q_data, k_data, v_data, o_data) = (base(qf), base(kf), base(vf), base(d_out));
     let tasks = if seq_q == 0 { 0 } else { batch * kv_heads };
+    let blocks = masks.query_blocks(&sh);
     (0..tasks).into_par_iter().for_each(|task| {
         let (bi, kh) = (task / kv_heads, task % kv_heads);
         let (pad, causal) = masks.of_row(bi, &sh, &no_padding);
@@ -364,7 +403,7 @@ pub(crate) fn attention_backward(
         let dk_at = bi as isize * seq_k as isize * kv_row + (kh * d) as isize;
         let vv_row = (kv_heads * dv) as isize;
         let dv_at = bi as isize * seq_k as isize * vv_row + (kh * dv) as isize;
-        for (n, hi) in (kh * group..(kh + 1) * group).enumerate() {
+        for hi in kh * group..(kh + 1) * group {
             let head = bi * heads + hi;
             let p = &probs[head * block..(head + 1) * block];
             let drop = masks.dropout_of(head, block);
@@ -378,107 +417,118 @@ pub(crate) fn attention_backward(
                 None => p,
             };
             let o_at = bi as isize * os[0] + hi as isize * os[1];
-            let accumulate = n > 0;
-            // SAFETY: every operand is read through its own layout's strides over its own
-            // shape; this task writes only batch row `bi` and key / value head `kh` of `dk`
-            // and `dv`, and query heads `kh · group ..` of `dq`, which no other task writes.
-            unsafe {
-                // dV += weightsᵀ · dO
-                gemm::gemm(
-                    seq_k,
-                    dv,
-                    seq_q,
-                    dv_ptr.at(dv_at),
-                    1,
-                    vv_row,
-                    accumulate,
-                    used.as_ptr(),
-                    seq_k as isize,
-                    1,
-                    o_data.at(o_at),
-                    os[3],
-                    os[2],
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                // dWeights = dO · Vᵀ
-                gemm::gemm(
-                    seq_q,
-                    seq_k,
-                    dv,
-                    grad.as_mut_ptr(),
-                    1,
-                    seq_k as isize,
-                    false,
-                    o_data.at(o_at),
-                    os[3],
-                    os[2],
-                    v_data.at(v_at),
-                    vs_[2],
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            math::softmax_backward_rows(p, drop, &mut grad, seq_k);
-            math::mask_rows(&mut grad, pad, causal);
             let q_at = bi as isize * qs[0] + hi as isize * qs[1];
             let q_row = (heads * d) as isize;
             let dq_at = bi as isize * seq_q as isize * q_row + (hi * d) as isize;
-            // SAFETY: as above.
-            unsafe {
-                // dQ = scale · dScores · K
-                gemm::gemm(
-                    seq_q,
-                    d,
-                    seq_k,
-                    dq_ptr.at(dq_at),
-                    1,
-                    q_row,
-                    false,
-                    grad.as_ptr(),
-                    1,
-                    seq_k as isize,
-                    k_data.at(k_at),
-                    1,
-                    ks[2],
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-                // dK += scale · dScoresᵀ · Q
-                gemm::gemm(
-                    seq_k,
-                    d,
-                    seq_q,
-                    dk_ptr.at(dk_at),
-                    1,
-                    kv_row,
-                    accumulate,
-                    grad.as_ptr(),
-                    seq_k as isize,
-                    1,
-                    q_data.at(q_at),
-                    1,
-                    qs[2],
-                    1.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            for (rows, keys) in &blocks {
+                let (r0, keys) = (rows.start, *keys);
+                let grad_rows = &mut grad[r0 * seq_k..rows.end * seq_k];
+                // SAFETY: every operand is read through its own layout's strides over its own
+                // shape, from row `r0` on; this task writes only batch row `bi` and key /
+                // value head `kh` of `dk` and `dv`, and query heads `kh · group ..` of `dq`,
+                // which no other task writes (`dk` and `dv` start as zeros and add up).
+                unsafe {
+                    // dV[..keys] += weights[rows, ..keys]ᵀ · dO[rows]
+                    gemm::gemm(
+                        keys,
+                        dv,
+                        rows.len(),
+                        dv_ptr.at(dv_at),
+                        1,
+                        vv_row,
+                        true,
+                        used.as_ptr().add(r0 * seq_k),
+                        seq_k as isize,
+                        1,
+                        o_data.at(o_at + r0 as isize * os[2]),
+                        os[3],
+                        os[2],
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    // dWeights[rows, ..keys] = dO[rows] · V[..keys]ᵀ
+                    gemm::gemm(
+                        rows.len(),
+                        keys,
+                        dv,
+                        grad_rows.as_mut_ptr(),
+                        1,
+                        seq_k as isize,
+                        false,
+                        o_data.at(o_at + r0 as isize * os[2]),
+                        os[3],
+                        os[2],
+                        v_data.at(v_at),
+                        vs_[2],
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                // The hidden keys' weights are 0; their gradient is too.
+                for row in grad_rows.chunks_exact_mut(seq_k) {
+                    row[keys..].fill(0.0);
+                }
+                let p_rows = &p[r0 * seq_k..rows.end * seq_k];
+                let drop_rows = drop.map(|m| &m[r0 * seq_k..rows.end * seq_k]);
+                math::softmax_backward_rows(p_rows, drop_rows, grad_rows, seq_k);
+                // Row `i` of the block is query `r0 + i`.
+                math::mask_rows(grad_rows, pad, causal.map(|c| c + r0 as isize));
+                // SAFETY: as above.
+                unsafe {
+                    // dQ[rows] = scale · dScores[rows, ..keys] · K[..keys]
+                    gemm::gemm(
+                        rows.len(),
+                        d,
+                        keys,
+                        dq_ptr.at(dq_at + r0 as isize * q_row),
+                        1,
+                        q_row,
+                        false,
+                        grad_rows.as_ptr(),
+                        1,
+                        seq_k as isize,
+                        k_data.at(k_at),
+                        1,
+                        ks[2],
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    // dK[..keys] += scale · dScores[rows, ..keys]ᵀ · Q[rows]
+                    gemm::gemm(
+                        keys,
+                        d,
+                        rows.len(),
+                        dk_ptr.at(dk_at),
+                        1,
+                        kv_row,
+                        true,
+                        grad_rows.as_ptr(),
+                        seq_k as isize,
+                        1,
+                        q_data.at(q_at + r0 as isize * qs[2]),
+                        1,
+                        qs[2],
+                        1.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
             }
         }
     });

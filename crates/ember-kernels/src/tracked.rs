@@ -746,6 +746,10 @@ mod tests {
             (2, 3, 3, 7, 7, 8, false, false, false),
             (2, 4, 2, 5, 9, 16, true, true, false),
             (3, 2, 2, 6, 6, 8, true, false, true),
+            // Causal without padding over 128 queries or more: blocks of queries against the
+            // keys they see (the last block shorter; cached keys before the queries).
+            (1, 4, 2, 150, 150, 8, false, true, false),
+            (2, 2, 1, 130, 140, 8, false, true, true),
         ];
         for (b, h, kvh, sq, sk, d, padded, causal, dropped) in cases {
             // Heads viewed out of `[batch, seq, heads · d]` rows, as the models produce them.
