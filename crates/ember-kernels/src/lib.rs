@@ -12,8 +12,8 @@
 //! - [`rotary`]: rotary position embeddings read from the strided head view;
 //! - [`cross_entropy`]: the mean loss over rows of logits from one `log Σ exp` per row;
 //! - [`attention`]: scaled dot-product attention over strided `[batch, heads, seq, head_dim]`
-//!   views (head split and merge cost nothing), with a key padding mask, a causal mask and
-//!   grouped key / value heads.
+//!   views (head split and merge cost nothing), with a key padding mask, a causal mask (run in
+//!   blocks of queries against only the keys they see) and grouped key / value heads.
 //!
 //! For training on the CPU (feature `autodiff`), [`linear`], [`layer_norm`], [`rms_norm`],
 //! [`gelu_erf`], [`silu_mul`], [`rotary`], [`attention`] and [`cross_entropy`] also run on `Autodiff<Flex>`, each as one recorded operation with its own
