@@ -77,6 +77,62 @@ pub fn attention<B: Backend>(
     Some(bridge::wrap(out))
 }
 
+/// A matrix operand of [`product`]: its first element and its row and column strides.
+#[derive(Debug, Clone, Copy)]
+struct Strided {
+    at: *const f32,
+    row: isize,
+    col: isize,
+}
+
+impl Strided {
+    fn new(at: *const f32, row: isize, col: isize) -> Self {
+        Self { at, row, col }
+    }
+}
+
+/// `dst = scale · lhs · rhs`, or `dst += scale · lhs · rhs` when `accumulate`, for
+/// `lhs: [m, k]` and `rhs: [k, n]` read through their strides, into `dst` rows `dst.1` apart
+/// with contiguous columns; one `gemm` call on the calling thread (each attention task is one
+/// head, and the tasks already fill the threads).
+///
+/// # Safety
+/// Every element the strides reach over `[m, k]` and `[k, n]` lies inside its buffer, and the
+/// `m × n` elements of `dst` lie inside its buffer and belong to the calling task alone.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, isize),
+    accumulate: bool,
+    lhs: Strided,
+    rhs: Strided,
+    scale: f32,
+) {
+    // SAFETY: as the caller guarantees; `gemm` does not read `dst` unless `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1,
+            accumulate,
+            lhs.at,
+            lhs.col,
+            lhs.row,
+            rhs.at,
+            rhs.col,
+            rhs.row,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
 /// Query rows per block of a causal attention (see `Masks::query_blocks`): large enough for
 /// `gemm`'s microkernels (which take 64 rows at a time with AVX-512), small enough that the
 /// blocks skip most of the hidden keys.
@@ -272,28 +328,23 @@ pub(crate) fn attention_flex(
             // SAFETY: the offsets stay inside each tensor's buffer (its layout's own strides
             // over its own shape); the scores of rows `rows` lie inside this task's block.
             unsafe {
-                gemm::gemm(
-                    rows.len(),
-                    *keys,
-                    d,
-                    scores.as_mut_ptr().add(rows.start * seq_k),
-                    1,
-                    seq_k as isize,
+                product(
+                    [rows.len(), *keys, d],
+                    (scores.as_mut_ptr().add(rows.start * seq_k), seq_k as isize),
                     false,
-                    q_data.at(bi as isize * qs[0]
-                        + hi as isize * qs[1]
-                        + rows.start as isize * qs[2]),
-                    1,
-                    qs[2],
-                    k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
-                    ks[2],
-                    1,
-                    0.0,
+                    Strided::new(
+                        q_data.at(bi as isize * qs[0]
+                            + hi as isize * qs[1]
+                            + rows.start as isize * qs[2]),
+                        qs[2],
+                        1,
+                    ),
+                    Strided::new(
+                        k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
+                        1,
+                        ks[2],
+                    ),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -315,27 +366,22 @@ pub(crate) fn attention_flex(
             // SAFETY: as above; this task writes only batch row `bi` and head `hi` of `out`,
             // which no other task writes.
             unsafe {
-                gemm::gemm(
-                    rows.len(),
-                    dv,
-                    *keys,
-                    out_ptr
-                        .at((bi * seq_q + rows.start) as isize * row_stride + (hi * dv) as isize),
-                    1,
-                    row_stride,
+                product(
+                    [rows.len(), dv, *keys],
+                    (
+                        out_ptr
+                            .at((bi * seq_q + rows.start) as isize * row_stride
+                                + (hi * dv) as isize),
+                        row_stride,
+                    ),
                     false,
-                    weights.as_ptr().add(rows.start * seq_k),
-                    1,
-                    seq_k as isize,
-                    v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
-                    1,
-                    vs_[2],
-                    0.0,
+                    Strided::new(weights.as_ptr().add(rows.start * seq_k), seq_k as isize, 1),
+                    Strided::new(
+                        v_data.at(bi as isize * vs_[0] + kh as isize * vs_[1]),
+                        vs_[2],
+                        1,
+                    ),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -429,48 +475,22 @@ pub(crate) fn attention_backward(
                 // which no other task writes (`dk` and `dv` start as zeros and add up).
                 unsafe {
                     // dV[..keys] += weights[rows, ..keys]ᵀ · dO[rows]
-                    gemm::gemm(
-                        keys,
-                        dv,
-                        rows.len(),
-                        dv_ptr.at(dv_at),
-                        1,
-                        vv_row,
+                    product(
+                        [keys, dv, rows.len()],
+                        (dv_ptr.at(dv_at), vv_row),
                         true,
-                        used.as_ptr().add(r0 * seq_k),
-                        seq_k as isize,
-                        1,
-                        o_data.at(o_at + r0 as isize * os[2]),
-                        os[3],
-                        os[2],
+                        Strided::new(used.as_ptr().add(r0 * seq_k), 1, seq_k as isize),
+                        Strided::new(o_data.at(o_at + r0 as isize * os[2]), os[2], os[3]),
                         1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     // dWeights[rows, ..keys] = dO[rows] · V[..keys]ᵀ
-                    gemm::gemm(
-                        rows.len(),
-                        keys,
-                        dv,
-                        grad_rows.as_mut_ptr(),
-                        1,
-                        seq_k as isize,
+                    product(
+                        [rows.len(), keys, dv],
+                        (grad_rows.as_mut_ptr(), seq_k as isize),
                         false,
-                        o_data.at(o_at + r0 as isize * os[2]),
-                        os[3],
-                        os[2],
-                        v_data.at(v_at),
-                        vs_[2],
-                        1,
-                        0.0,
+                        Strided::new(o_data.at(o_at + r0 as isize * os[2]), os[2], os[3]),
+                        Strided::new(v_data.at(v_at), 1, vs_[2]),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
                 // The hidden keys' weights are 0; their gradient is too.
@@ -485,48 +505,22 @@ pub(crate) fn attention_backward(
                 // SAFETY: as above.
                 unsafe {
                     // dQ[rows] = scale · dScores[rows, ..keys] · K[..keys]
-                    gemm::gemm(
-                        rows.len(),
-                        d,
-                        keys,
-                        dq_ptr.at(dq_at + r0 as isize * q_row),
-                        1,
-                        q_row,
+                    product(
+                        [rows.len(), d, keys],
+                        (dq_ptr.at(dq_at + r0 as isize * q_row), q_row),
                         false,
-                        grad_rows.as_ptr(),
-                        1,
-                        seq_k as isize,
-                        k_data.at(k_at),
-                        1,
-                        ks[2],
-                        0.0,
+                        Strided::new(grad_rows.as_ptr(), seq_k as isize, 1),
+                        Strided::new(k_data.at(k_at), ks[2], 1),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                     // dK[..keys] += scale · dScores[rows, ..keys]ᵀ · Q[rows]
-                    gemm::gemm(
-                        keys,
-                        d,
-                        rows.len(),
-                        dk_ptr.at(dk_at),
-                        1,
-                        kv_row,
+                    product(
+                        [keys, d, rows.len()],
+                        (dk_ptr.at(dk_at), kv_row),
                         true,
-                        grad_rows.as_ptr(),
-                        seq_k as isize,
-                        1,
-                        q_data.at(q_at + r0 as isize * qs[2]),
-                        1,
-                        qs[2],
-                        1.0,
+                        Strided::new(grad_rows.as_ptr(), 1, seq_k as isize),
+                        Strided::new(q_data.at(q_at + r0 as isize * qs[2]), qs[2], 1),
                         scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }
