@@ -16,7 +16,7 @@ use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{activation, backend::Backend, Bool, ElementConversion, Int, Tensor};
-use ember_peft::{Projection, TokenEmbedding};
+use ember_peft::{Projection, TokenEmbedding, VirtualPrompt};
 
 /// The feed-forward activation named by `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,22 +178,68 @@ impl<B: Backend> BertEmbeddings<B> {
         }
     }
 
-    fn forward(&self, input: &EncoderInput<B>) -> Tensor<B, 3> {
+    /// The position ids with a prompt-learning adapter active, as HF makes them when peft
+    /// calls the model: virtual tokens (`tokens` of them) are embeddings, numbered with the
+    /// input from the start (RoBERTa: from `pad + 1`, its numbering of `inputs_embeds`); a
+    /// prefix of `past` positions shifts the input's numbers, as a cache does.
+    fn prompt_position_ids(
+        &self,
+        input: &EncoderInput<B>,
+        tokens: usize,
+        past: usize,
+    ) -> Tensor<B, 2, Int> {
+        let ids = &input.input_ids;
+        let [batch, seq] = ids.dims();
+        let device = ids.device();
+        match (self.roberta_padding_idx, tokens) {
+            (Some(pad), 0) => {
+                let real = ids.clone().not_equal_elem(pad as i64).int();
+                ((real.clone().cumsum(1) + past as i64) * real).add_scalar(pad as i64)
+            }
+            (Some(pad), v) => {
+                Tensor::<B, 1, Int>::arange((pad + 1) as i64..(pad + 1 + v + seq) as i64, &device)
+                    .unsqueeze::<2>()
+                    .repeat_dim(0, batch)
+            }
+            (None, v) => Tensor::<B, 1, Int>::arange(past as i64..(past + v + seq) as i64, &device)
+                .unsqueeze::<2>()
+                .repeat_dim(0, batch),
+        }
+    }
+
+    fn forward(&self, input: &EncoderInput<B>, prompt: Option<&EncoderPrompt<B>>) -> Tensor<B, 3> {
         let ids = input.input_ids.clone();
         let [batch, seq] = ids.dims();
-        let positions = input
-            .position_ids
-            .clone()
-            .unwrap_or_else(|| self.default_position_ids(&ids));
+        let device = ids.device();
+        let (tokens, past) = prompt.map_or((0, 0), |p| (p.tokens_len(), p.prefix_len()));
+        let positions = match prompt {
+            // peft drops the caller's position ids when a prompt is active.
+            Some(_) => self.prompt_position_ids(input, tokens, past),
+            None => input
+                .position_ids
+                .clone()
+                .unwrap_or_else(|| self.default_position_ids(&ids)),
+        };
         let types = input
             .token_type_ids
             .clone()
-            .unwrap_or_else(|| Tensor::zeros([batch, seq], &ids.device()));
+            .unwrap_or_else(|| Tensor::zeros([batch, seq], &device));
         let pad = self.padding_idx;
         let rpad = self.roberta_padding_idx;
-        let x = self
+        let words = self
             .word_embeddings
-            .forward_with(ids, |table, ids| lookup(table, ids, pad))
+            .forward_with(ids, |table, ids| lookup(table, ids, pad));
+        let (words, types) = match prompt.and_then(EncoderPrompt::tokens) {
+            Some(t) => {
+                let [v, hidden] = t.dims();
+                let t = t.clone().unsqueeze_dim::<3>(0).expand([batch, v, hidden]);
+                // peft puts zeros before the caller's token type ids.
+                let types = Tensor::cat(vec![Tensor::zeros([batch, v], &device), types], 1);
+                (Tensor::cat(vec![t, words], 1), types)
+            }
+            None => (words, types),
+        };
+        let x = words
             + self
                 .position_embeddings
                 .forward_with(positions, |table, ids| lookup(table, ids, rpad))
@@ -267,8 +313,36 @@ pub struct BertLayer<B: Backend> {
 /// The padding mask of a batch, prepared once for every layer.
 #[derive(Debug, Clone)]
 struct AttentionMask<B: Backend> {
-    /// `[batch, 1, 1, seq]`, true where a key is padding.
+    /// `[batch, 1, 1, seq_k]`, true where a key is padding.
     padding: Tensor<B, 4, Bool>,
+}
+
+/// An active prompt-learning adapter, as an encoder takes it.
+pub(crate) enum EncoderPrompt<B: Backend> {
+    /// Virtual token embeddings `[v, hidden]` before the input's.
+    Tokens(Tensor<B, 2>),
+    /// Per layer a key and value prefix `[batch, heads, v, head_dim]`.
+    Prefix(Vec<(Tensor<B, 4>, Tensor<B, 4>)>),
+}
+
+impl<B: Backend> EncoderPrompt<B> {
+    fn tokens(&self) -> Option<&Tensor<B, 2>> {
+        match self {
+            Self::Tokens(t) => Some(t),
+            Self::Prefix(_) => None,
+        }
+    }
+
+    fn tokens_len(&self) -> usize {
+        self.tokens().map_or(0, |t| t.dims()[0])
+    }
+
+    fn prefix_len(&self) -> usize {
+        match self {
+            Self::Prefix(layers) => layers.first().map_or(0, |(k, _)| k.dims()[2]),
+            Self::Tokens(_) => 0,
+        }
+    }
 }
 
 impl<B: Backend> BertOutput<B> {
@@ -318,12 +392,19 @@ impl<B: Backend> BertLayer<B> {
         &self,
         x: Tensor<B, 3>,
         mask: Option<&AttentionMask<B>>,
+        prefix: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
         want_probs: bool,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
         let a = &self.attention_self;
         let [batch, seq, hidden] = x.dims();
         let heads = a.num_heads;
         let d = hidden / heads;
+        // Prefix tuning: learned keys and values before the input's, as a cache would hold.
+        let seq_k = seq + prefix.map_or(0, |(k, _)| k.dims()[2]);
+        let with_prefix = |t: Tensor<B, 4>, i: usize| match prefix {
+            Some(p) => Tensor::cat(vec![if i == 0 { p.0.clone() } else { p.1.clone() }, t], 2),
+            None => t,
+        };
         // Heads as contiguous `[batch, heads, seq, d]`: the fused attention runs twice as fast
         // on contiguous inputs as on the permuted view, copy included (reshaping a permuted
         // tensor copies it).
@@ -344,7 +425,7 @@ impl<B: Backend> BertLayer<B> {
         let dropout = (dropout_active && !want_probs)
             .then(|| {
                 ember_kernels::dropout_mask::<B, 4>(
-                    [batch, heads, seq, seq],
+                    [batch, heads, seq, seq_k],
                     a.dropout.prob,
                     &x.device(),
                 )
@@ -354,7 +435,7 @@ impl<B: Backend> BertLayer<B> {
             // The fused CPU kernel reads the heads in place and writes them back as rows.
             let heads_view =
                 |t: &Tensor<B, 3>| t.clone().reshape([batch, seq, heads, d]).swap_dims(1, 2);
-            let padding = mask.map(|m| m.padding.clone().reshape([batch, seq]));
+            let padding = mask.map(|m| m.padding.clone().reshape([batch, seq_k]));
             let kernel_mask = ember_kernels::AttentionMask {
                 key_padding: padding.as_ref(),
                 causal: false,
@@ -362,29 +443,31 @@ impl<B: Backend> BertLayer<B> {
             };
             if let Some(context) = ember_kernels::attention(
                 &heads_view(&q),
-                &heads_view(&k),
-                &heads_view(&v),
+                &with_prefix(heads_view(&k), 0),
+                &with_prefix(heads_view(&v), 1),
                 kernel_mask,
             ) {
                 let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
                 return self.finish(context, x, None);
             }
         }
-        let (q, k, v) = (split(q), split(k), split(v));
+        let (q, k, v) = (split(q), with_prefix(split(k), 0), with_prefix(split(v), 1));
         let (context, probs) = if want_probs || dropout_active {
             let mut scores = q
                 .matmul(k.swap_dims(2, 3))
                 .mul_scalar(1.0 / (d as f64).sqrt());
             if let Some(m) = mask {
                 // HF adds the dtype's minimum where a key is padding.
-                scores =
-                    scores.mask_fill(m.padding.clone().expand([batch, heads, seq, seq]), f32::MIN);
+                scores = scores.mask_fill(
+                    m.padding.clone().expand([batch, heads, seq, seq_k]),
+                    f32::MIN,
+                );
             }
             let probs = activation::softmax(scores, 3);
             let context = apply_dropout(&a.dropout, probs.clone()).matmul(v);
             (context, want_probs.then_some(probs))
         } else {
-            let mask = mask.map(|m| m.padding.clone().expand([batch, heads, seq, seq]));
+            let mask = mask.map(|m| m.padding.clone().expand([batch, heads, seq, seq_k]));
             (
                 attention(q, k, v, mask, None, AttentionModuleOptions::default()),
                 None,
@@ -576,20 +659,40 @@ impl<B: Backend> BertModel<B> {
         options: OutputOptions,
     ) -> Result<BaseModelOutput<B>> {
         self.check_input(&input)?;
+        let prompt = self.prompt(input.input_ids.dims()[0])?;
+        let [batch, seq] = input.input_ids.dims();
+        let virtual_len = prompt
+            .as_ref()
+            .map_or(0, |p| p.tokens_len() + p.prefix_len());
+        if virtual_len > 0 && seq + virtual_len > self.config.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "{seq} tokens after {virtual_len} virtual ones exceed max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        // The virtual positions are never padding (peft puts ones before the mask).
+        let attention_mask = input.attention_mask.clone().map(|m| match virtual_len {
+            0 => m,
+            v => Tensor::cat(vec![Tensor::ones([batch, v], &m.device()), m], 1),
+        });
         // A batch without padding needs no mask: masked attention costs about twice as much.
-        let mask = input
-            .attention_mask
+        let mask = attention_mask
             .as_ref()
             .map(|m| m.clone().equal_elem(0))
             .filter(|pad| pad.clone().int().sum().into_scalar().elem::<i64>() > 0)
             .map(|pad| AttentionMask {
                 padding: pad.unsqueeze_dim::<3>(1).unsqueeze_dim::<4>(1),
             });
-        let mut x = self.embeddings.forward(&input);
+        let mut x = self.embeddings.forward(&input, prompt.as_ref());
+        let prefix = match &prompt {
+            Some(EncoderPrompt::Prefix(layers)) => Some(layers),
+            _ => None,
+        };
         let mut hidden_states = options.hidden_states.then(|| vec![x.clone()]);
         let mut attentions = options.attentions.then(Vec::new);
-        for layer in &self.layers {
-            let (out, probs) = layer.forward(x, mask.as_ref(), options.attentions);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_prefix = prefix.map(|p| &p[i]);
+            let (out, probs) = layer.forward(x, mask.as_ref(), layer_prefix, options.attentions);
             x = out;
             if let Some(states) = hidden_states.as_mut() {
                 states.push(x.clone());
@@ -608,6 +711,56 @@ impl<B: Backend> BertModel<B> {
             hidden_states,
             attentions,
         })
+    }
+}
+
+impl<B: Backend> BertModel<B> {
+    /// The active prompt-learning adapter of the word embeddings, checked against the model
+    /// (a prefix's keys and values expanded to `batch` rows).
+    fn prompt(&self, batch: usize) -> Result<Option<EncoderPrompt<B>>> {
+        let c = &self.config;
+        Ok(match self.embeddings.word_embeddings.virtual_prompt() {
+            None => None,
+            Some(VirtualPrompt::Tokens(t)) => {
+                if t.dims()[1] != c.hidden_size {
+                    return Err(ModelError::Input(format!(
+                        "the prompt's virtual tokens have width {}, the model's hidden size is {}",
+                        t.dims()[1],
+                        c.hidden_size
+                    )));
+                }
+                Some(EncoderPrompt::Tokens(t))
+            }
+            Some(VirtualPrompt::Prefix(layers)) => {
+                let head_dim = c.hidden_size / c.num_attention_heads;
+                if layers.len() != c.num_hidden_layers {
+                    return Err(ModelError::Input(format!(
+                        "the prefix has {} layers, the model {}",
+                        layers.len(),
+                        c.num_hidden_layers
+                    )));
+                }
+                let mut out = Vec::with_capacity(layers.len());
+                for (k, v) in layers {
+                    let [_, heads, n, d] = k.dims();
+                    if [heads, d] != [c.num_attention_heads, head_dim] {
+                        return Err(ModelError::Input(format!(
+                            "the prefix has {heads} heads of width {d}, the model {} of width {head_dim}",
+                            c.num_attention_heads
+                        )));
+                    }
+                    let dims = [batch, heads, n, d];
+                    out.push((k.expand(dims), v.expand(dims)));
+                }
+                Some(EncoderPrompt::Prefix(out))
+            }
+        })
+    }
+
+    /// Virtual positions an active prompt-tuning or P-tuning adapter puts before the input
+    /// (their outputs come first in `last_hidden_state`); 0 without one or for prefix tuning.
+    pub fn virtual_tokens(&self) -> usize {
+        self.embeddings.word_embeddings.virtual_tokens()
     }
 }
 

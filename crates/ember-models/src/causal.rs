@@ -9,7 +9,7 @@
 use crate::error::{ModelError, Result};
 use crate::loss;
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Int, Tensor};
-use ember_peft::{Projection, TokenEmbedding};
+use ember_peft::{Projection, TokenEmbedding, VirtualPrompt};
 
 /// The inputs of a causal LM's forward pass, as HF's `forward(input_ids=…, …)` takes them.
 #[derive(Debug, Clone)]
@@ -146,12 +146,44 @@ impl<B: Backend> CausalLmInput<B> {
         embeddings: &TokenEmbedding<B>,
     ) -> Result<ForwardStart<B>> {
         let [batch, seq] = self.dims()?;
-        let past = self.past_key_values;
+        let mut past = self.past_key_values;
+        let mut attention_mask = self.attention_mask;
+        let mut position_ids = self.position_ids;
+        let mut labels = self.labels;
+        let prompt = embeddings.virtual_prompt();
+        let mut prompt_tokens = None;
+        if let Some(prompt) = prompt {
+            // As peft's PeftModelForCausalLM: the caller's mask and labels cover its own tokens
+            // only; position ids are ignored (positions count the virtual tokens); the virtual
+            // tokens or the prefix enter once, with the first call, and stay in the cache.
+            let v = prompt.len();
+            let device = embeddings.base.weight.device();
+            attention_mask =
+                attention_mask.map(|m| Tensor::cat(vec![Tensor::ones([batch, v], &device), m], 1));
+            position_ids = None;
+            if past.is_none() {
+                match prompt {
+                    VirtualPrompt::Tokens(t) => {
+                        labels = labels.map(|l| {
+                            Tensor::cat(
+                                vec![Tensor::full([batch, v], loss::IGNORE_INDEX, &device), l],
+                                1,
+                            )
+                        });
+                        prompt_tokens = Some(t);
+                    }
+                    VirtualPrompt::Prefix(layers) => {
+                        past = Some(prefix_cache(layers, batch, shape)?);
+                    }
+                }
+            }
+        }
         let past_len = past.as_ref().map_or(0, KvCache::seq_len);
+        let seq = seq + prompt_tokens.as_ref().map_or(0, |t| t.dims()[0]);
         if let Some(cache) = &past {
             cache.check(shape.layers, shape.kv_heads, shape.head_dim, batch)?;
         }
-        if let Some(m) = &self.attention_mask {
+        if let Some(m) = &attention_mask {
             if m.dims() != [batch, past_len + seq] {
                 return Err(ModelError::Input(format!(
                     "attention_mask {:?} must cover the {past_len} cached and {seq} new positions of {batch} rows",
@@ -159,7 +191,7 @@ impl<B: Backend> CausalLmInput<B> {
                 )));
             }
         }
-        if let Some(p) = &self.position_ids {
+        if let Some(p) = &position_ids {
             if p.dims() != [batch, seq] {
                 return Err(ModelError::Input(format!(
                     "position_ids {:?} do not match the input's [{batch}, {seq}]",
@@ -184,22 +216,68 @@ impl<B: Backend> CausalLmInput<B> {
             }
             (None, None) => unreachable!("checked by dims()"),
         };
+        let x = match prompt_tokens {
+            Some(t) => {
+                let [v, hidden] = t.dims();
+                if hidden != shape.hidden {
+                    return Err(ModelError::Input(format!(
+                        "the prompt's virtual tokens have width {hidden}, the model's hidden size is {}",
+                        shape.hidden
+                    )));
+                }
+                let t = t.unsqueeze_dim::<3>(0).expand([batch, v, hidden]);
+                Tensor::cat(vec![t, x], 1)
+            }
+            None => x,
+        };
         Ok(ForwardStart {
             batch,
             seq,
             past_len,
             past,
             x,
-            attention_mask: self.attention_mask,
-            position_ids: self.position_ids,
-            logits_to_keep: if self.labels.is_some() {
+            attention_mask,
+            position_ids,
+            logits_to_keep: if labels.is_some() {
                 0
             } else {
                 self.logits_to_keep
             },
-            labels: self.labels,
+            labels,
         })
     }
+}
+
+/// A prefix-tuning prefix as the cache of `batch` rows, checked against the model's layers
+/// and key / value heads (a prefix made for another model is named, not a shape panic).
+pub(crate) fn prefix_cache<B: Backend>(
+    layers: Vec<(Tensor<B, 4>, Tensor<B, 4>)>,
+    batch: usize,
+    shape: &ModelShape,
+) -> Result<KvCache<B>> {
+    if layers.len() != shape.layers {
+        return Err(ModelError::Input(format!(
+            "the prefix has {} layers, the model {}",
+            layers.len(),
+            shape.layers
+        )));
+    }
+    let mut out = Vec::with_capacity(layers.len());
+    for (key, value) in layers {
+        let [_, heads, v, head_dim] = key.dims();
+        if [heads, head_dim] != [shape.kv_heads, shape.head_dim] {
+            return Err(ModelError::Input(format!(
+                "the prefix has {heads} heads of width {head_dim}, the model's attention {} of width {}",
+                shape.kv_heads, shape.head_dim
+            )));
+        }
+        let dims = [batch, heads, v, head_dim];
+        out.push(LayerKv {
+            key: key.expand(dims),
+            value: value.expand(dims),
+        });
+    }
+    Ok(KvCache { layers: out })
 }
 
 /// Rejects ids outside the vocabulary (an embedding lookup would read out of bounds).

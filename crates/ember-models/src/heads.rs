@@ -298,6 +298,18 @@ impl<B: Backend> BertForTokenClassification<B> {
         let logits = self
             .classifier
             .forward(apply_dropout(&self.dropout, out.last_hidden_state));
+        // With virtual tokens the logits cover them too (as peft returns them); labels for
+        // the input alone get `-100` for the virtual positions.
+        let virtual_tokens = self.base_model.virtual_tokens();
+        let labels = labels.map(|l| {
+            let [batch, n] = l.dims();
+            if virtual_tokens > 0 && n + virtual_tokens == logits.dims()[1] {
+                let ignore = Tensor::full([batch, virtual_tokens], -100, &l.device());
+                Tensor::cat(vec![ignore, l], 1)
+            } else {
+                l
+            }
+        });
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {
             logits,

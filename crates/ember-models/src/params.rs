@@ -544,7 +544,7 @@ impl<B: Backend> ParamVisitor<B> for LayerBridge<'_, B> {
 /// `ember_peft::AdaptableModel` for a model whose parameters are walked by [`VisitParams`]
 /// from the empty prefix; `$model_type` reads the HF `model_type` from `$m`.
 macro_rules! adaptable {
-    ($model:ident, |$m:ident| $model_type:expr) => {
+    ($model:ident, |$m:ident| $model_type:expr, |$d:ident| $dims:expr) => {
         impl<B: Backend> ember_peft::AdaptableModel<B> for $model<B> {
             fn visit_layers(&mut self, visitor: &mut dyn ember_peft::LayerVisitor<B>) {
                 let mut bridge = $crate::params::LayerBridge { inner: visitor };
@@ -556,6 +556,11 @@ macro_rules! adaptable {
             fn model_type(&self) -> Option<String> {
                 let $m = self;
                 Some($model_type)
+            }
+
+            fn prompt_dims(&self) -> Option<ember_peft::PromptDims> {
+                let $d = self;
+                Some($dims)
             }
         }
     };

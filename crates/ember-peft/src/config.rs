@@ -1,8 +1,12 @@
-//! `LoraConfig`, `IA3Config` and `adapter_config.json`, with peft 0.21's field names and
-//! defaults. Fields Ember does not use are kept and written back, so a file from Python
+//! `LoraConfig`, `IA3Config`, the prompt-learning configs and `adapter_config.json`, with
+//! peft 0.21's field names and defaults. Fields Ember does not use are kept and written back, so a file from Python
 //! survives a round trip through Ember unchanged.
 
 use crate::error::{config_error, PeftError, Result};
+pub use crate::prompt_config::{
+    EncoderReparameterization, PrefixTuningConfig, PromptDims, PromptEncoderConfig,
+    PromptLearningFields, PromptTuningConfig, PromptTuningInit,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -384,6 +388,30 @@ pub enum PeftConfig {
     Lora(LoraConfig),
     /// `peft_type: "IA3"`.
     Ia3(IA3Config),
+    /// `peft_type: "PROMPT_TUNING"`.
+    PromptTuning(PromptTuningConfig),
+    /// `peft_type: "P_TUNING"`.
+    PTuning(PromptEncoderConfig),
+    /// `peft_type: "PREFIX_TUNING"`.
+    PrefixTuning(PrefixTuningConfig),
+}
+
+impl From<PromptTuningConfig> for PeftConfig {
+    fn from(c: PromptTuningConfig) -> Self {
+        Self::PromptTuning(c)
+    }
+}
+
+impl From<PromptEncoderConfig> for PeftConfig {
+    fn from(c: PromptEncoderConfig) -> Self {
+        Self::PTuning(c)
+    }
+}
+
+impl From<PrefixTuningConfig> for PeftConfig {
+    fn from(c: PrefixTuningConfig) -> Self {
+        Self::PrefixTuning(c)
+    }
 }
 
 impl From<LoraConfig> for PeftConfig {
@@ -404,7 +432,12 @@ impl PeftConfig {
         let kind = value
             .get("peft_type")
             .and_then(Value::as_str)
-            .ok_or_else(|| config_error("peft_type", "missing (LORA or IA3)"))?
+            .ok_or_else(|| {
+                config_error(
+                    "peft_type",
+                    "missing (LORA, IA3, PROMPT_TUNING, P_TUNING or PREFIX_TUNING)",
+                )
+            })?
             .to_owned();
         if let Some(task) = value.get("task_type").and_then(Value::as_str) {
             TaskType::parse(task)?;
@@ -413,18 +446,13 @@ impl PeftConfig {
         let config = match kind.as_str() {
             "LORA" => Self::Lora(serde_json::from_value(value).map_err(parse_err)?),
             "IA3" => Self::Ia3(serde_json::from_value(value).map_err(parse_err)?),
-            "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING" => {
-                return Err(config_error(
-                    "peft_type",
-                    format!(
-                        "`{kind}` (prompt learning) is not supported yet; Ember reads LORA and IA3"
-                    ),
-                ))
-            }
+            "PROMPT_TUNING" => Self::PromptTuning(serde_json::from_value(value).map_err(parse_err)?),
+            "P_TUNING" => Self::PTuning(serde_json::from_value(value).map_err(parse_err)?),
+            "PREFIX_TUNING" => Self::PrefixTuning(serde_json::from_value(value).map_err(parse_err)?),
             other => {
                 return Err(config_error(
                     "peft_type",
-                    format!("unknown peft type `{other}`; Ember reads LORA and IA3"),
+                    format!("unknown peft type `{other}`; Ember reads LORA, IA3, PROMPT_TUNING, P_TUNING and PREFIX_TUNING"),
                 ))
             }
         };
@@ -474,6 +502,9 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => serde_json::to_value(c),
             Self::Ia3(c) => serde_json::to_value(c),
+            Self::PromptTuning(c) => serde_json::to_value(c),
+            Self::PTuning(c) => serde_json::to_value(c),
+            Self::PrefixTuning(c) => serde_json::to_value(c),
         }
         .expect("a config always serializes")
     }
@@ -483,6 +514,9 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.validate(),
             Self::Ia3(_) => Ok(()),
+            Self::PromptTuning(c) => c.validate(),
+            Self::PTuning(c) => c.validate(),
+            Self::PrefixTuning(c) => c.validate(),
         }
     }
 
@@ -491,6 +525,9 @@ impl PeftConfig {
         match self {
             Self::Lora(_) => "LORA",
             Self::Ia3(_) => "IA3",
+            Self::PromptTuning(_) => "PROMPT_TUNING",
+            Self::PTuning(_) => "P_TUNING",
+            Self::PrefixTuning(_) => "PREFIX_TUNING",
         }
     }
 
@@ -499,6 +536,7 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.task_type,
             Self::Ia3(c) => c.task_type,
+            _ => self.prompt_fields().and_then(|p| p.task_type),
         }
     }
 
@@ -507,6 +545,7 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.target_modules.as_ref(),
             Self::Ia3(c) => c.target_modules.as_ref(),
+            _ => None,
         }
     }
 
@@ -515,6 +554,7 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.exclude_modules.as_ref(),
             Self::Ia3(c) => c.exclude_modules.as_ref(),
+            _ => None,
         }
     }
 
@@ -523,6 +563,9 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.modules_to_save.as_ref(),
             Self::Ia3(c) => c.modules_to_save.as_ref(),
+            _ => self
+                .prompt_fields()
+                .and_then(|p| p.modules_to_save.as_ref()),
         }
     }
 
@@ -531,6 +574,7 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.inference_mode,
             Self::Ia3(c) => c.inference_mode,
+            _ => self.prompt_fields().is_some_and(|p| p.inference_mode),
         }
     }
 
@@ -538,6 +582,11 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.inference_mode = on,
             Self::Ia3(c) => c.inference_mode = on,
+            _ => {
+                if let Some(p) = self.prompt_fields_mut() {
+                    p.inference_mode = on;
+                }
+            }
         }
     }
 
@@ -545,6 +594,11 @@ impl PeftConfig {
         match self {
             Self::Lora(c) => c.modules_to_save = modules,
             Self::Ia3(c) => c.modules_to_save = modules,
+            _ => {
+                if let Some(p) = self.prompt_fields_mut() {
+                    p.modules_to_save = modules;
+                }
+            }
         }
     }
 
@@ -574,6 +628,71 @@ impl PeftConfig {
                         Some(TargetModules::names(d.ia3_feedforward.iter().copied()));
                 }
             }
+            Self::PromptTuning(_) | Self::PTuning(_) | Self::PrefixTuning(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Whether this is a prompt-learning method (prompt tuning, P-tuning, prefix tuning):
+    /// its parameters sit before the model, not in its layers.
+    pub fn is_prompt_learning(&self) -> bool {
+        self.prompt_fields().is_some()
+    }
+
+    /// The shared prompt-learning fields, for a prompt-learning method.
+    pub fn prompt_fields(&self) -> Option<&PromptLearningFields> {
+        match self {
+            Self::PromptTuning(c) => Some(&c.prompt),
+            Self::PTuning(c) => Some(&c.prompt),
+            Self::PrefixTuning(c) => Some(&c.prompt),
+            Self::Lora(_) | Self::Ia3(_) => None,
+        }
+    }
+
+    fn prompt_fields_mut(&mut self) -> Option<&mut PromptLearningFields> {
+        match self {
+            Self::PromptTuning(c) => Some(&mut c.prompt),
+            Self::PTuning(c) => Some(&mut c.prompt),
+            Self::PrefixTuning(c) => Some(&mut c.prompt),
+            Self::Lora(_) | Self::Ia3(_) => None,
+        }
+    }
+
+    /// Fills what peft infers from the model for prompt learning (the sizes, and
+    /// `encoder_hidden_size` = `token_dim`), and checks that the model serves the task.
+    pub(crate) fn fill_prompt(&mut self, dims: &PromptDims) -> Result<()> {
+        let prefix = matches!(self, Self::PrefixTuning(_));
+        let Some(fields) = self.prompt_fields_mut() else {
+            return Ok(());
+        };
+        if let Some(task) = fields.task_type {
+            if !dims.task_types.contains(&task) {
+                return Err(config_error(
+                    "task_type",
+                    format!(
+                        "{task:?} does not fit this model, whose head serves {:?}",
+                        dims.task_types
+                    ),
+                ));
+            }
+        }
+        fields.fill(dims, prefix);
+        let token_dim = fields.token_dim.unwrap_or(dims.hidden_size);
+        let heads = fields.num_attention_heads.unwrap_or(1);
+        if prefix && token_dim % heads != 0 {
+            return Err(config_error(
+                "token_dim",
+                format!("{token_dim} is not a multiple of num_attention_heads {heads}"),
+            ));
+        }
+        match self {
+            Self::PTuning(c) => {
+                c.encoder_hidden_size.get_or_insert(token_dim);
+            }
+            Self::PrefixTuning(c) => {
+                c.encoder_hidden_size.get_or_insert(token_dim);
+            }
+            _ => {}
         }
         Ok(())
     }

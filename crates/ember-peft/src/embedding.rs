@@ -4,6 +4,7 @@
 use crate::adapter::{find, AdapterState, Named};
 use crate::error::Result;
 use crate::linear::replace_value;
+use crate::prompt::{PromptEncoder, VirtualPrompt};
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
@@ -77,6 +78,9 @@ pub struct EmbeddingAdapter<B: Backend> {
     pub lora: Option<LoraEmbedding<B>>,
     /// A trained copy that replaces the table while this adapter is active.
     pub copy: Option<Embedding<B>>,
+    /// A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning): virtual tokens or
+    /// a key / value prefix that the model puts before its input while this adapter is active.
+    pub prompt: Option<PromptEncoder<B>>,
 }
 
 impl<B: Backend> Named for EmbeddingAdapter<B> {
@@ -145,6 +149,33 @@ impl<B: Backend> TokenEmbedding<B> {
         y
     }
 
+    /// The active prompt-learning adapter's output, as the model puts it before its input;
+    /// `None` with no such adapter active (or adapters disabled).
+    pub fn virtual_prompt(&self) -> Option<VirtualPrompt<B>> {
+        if self.state.disabled {
+            return None;
+        }
+        self.adapters
+            .iter()
+            .filter(|a| self.state.active.contains(&a.name))
+            .find_map(|a| a.prompt.as_ref())
+            .map(PromptEncoder::virtual_prompt)
+    }
+
+    /// How many virtual tokens the active prompt-tuning or P-tuning adapter puts before the
+    /// input (0 without one, and for prefix tuning, whose prefix is not part of the output).
+    pub fn virtual_tokens(&self) -> usize {
+        if self.state.disabled {
+            return 0;
+        }
+        self.adapters
+            .iter()
+            .filter(|a| self.state.active.contains(&a.name))
+            .find_map(|a| a.prompt.as_ref())
+            .filter(|p| p.target == crate::prompt::PromptTarget::Tokens)
+            .map_or(0, PromptEncoder::num_virtual_tokens)
+    }
+
     /// The adapter named `name`.
     pub fn adapter(&self, name: &str) -> Option<&EmbeddingAdapter<B>> {
         self.adapters.iter().find(|a| a.name == name)
@@ -159,6 +190,7 @@ impl<B: Backend> TokenEmbedding<B> {
             name: name.to_owned(),
             lora: None,
             copy: None,
+            prompt: None,
         });
         self.adapters.last_mut().expect("just pushed")
     }

@@ -16,6 +16,15 @@ pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 pub const BIN_WEIGHTS_NAME: &str = "adapter_model.bin";
 /// The prefix of every key: peft's `PeftModel.base_model` (the tuner) and its `.model`.
 pub const KEY_PREFIX: &str = "base_model.model.";
+/// The prefix of a prompt-learning adapter's model keys (`modules_to_save`): there is no tuner,
+/// `PeftModel.base_model` is the model itself.
+pub const PROMPT_KEY_PREFIX: &str = "base_model.";
+/// The one key of a prompt-learning adapter's own tensor: the prompt encoder's output.
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+/// Ember's extra file beside a prompt-learning adapter whose encoder has more than a table
+/// (P-tuning, projected prefix tuning): the whole encoder under PyTorch's names, so that a
+/// Trainer checkpoint resumes exactly (peft's file holds only the encoder's output).
+pub const PROMPT_ENCODER_NAME: &str = "prompt_encoder.safetensors";
 
 /// Tensors by key: shape and f32 values in peft's layout.
 pub type AdapterTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
@@ -98,7 +107,17 @@ fn read_pytorch(path: &Path) -> Result<AdapterTensors> {
 
 /// Writes `tensors` as `dir/adapter_model.safetensors` (f32, `{"format": "pt"}` metadata).
 pub fn write_weights(dir: &Path, tensors: &AdapterTensors) -> Result<()> {
-    let path = dir.join(WEIGHTS_NAME);
+    write_safetensors(&dir.join(WEIGHTS_NAME), tensors)
+}
+
+/// Reads a safetensors file of f32 / f16 / bf16 tensors.
+pub fn read_tensors(path: &Path) -> Result<AdapterTensors> {
+    read_safetensors(path)
+}
+
+/// Writes `tensors` as the safetensors file `path` (f32, `{"format": "pt"}` metadata).
+pub fn write_safetensors(path: &Path, tensors: &AdapterTensors) -> Result<()> {
+    let path = path.to_owned();
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, (shape, values))| {

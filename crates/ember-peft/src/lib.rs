@@ -32,6 +32,8 @@ pub mod io;
 mod linear;
 pub mod matching;
 mod model;
+pub mod prompt;
+mod prompt_config;
 mod slots;
 #[cfg(feature = "train")]
 mod train;
@@ -39,10 +41,13 @@ mod visit;
 
 pub use adapter::AdapterState;
 pub use config::{
-    Bias, IA3Config, InitLoraWeights, LoraConfig, OneOrMany, PeftConfig, TargetModules, TaskType,
+    Bias, EncoderReparameterization, IA3Config, InitLoraWeights, LoraConfig, OneOrMany, PeftConfig,
+    PrefixTuningConfig, PromptDims, PromptEncoderConfig, PromptLearningFields, PromptTuningConfig,
+    PromptTuningInit, TargetModules, TaskType,
 };
 pub use embedding::{EmbeddingAdapter, LoraEmbedding, TokenEmbedding};
 pub use error::{PeftError, Result};
 pub use linear::{linear_forward, Ia3Vector, LoraInit, LoraLinear, Projection, ProjectionAdapter};
 pub use model::{get_peft_model, named_modules, PeftModel, PeftParam, DEFAULT_ADAPTER};
+pub use prompt::{PromptEncoder, VirtualPrompt};
 pub use visit::{AdaptableModel, LayerVisitor, ModuleInfo};

@@ -1,7 +1,9 @@
 //! [`PeftModel`] and [`get_peft_model`]: a model with named adapters, as peft's `PeftModel`
 //! (adding, loading, switching, disabling, deleting, merging and saving adapters).
 
-use crate::config::{Bias, IA3Config, InitLoraWeights, LoraConfig, PeftConfig, TaskType};
+use crate::config::{
+    Bias, IA3Config, InitLoraWeights, LoraConfig, PeftConfig, PromptDims, TaskType,
+};
 use crate::embedding::{LoraEmbedding, TokenEmbedding};
 use crate::error::{PeftError, Result};
 use crate::io;
@@ -117,15 +119,53 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
 
     /// Adds a new adapter (peft's `add_adapter`); it does not become active.
     pub fn add_adapter(&mut self, adapter_name: &str, config: impl Into<PeftConfig>) -> Result<()> {
-        let mut config = config.into();
+        self.add_adapter_as(adapter_name, config.into(), false)
+    }
+
+    /// [`PeftModel::add_adapter`]; `loading`: the weights come from a file next, so
+    /// prompt-learning adapters are built as the table peft's file holds.
+    fn add_adapter_as(
+        &mut self,
+        adapter_name: &str,
+        mut config: PeftConfig,
+        loading: bool,
+    ) -> Result<()> {
         if self.peft_config.contains_key(adapter_name) {
             return Err(PeftError::DuplicateAdapter(adapter_name.to_owned()));
         }
         config.validate()?;
-        let model_type = self.base_model.model_type();
-        if config.target_modules().is_none() {
-            config.fill_defaults(model_type.as_deref().unwrap_or("unknown"))?;
+        if let Some(other) = self.peft_config.values().next() {
+            if other.is_prompt_learning() != config.is_prompt_learning() {
+                return Err(PeftError::Config {
+                    field: "peft_type".into(),
+                    message: format!(
+                        "Cannot combine adapters with different peft types. Found {} and {}.",
+                        other.peft_type(),
+                        config.peft_type()
+                    ),
+                });
+            }
         }
+        let model_type = self.base_model.model_type();
+        let dims = if config.is_prompt_learning() {
+            let dims = self
+                .base_model
+                .prompt_dims()
+                .ok_or_else(|| PeftError::Config {
+                    field: "peft_type".into(),
+                    message: format!(
+                    "{}: this model has no prompt-learning support (AdaptableModel::prompt_dims)",
+                    config.peft_type()
+                ),
+                })?;
+            config.fill_prompt(&dims)?;
+            Some(dims)
+        } else {
+            if config.target_modules().is_none() {
+                config.fill_defaults(model_type.as_deref().unwrap_or("unknown"))?;
+            }
+            None
+        };
         if let Some(task) = config.task_type() {
             if matches!(task, TaskType::SeqCls | TaskType::TokenCls) {
                 let mut modules = config.modules_to_save().cloned().unwrap_or_default();
@@ -138,7 +178,7 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
             }
         }
         let mut model = self.base_model.clone();
-        let mut injector = Injector::new(adapter_name, &config)?;
+        let mut injector = Injector::new(adapter_name, &config, dims, loading)?;
         model.visit_layers(&mut injector);
         injector.finish(&config)?;
         self.base_model = model;
@@ -167,27 +207,29 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
             self.peft_config.clone(),
             self.active_adapter.clone(),
         );
-        let result = self.add_adapter(adapter_name, config).and_then(|()| {
-            let mut filler = Filler {
-                name: adapter_name.to_owned(),
-                bias: self.bias_of(adapter_name),
-                tensors: &tensors,
-                used: BTreeSet::new(),
-                file: file.clone(),
-                error: None,
-            };
-            self.base_model.visit_layers(&mut filler);
-            if let Some(e) = filler.error {
-                return Err(e);
-            }
-            if let Some(key) = tensors.keys().find(|k| !filler.used.contains(*k)) {
-                return Err(PeftError::UnexpectedKey {
-                    path: file.clone(),
-                    key: key.clone(),
-                });
-            }
-            Ok(())
-        });
+        let result = self
+            .add_adapter_as(adapter_name, config, true)
+            .and_then(|()| {
+                let mut filler = Filler {
+                    walk: self.slot_walk(adapter_name),
+                    encoder: None,
+                    tensors: &tensors,
+                    used: BTreeSet::new(),
+                    file: file.clone(),
+                    error: None,
+                };
+                self.base_model.visit_layers(&mut filler);
+                if let Some(e) = filler.error {
+                    return Err(e);
+                }
+                if let Some(key) = tensors.keys().find(|k| !filler.used.contains(*k)) {
+                    return Err(PeftError::UnexpectedKey {
+                        path: file.clone(),
+                        key: key.clone(),
+                    });
+                }
+                Ok(())
+            });
         if result.is_err() {
             (self.base_model, self.peft_config, self.active_adapter) = before;
         }
@@ -342,14 +384,49 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
             source,
         })?;
         io::write_weights(dir, &self.adapter_state_dict(adapter_name))?;
+        let encoder = dir.join(io::PROMPT_ENCODER_NAME);
+        match self.prompt_encoder_state(adapter_name) {
+            Some(state) => io::write_safetensors(&encoder, &state)?,
+            None if encoder.is_file() => {
+                std::fs::remove_file(&encoder).map_err(|source| PeftError::Io {
+                    path: encoder.clone(),
+                    source,
+                })?;
+            }
+            None => {}
+        }
         io::write_config(dir, &config.to_value())
+    }
+
+    /// The whole prompt encoder of adapter `adapter_name` under PyTorch's names, when it has
+    /// more than the table peft's file holds (P-tuning, projected prefix tuning).
+    pub fn prompt_encoder_state(&self, adapter_name: &str) -> Option<io::AdapterTensors> {
+        struct Find<'a> {
+            name: &'a str,
+            state: Option<io::AdapterTensors>,
+        }
+        impl<B: Backend> LayerVisitor<B> for Find<'_> {
+            fn projection(&mut self, _: &str, _: &mut Projection<B>) {}
+            fn embedding(&mut self, _: &str, layer: &mut TokenEmbedding<B>) {
+                if let Some(p) = layer.adapter(self.name).and_then(|a| a.prompt.as_ref()) {
+                    if p.kind != crate::prompt::EncoderKind::Table {
+                        self.state = Some(p.state_dict());
+                    }
+                }
+            }
+        }
+        let mut find = Find {
+            name: adapter_name,
+            state: None,
+        };
+        self.base_model.clone().visit_layers(&mut find);
+        find.state
     }
 
     /// The tensors of one adapter by file key, in peft's layout (`get_peft_model_state_dict`).
     pub fn adapter_state_dict(&self, adapter_name: &str) -> io::AdapterTensors {
         let mut collector = SlotCollector {
-            name: adapter_name.to_owned(),
-            bias: self.bias_of(adapter_name),
+            walk: self.slot_walk(adapter_name),
             tensors: io::AdapterTensors::new(),
         };
         self.base_model.clone().visit_layers(&mut collector);
@@ -359,6 +436,7 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
     /// Every parameter with peft's name and whether it is trained.
     pub fn named_parameters(&self) -> Vec<PeftParam> {
         let mut lister = ParamLister {
+            prefix: self.key_prefix().to_owned(),
             trainable: self.trainable_ids(),
             params: Vec::new(),
         };
@@ -411,9 +489,15 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
                 dir.join(name)
             };
             let (file, tensors) = io::read_weights(&folder)?;
+            let encoder_file = folder.join(io::PROMPT_ENCODER_NAME);
+            let encoder = if encoder_file.is_file() {
+                Some((io::read_tensors(&encoder_file)?, encoder_file))
+            } else {
+                None
+            };
             let mut filler = Filler {
-                name: name.clone(),
-                bias: self.bias_of(name),
+                walk: self.slot_walk(name),
+                encoder,
                 tensors: &tensors,
                 used: BTreeSet::new(),
                 file,
@@ -469,6 +553,11 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
                     if let Some(c) = &mut a.copy {
                         c.weight.id = id(&format!("{p}.modules_to_save.{n}.weight"));
                     }
+                    if let Some(prompt) = &mut a.prompt {
+                        for (name, mut param) in prompt.params_mut() {
+                            param.set_id(id(&format!("prompt_encoder.{n}.{name}")));
+                        }
+                    }
                 }
             }
         }
@@ -516,11 +605,32 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
 
     fn trainable_walk(&self) -> Trainable {
         Trainable {
-            slots: SlotWalk {
-                name: self.active_adapter.clone(),
-                bias: self.bias_of(&self.active_adapter),
-            },
+            slots: self.slot_walk(&self.active_adapter),
             ids: BTreeSet::new(),
+        }
+    }
+
+    /// How the tensors of adapter `name` are found and keyed.
+    fn slot_walk(&self, name: &str) -> SlotWalk {
+        SlotWalk {
+            name: name.to_owned(),
+            bias: self.bias_of(name),
+            prefix: self.key_prefix(),
+        }
+    }
+
+    /// The prefix of the model's parameter keys in peft's files and names: the tuner's
+    /// `base_model.model.`, or for prompt learning (no tuner: `base_model` is the model itself)
+    /// `base_model.`.
+    fn key_prefix(&self) -> &'static str {
+        if self
+            .peft_config
+            .values()
+            .any(PeftConfig::is_prompt_learning)
+        {
+            io::PROMPT_KEY_PREFIX
+        } else {
+            io::KEY_PREFIX
         }
     }
 
@@ -596,7 +706,8 @@ fn copy_linear<B: Backend>(l: &burn::nn::Linear<B>) -> burn::nn::Linear<B> {
 /// Adds one adapter to every layer its config selects (peft's `inject_adapter`).
 struct Injector {
     name: String,
-    selector: TargetSelector,
+    /// What LoRA / IA3 adapt; `None` for prompt learning.
+    selector: Option<TargetSelector>,
     kind: InjectKind,
     modules_to_save: Vec<String>,
     /// Whether some target matched.
@@ -612,10 +723,47 @@ enum InjectKind {
         config: IA3Config,
         feedforward: Matcher,
     },
+    Prompt(Box<PromptPlan>),
+}
+
+/// A prompt-learning adapter to add to the model's word embeddings.
+struct PromptPlan {
+    config: PeftConfig,
+    dims: PromptDims,
+    /// The token ids of `prompt_tuning_init_text` (TEXT init).
+    init_ids: Option<Vec<usize>>,
+    /// Build the table that the file about to be read fills.
+    loading: bool,
 }
 
 impl Injector {
-    fn new(name: &str, config: &PeftConfig) -> Result<Self> {
+    fn new(
+        name: &str,
+        config: &PeftConfig,
+        dims: Option<PromptDims>,
+        loading: bool,
+    ) -> Result<Self> {
+        if let Some(dims) = dims {
+            let init_ids = if loading {
+                None
+            } else {
+                crate::prompt::init_token_ids(config, &dims)?
+            };
+            return Ok(Self {
+                name: name.to_owned(),
+                selector: None,
+                kind: InjectKind::Prompt(Box::new(PromptPlan {
+                    config: config.clone(),
+                    dims,
+                    init_ids,
+                    loading,
+                })),
+                modules_to_save: config.modules_to_save().cloned().unwrap_or_default(),
+                found: false,
+                saved_found: BTreeSet::new(),
+                error: None,
+            });
+        }
         let targets = config
             .target_modules()
             .expect("defaults were filled in")
@@ -643,7 +791,16 @@ impl Injector {
                     },
                 )
             }
+            PeftConfig::PromptTuning(_) | PeftConfig::PTuning(_) | PeftConfig::PrefixTuning(_) => {
+                return Err(PeftError::Config {
+                    field: "peft_type".into(),
+                    message:
+                        "prompt learning needs the model's sizes (AdaptableModel::prompt_dims)"
+                            .into(),
+                })
+            }
         };
+        let selector = Some(selector);
         Ok(Self {
             name: name.to_owned(),
             selector,
@@ -669,6 +826,10 @@ impl Injector {
         }
     }
 
+    fn selects(&self, path: &str) -> bool {
+        self.selector.as_ref().is_some_and(|s| s.selects(path))
+    }
+
     fn finish(self, config: &PeftConfig) -> Result<()> {
         if let Some(e) = self.error {
             return Err(e);
@@ -677,6 +838,15 @@ impl Injector {
             config.task_type(),
             Some(TaskType::SeqCls | TaskType::TokenCls)
         );
+        if let (false, InjectKind::Prompt(plan)) = (self.found, &self.kind) {
+            return Err(PeftError::Config {
+                field: "peft_type".into(),
+                message: format!(
+                    "the model has no word embedding table at `{}` for the prompt",
+                    plan.dims.word_embeddings
+                ),
+            });
+        }
         if !self.found {
             let mut message = if auto {
                 "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`).".to_owned()
@@ -721,7 +891,7 @@ impl<B: Backend> LayerVisitor<B> for Injector {
             layer.adapter_mut(&self.name).copy = Some(copy_linear(&layer.base));
             return;
         }
-        if !self.selector.selects(path) {
+        if !self.selects(path) {
             return;
         }
         self.found = true;
@@ -747,6 +917,7 @@ impl<B: Backend> LayerVisitor<B> for Injector {
                 );
                 layer.adapter_mut(&name).lora = Some(lora);
             }
+            InjectKind::Prompt(_) => {}
             InjectKind::Ia3 {
                 config,
                 feedforward,
@@ -775,7 +946,26 @@ impl<B: Backend> LayerVisitor<B> for Injector {
             layer.adapter_mut(&self.name).copy = Some(copy);
             return;
         }
-        if !self.selector.selects(path) {
+        if let InjectKind::Prompt(plan) = &self.kind {
+            if path == plan.dims.word_embeddings {
+                self.found = true;
+                let table = layer.base.weight.val();
+                match crate::prompt::new_encoder(
+                    &plan.config,
+                    &plan.dims,
+                    table,
+                    plan.init_ids.as_deref(),
+                    plan.loading,
+                ) {
+                    Ok(encoder) => layer.adapter_mut(&self.name).prompt = Some(encoder),
+                    Err(e) => {
+                        self.error.get_or_insert(e);
+                    }
+                }
+            }
+            return;
+        }
+        if !self.selects(path) {
             return;
         }
         let device = layer.base.weight.lazy_device();
@@ -788,6 +978,7 @@ impl<B: Backend> LayerVisitor<B> for Injector {
                 let lora = LoraEmbedding::new(n, d, r, c.scaling(r, alpha), random, &device);
                 layer.adapter_mut(&self.name).lora = Some(lora);
             }
+            InjectKind::Prompt(_) => {}
             InjectKind::Ia3 { .. } => {
                 self.error.get_or_insert(PeftError::UnsupportedModule {
                     path: path.to_owned(),
@@ -799,7 +990,7 @@ impl<B: Backend> LayerVisitor<B> for Injector {
     }
 
     fn module(&mut self, path: &str, kind: &str) {
-        let targeted = self.selector.selects(path);
+        let targeted = self.selects(path);
         if targeted || wrapper_of(path, &self.modules_to_save).is_some() {
             self.error.get_or_insert(PeftError::UnsupportedModule {
                 path: path.to_owned(),
@@ -818,6 +1009,7 @@ impl<B: Backend> LayerVisitor<B> for Injector {
 struct SlotWalk {
     name: String,
     bias: Bias,
+    prefix: &'static str,
 }
 
 impl SlotWalk {
@@ -826,7 +1018,7 @@ impl SlotWalk {
         path: &str,
         layer: &'a mut Projection<B>,
     ) -> (Vec<Slot<'a, B>>, Vec<Alias>) {
-        projection_slots(path, layer, &self.name, self.bias)
+        projection_slots(self.prefix, path, layer, &self.name, self.bias)
     }
 
     fn embedding<'a, B: Backend>(
@@ -834,7 +1026,7 @@ impl SlotWalk {
         path: &str,
         layer: &'a mut TokenEmbedding<B>,
     ) -> Vec<Slot<'a, B>> {
-        embedding_slots(path, layer, &self.name)
+        embedding_slots(self.prefix, path, layer, &self.name)
     }
 
     /// A bias outside projections, saved with `bias = "all"`.
@@ -844,7 +1036,7 @@ impl SlotWalk {
         param: &'a mut Param<Tensor<B, 1>>,
     ) -> Option<Slot<'a, B>> {
         (self.bias == Bias::All && key.ends_with("bias")).then(|| Slot::Vector {
-            key: format!("{}{key}", io::KEY_PREFIX),
+            key: format!("{}{key}", self.prefix),
             file_shape: param.lazy_shape().to_vec(),
             param,
         })
@@ -853,17 +1045,13 @@ impl SlotWalk {
 
 /// Reads one adapter's tensors.
 struct SlotCollector {
-    name: String,
-    bias: Bias,
+    walk: SlotWalk,
     tensors: io::AdapterTensors,
 }
 
 impl SlotCollector {
-    fn walk(&self) -> SlotWalk {
-        SlotWalk {
-            name: self.name.clone(),
-            bias: self.bias,
-        }
+    fn walk(&self) -> &SlotWalk {
+        &self.walk
     }
 
     fn take<B: Backend>(&mut self, slots: Vec<Slot<'_, B>>) {
@@ -885,19 +1073,33 @@ impl<B: Backend> LayerVisitor<B> for SlotCollector {
         }
     }
     fn embedding(&mut self, path: &str, layer: &mut TokenEmbedding<B>) {
-        let slots = self.walk().embedding(path, layer);
+        if let Some(prompt) = layer
+            .adapter(&self.walk.name)
+            .and_then(|a| a.prompt.as_ref())
+        {
+            // peft saves the encoder's output (`get_prompt_embedding_to_save`).
+            let out = prompt.output().into_data();
+            let shape = out.shape.to_vec();
+            let values = out.convert::<f32>().into_vec::<f32>().expect("f32 values");
+            self.tensors
+                .insert(io::PROMPT_EMBEDDINGS.to_owned(), (shape, values));
+        }
+        let slots = self.walk.embedding(path, layer);
         self.take(slots);
     }
     fn param(&mut self, key: &str, param: &mut Param<Tensor<B, 1>>) {
-        let slot = self.walk().param(key, param);
+        let slot = self.walk.param(key, param);
         self.take(slot.into_iter().collect());
     }
 }
 
 /// Writes one adapter's tensors from a file, checking every shape.
 struct Filler<'t> {
-    name: String,
-    bias: Bias,
+    walk: SlotWalk,
+    /// The whole prompt encoder (Ember's `prompt_encoder.safetensors`) and its path: a
+    /// P-tuning or projected prefix encoder is restored as it was rather than replaced by its
+    /// output.
+    encoder: Option<(io::AdapterTensors, std::path::PathBuf)>,
     tensors: &'t io::AdapterTensors,
     used: BTreeSet<String>,
     file: std::path::PathBuf,
@@ -905,10 +1107,54 @@ struct Filler<'t> {
 }
 
 impl Filler<'_> {
-    fn walk(&self) -> SlotWalk {
-        SlotWalk {
-            name: self.name.clone(),
-            bias: self.bias,
+    fn walk(&self) -> &SlotWalk {
+        &self.walk
+    }
+
+    /// Puts peft's `prompt_embeddings` into the prompt adapter of `layer`, as the table it
+    /// becomes when peft loads a file.
+    fn fill_prompt<B: Backend>(&mut self, layer: &mut TokenEmbedding<B>) {
+        let name = self.walk.name.clone();
+        let Some(adapter) = layer.adapters.iter_mut().find(|a| a.name == name) else {
+            return;
+        };
+        let Some(mut prompt) = adapter.prompt.take() else {
+            return;
+        };
+        let key = io::PROMPT_EMBEDDINGS.to_owned();
+        if let Some((state, file)) = &self.encoder {
+            if prompt.kind != crate::prompt::EncoderKind::Table {
+                if let Err(e) = prompt.load_state_dict(state, "", file) {
+                    self.error.get_or_insert(e);
+                }
+                adapter.prompt = Some(prompt);
+                self.used.insert(key);
+                return;
+            }
+        }
+        let expected = prompt.saved_shape();
+        let result = match self.tensors.get(&key) {
+            None => Err(PeftError::MissingKey {
+                path: self.file.clone(),
+                key: key.clone(),
+            }),
+            Some((shape, _)) if *shape != expected => Err(PeftError::ShapeMismatch {
+                path: self.file.clone(),
+                key: key.clone(),
+                found: shape.clone(),
+                expected,
+            }),
+            Some((_, values)) => Ok(values.clone()),
+        };
+        match result {
+            Ok(values) => {
+                adapter.prompt = Some(prompt.into_table_of(values));
+                self.used.insert(key);
+            }
+            Err(e) => {
+                adapter.prompt = Some(prompt);
+                self.error.get_or_insert(e);
+            }
         }
     }
 
@@ -952,7 +1198,8 @@ impl<B: Backend> LayerVisitor<B> for Filler<'_> {
         }
     }
     fn embedding(&mut self, path: &str, layer: &mut TokenEmbedding<B>) {
-        let slots = self.walk().embedding(path, layer);
+        self.fill_prompt(layer);
+        let slots = self.walk.embedding(path, layer);
         self.fill(slots);
     }
     fn param(&mut self, key: &str, param: &mut Param<Tensor<B, 1>>) {
@@ -996,6 +1243,18 @@ impl<B: Backend> LayerVisitor<B> for Trainable {
         self.train(slots);
     }
     fn embedding(&mut self, path: &str, layer: &mut TokenEmbedding<B>) {
+        let name = self.slots.name.clone();
+        if let Some(prompt) = layer
+            .adapters
+            .iter_mut()
+            .find(|a| a.name == name)
+            .and_then(|a| a.prompt.as_mut())
+        {
+            for (_, mut p) in prompt.params_mut() {
+                self.ids.insert(p.id());
+                p.train();
+            }
+        }
         let slots = self.slots.embedding(path, layer);
         self.train(slots);
     }
@@ -1007,6 +1266,7 @@ impl<B: Backend> LayerVisitor<B> for Trainable {
 
 /// Lists every parameter with peft's in-memory names.
 struct ParamLister {
+    prefix: String,
     trainable: BTreeSet<ParamId>,
     params: Vec<PeftParam>,
 }
@@ -1024,7 +1284,7 @@ impl ParamLister {
 
 impl<B: Backend> LayerVisitor<B> for ParamLister {
     fn projection(&mut self, path: &str, layer: &mut Projection<B>) {
-        let p = format!("{}{path}", io::KEY_PREFIX);
+        let p = format!("{}{path}", self.prefix);
         let wrapped = !layer.adapters.is_empty();
         let base = if wrapped {
             if layer.adapters.iter().any(|a| a.copy.is_some()) {
@@ -1058,11 +1318,12 @@ impl<B: Backend> LayerVisitor<B> for ParamLister {
     }
 
     fn embedding(&mut self, path: &str, layer: &mut TokenEmbedding<B>) {
-        let p = format!("{}{path}", io::KEY_PREFIX);
-        let base = match (
-            layer.adapters.is_empty(),
-            layer.adapters.iter().any(|a| a.copy.is_some()),
-        ) {
+        let p = format!("{}{path}", self.prefix);
+        let wrapped = layer
+            .adapters
+            .iter()
+            .any(|a| a.lora.is_some() || a.copy.is_some());
+        let base = match (!wrapped, layer.adapters.iter().any(|a| a.copy.is_some())) {
             (true, _) => p.clone(),
             (false, true) => format!("{p}.original_module"),
             (false, false) => format!("{p}.base_layer"),
@@ -1078,9 +1339,23 @@ impl<B: Backend> LayerVisitor<B> for ParamLister {
                 self.push(format!("{p}.modules_to_save.{n}.weight"), &c.weight);
             }
         }
+        // peft names a prompt encoder `prompt_encoder.<adapter>.<name>`, outside the model.
+        for a in &mut layer.adapters {
+            let n = a.name.clone();
+            if let Some(prompt) = &mut a.prompt {
+                for (name, p) in prompt.params_mut() {
+                    self.params.push(PeftParam {
+                        name: format!("prompt_encoder.{n}.{name}"),
+                        id: p.id(),
+                        shape: p.shape(),
+                        trainable: self.trainable.contains(&p.id()),
+                    });
+                }
+            }
+        }
     }
 
     fn param(&mut self, key: &str, param: &mut Param<Tensor<B, 1>>) {
-        self.push(format!("{}{key}", io::KEY_PREFIX), param);
+        self.push(format!("{}{key}", self.prefix), param);
     }
 }

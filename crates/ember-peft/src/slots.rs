@@ -3,7 +3,6 @@
 
 use crate::config::Bias;
 use crate::embedding::TokenEmbedding;
-use crate::io::KEY_PREFIX;
 use crate::linear::Projection;
 use burn::module::Param;
 use burn::tensor::{backend::Backend, Tensor};
@@ -102,6 +101,7 @@ impl<B: Backend> Slot<'_, B> {
 /// on a wrapped layer; with `bias = "all"` a copied layer also writes
 /// `modules_to_save.bias` and `original_module.bias`, as peft's state dict holds them).
 pub(crate) fn projection_slots<'a, B: Backend>(
+    prefix: &str,
     path: &str,
     layer: &'a mut Projection<B>,
     name: &str,
@@ -113,7 +113,7 @@ pub(crate) fn projection_slots<'a, B: Backend>(
         .adapters
         .iter()
         .any(|a| a.lora.is_some() || a.ia3.is_some());
-    let key = |tensor: &str| format!("{KEY_PREFIX}{path}.{tensor}");
+    let key = |tensor: &str| format!("{prefix}{path}.{tensor}");
     let Projection { base, adapters, .. } = layer;
     let mut slots = Vec::new();
     let mut aliases = Vec::new();
@@ -194,6 +194,7 @@ pub(crate) struct Alias {
 
 /// The slots of adapter `name` in an embedding table at `path`.
 pub(crate) fn embedding_slots<'a, B: Backend>(
+    prefix: &str,
     path: &str,
     layer: &'a mut TokenEmbedding<B>,
     name: &str,
@@ -204,19 +205,19 @@ pub(crate) fn embedding_slots<'a, B: Backend>(
     };
     if let Some(lora) = adapter.lora.as_mut() {
         slots.push(Slot::Matrix {
-            key: format!("{KEY_PREFIX}{path}.lora_embedding_A"),
+            key: format!("{prefix}{path}.lora_embedding_A"),
             param: &mut lora.lora_embedding_a,
             transposed: true,
         });
         slots.push(Slot::Matrix {
-            key: format!("{KEY_PREFIX}{path}.lora_embedding_B"),
+            key: format!("{prefix}{path}.lora_embedding_B"),
             param: &mut lora.lora_embedding_b,
             transposed: true,
         });
     }
     if let Some(copy) = adapter.copy.as_mut() {
         slots.push(Slot::Matrix {
-            key: format!("{KEY_PREFIX}{path}.weight"),
+            key: format!("{prefix}{path}.weight"),
             param: &mut copy.weight,
             transposed: false,
         });

@@ -36,6 +36,12 @@ pub trait AdaptableModel<B: Backend>: Module<B> + burn::module::ModuleDisplay + 
     fn model_type(&self) -> Option<String> {
         None
     }
+
+    /// The sizes prompt learning reads from the model and where its word embeddings are;
+    /// `None` for a model without prompt-learning support.
+    fn prompt_dims(&self) -> Option<crate::config::PromptDims> {
+        None
+    }
 }
 
 /// One row of `named_modules()`: a module's path, its type and its parameters' shapes.
