@@ -244,6 +244,15 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.output_dir == a.model {
         bail!("--output-dir must differ from --model (the base checkpoint would be overwritten)");
     }
+    let config = ember::peft::PeftConfig::from_pretrained(&a.adapter)
+        .with_context(|| format!("reading the adapter in {}", a.adapter.display()))?;
+    if config.is_prompt_learning() {
+        bail!(
+            "{}: a {} adapter has no weights to merge (its virtual tokens or prefix run before the model); use it with --adapter",
+            a.adapter.display(),
+            config.peft_type()
+        );
+    }
     let device = default_device();
     let model = AnyModel::<Backend>::from_pretrained(&a.model, &device)?;
     each_model!(model, m => {
