@@ -12,9 +12,7 @@ use ember::models::{
     AnyCausalLm, AutoModelForCausalLM, BertForSequenceClassification, BertForTokenClassification,
     CausalLmInput, EncoderInput, FromPretrainedOptions, SequenceLabels,
 };
-use ember::peft::{
-    AdaptableModel, PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, DEFAULT_ADAPTER,
-};
+use ember::peft::{PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, DEFAULT_ADAPTER};
 use ember::prelude::*;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
@@ -81,12 +79,9 @@ impl Expected {
         let st = SafeTensors::deserialize(&self.0).unwrap();
         st.names()
             .into_iter()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)
-                    .map(|rest| (k.clone(), rest.to_owned()))
-            })
+            .filter_map(|k| k.strip_prefix(prefix).map(|rest| (k, rest.to_owned())))
             .map(|(k, rest)| {
-                let (shape, data) = self.raw(&k).unwrap();
+                let (shape, data) = self.raw(k).unwrap();
                 (rest, (shape, data.convert::<f32>().into_vec().unwrap()))
             })
             .collect()
@@ -122,6 +117,7 @@ fn dropout_off() -> FromPretrainedOptions {
 }
 
 /// The base model of a case, by its Auto class.
+#[allow(clippy::large_enum_variant)] // one value per case, moved once
 enum Base<B: BackendTrait> {
     Causal(AnyCausalLm<B>),
     Sequence(BertForSequenceClassification<B>),

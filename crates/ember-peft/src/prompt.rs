@@ -96,7 +96,7 @@ impl<B: Backend> LstmDirection<B> {
             (0..steps).collect()
         };
         for t in order {
-            let gates = inputs.clone().slice([t..t + 1]) + h.matmul(w_hh.clone());
+            let gates = inputs.clone().narrow(0, t, 1) + h.matmul(w_hh.clone());
             let gate = |i: usize| gates.clone().slice([0..1, i * hidden..(i + 1) * hidden]);
             let (i, f, g, o) = (
                 sigmoid(gate(0)),
@@ -134,7 +134,7 @@ pub struct PromptEncoder<B: Backend> {
     pub embedding: Param<Tensor<B, 2>>,
     /// `mlp_head` (P-tuning) or `transform` (prefix projection) linear layers, in order, each
     /// `(weight [out, in], bias [out])` as PyTorch stores them.
-    pub head: Vec<(Param<Tensor<B, 2>>, Param<Tensor<B, 1>>)>,
+    pub head: Vec<LinearParams<B>>,
     /// P-tuning's bidirectional LSTM layers.
     pub lstm: Vec<LstmLayer<B>>,
     /// How the table becomes the output.
@@ -147,6 +147,9 @@ pub struct PromptEncoder<B: Backend> {
     #[module(skip)]
     pub dropout: f64,
 }
+
+/// A linear layer's `(weight [out, in], bias [out])`, as PyTorch stores them.
+pub type LinearParams<B> = (Param<Tensor<B, 2>>, Param<Tensor<B, 1>>);
 
 /// What a model receives from an active prompt-learning adapter.
 #[derive(Debug, Clone)]
@@ -173,11 +176,7 @@ impl<B: Backend> VirtualPrompt<B> {
     }
 }
 
-fn linear<B: Backend>(
-    d_in: usize,
-    d_out: usize,
-    device: &B::Device,
-) -> (Param<Tensor<B, 2>>, Param<Tensor<B, 1>>) {
+fn linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> LinearParams<B> {
     // nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
     let k = crate::adapter::kaiming_bound(d_in);
     let u = Distribution::Uniform(-k, k);
@@ -337,7 +336,7 @@ impl<B: Backend> PromptEncoder<B> {
                     .permute([1, 2, 0, 3]);
                 let entry = |i: usize| {
                     kv.clone()
-                        .slice([i..i + 1])
+                        .narrow(0, i, 1)
                         .reshape([1, num_heads, v, head_dim])
                 };
                 VirtualPrompt::Prefix(
