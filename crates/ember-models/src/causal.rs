@@ -150,19 +150,19 @@ impl<B: Backend> CausalLmInput<B> {
         let mut attention_mask = self.attention_mask;
         let mut position_ids = self.position_ids;
         let mut labels = self.labels;
-        let prompt = embeddings.virtual_prompt();
         let mut prompt_tokens = None;
-        if let Some(prompt) = prompt {
+        if let Some(encoder) = embeddings.active_prompt() {
             // As peft's PeftModelForCausalLM: the caller's mask and labels cover its own tokens
             // only; position ids are ignored (positions count the virtual tokens); the virtual
-            // tokens or the prefix enter once, with the first call, and stay in the cache.
-            let v = prompt.len();
+            // tokens or the prefix enter once, with the first call, and stay in the cache (the
+            // encoder runs only then, not at every decoding step).
+            let v = encoder.num_virtual_tokens();
             let device = embeddings.base.weight.device();
             attention_mask =
                 attention_mask.map(|m| Tensor::cat(vec![Tensor::ones([batch, v], &device), m], 1));
             position_ids = None;
             if past.is_none() {
-                match prompt {
+                match encoder.virtual_prompt() {
                     VirtualPrompt::Tokens(t) => {
                         labels = labels.map(|l| {
                             Tensor::cat(

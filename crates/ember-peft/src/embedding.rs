@@ -152,6 +152,11 @@ impl<B: Backend> TokenEmbedding<B> {
     /// The active prompt-learning adapter's output, as the model puts it before its input;
     /// `None` with no such adapter active (or adapters disabled).
     pub fn virtual_prompt(&self) -> Option<VirtualPrompt<B>> {
+        self.active_prompt().map(PromptEncoder::virtual_prompt)
+    }
+
+    /// The active prompt-learning adapter, without running its encoder.
+    pub fn active_prompt(&self) -> Option<&PromptEncoder<B>> {
         if self.state.disabled {
             return None;
         }
@@ -159,19 +164,12 @@ impl<B: Backend> TokenEmbedding<B> {
             .iter()
             .filter(|a| self.state.active.contains(&a.name))
             .find_map(|a| a.prompt.as_ref())
-            .map(PromptEncoder::virtual_prompt)
     }
 
     /// How many virtual tokens the active prompt-tuning or P-tuning adapter puts before the
     /// input (0 without one, and for prefix tuning, whose prefix is not part of the output).
     pub fn virtual_tokens(&self) -> usize {
-        if self.state.disabled {
-            return 0;
-        }
-        self.adapters
-            .iter()
-            .filter(|a| self.state.active.contains(&a.name))
-            .find_map(|a| a.prompt.as_ref())
+        self.active_prompt()
             .filter(|p| p.target == crate::prompt::PromptTarget::Tokens)
             .map_or(0, PromptEncoder::num_virtual_tokens)
     }
