@@ -9,10 +9,17 @@ With `--lora`, the model is wrapped by `peft` 0.21 first (LoRA r 8, alpha 16 on 
 gets the trainable parameters only; the row is `memory/lora_rbt3_train_step_b32_s128` (Rust:
 `... --example train_step_memory -- --lora`).
 
-    python xtask/bench/memory_bench.py SHARED_DIR [--lora]
+With `--prompt-tuning` or `--prefix-tuning`, three steps of the
+`peft/{prompt,prefix}_smollm2_train_step_b8_s256` rows instead (SmolLM2-135M-Instruct in f32 with
+`PromptTuningConfig(num_virtual_tokens=20)` or `PrefixTuningConfig(num_virtual_tokens=20)`,
+batch 8, seq 256; skipped, saying so, without SmolLM2): rows
+`memory/{prompt,prefix}_smollm2_train_step_b8_s256`.
+
+    python xtask/bench/memory_bench.py SHARED_DIR [--lora | --prompt-tuning | --prefix-tuning]
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -30,7 +37,42 @@ def peak_rss_mib():
     return float("nan")
 
 
+def smollm2_prompt_learning(prefix):
+    """Three prompt- or prefix-tuning steps of SmolLM2; the row's name, or None without it."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = os.environ.get("EMBER_SMOLLM2",
+                          os.path.expanduser("~/.cache/ember/models/SmolLM2-135M-Instruct"))
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        print(f"SKIP: no SmolLM2 at {path}", file=sys.stderr)
+        return None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = (PrefixTuningConfig if prefix else PromptTuningConfig)(num_virtual_tokens=20,
+                                                                    task_type="CAUSAL_LM")
+    model = get_peft_model(model, config).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, eps=1e-8,
+                            weight_decay=0.01)
+    # The ids of the bench rows: (100 + 37·(row + 1)·t + 11·t²) mod 40,000.
+    ids = torch.tensor([[(100 + 37 * (r + 1) * t + 11 * t * t) % 40000 for t in range(256)]
+                        for r in range(8)])
+    for _ in range(3):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    kind = "prefix" if prefix else "prompt"
+    return f"memory/{kind}_smollm2_train_step_b8_s256"
+
+
 def main():
+    for flag, prefix in (("--prompt-tuning", False), ("--prefix-tuning", True)):
+        if flag in sys.argv[1:]:
+            name = smollm2_prompt_learning(prefix)
+            if name:
+                print(json.dumps({"bench": name, "peak_rss_mib": peak_rss_mib()}), flush=True)
+            return
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=21128, hidden_size=768, num_hidden_layers=3, num_attention_heads=12,
                      intermediate_size=3072)

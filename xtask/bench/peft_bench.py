@@ -8,6 +8,9 @@
   trainable parameters, batch 32, seq 128.
 - `peft/lora_smollm2_train_step_b8_s256`: SmolLM2-135M-Instruct in f32, LoRA r 8, alpha 16 on
   `q_proj` / `v_proj`, `task_type="CAUSAL_LM"`, AdamW, batch 8, seq 256, labels = the ids.
+- `peft/{prompt,prefix}_smollm2_train_step_b8_s256`: the same step with
+  `PromptTuningConfig(num_virtual_tokens=20)` (RANDOM init) or
+  `PrefixTuningConfig(num_virtual_tokens=20)` (no projection) in place of the LoRA.
 
     python xtask/bench/peft_bench.py SHARED_DIR [--repeats N] [--smollm2 DIR]
 """
@@ -21,7 +24,7 @@ import time
 
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BertConfig, BertForSequenceClassification
 
 transformers.logging.set_verbosity_error()
@@ -71,22 +74,36 @@ def rbt3_case(repeats):
                       "median_s": timed(step_fn(model, 2e-5, batch), repeats), "items": 32}), flush=True)
 
 
+def smollm2_adapters():
+    """The SmolLM2 rows: (bench name, peft config)."""
+    return [
+        ("peft/lora_smollm2_train_step_b8_s256",
+         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
+        ("peft/prompt_smollm2_train_step_b8_s256",
+         PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
+        ("peft/prefix_smollm2_train_step_b8_s256",
+         PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")),
+    ]
+
+
+def smollm2_batch(batch_size=8, seq=256):
+    """The same ids as the Rust bench: (100 + 37·(row + 1)·t + 11·t²) mod 40,000; labels = ids."""
+    ids = torch.tensor([[(100 + 37 * (r + 1) * t + 11 * t * t) % 40000 for t in range(seq)]
+                        for r in range(batch_size)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
 def smollm2_case(path, repeats):
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         print(f"SKIP: no SmolLM2 at {path}", file=sys.stderr)
         return
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_peft_model(model, config).train()
-    batch_size, seq = 8, 256
-    # The same ids as the Rust bench: (100 + 37·(row + 1)·t + 11·t²) mod 40,000.
-    ids = torch.tensor([[(100 + 37 * (r + 1) * t + 11 * t * t) % 40000 for t in range(seq)]
-                        for r in range(batch_size)])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    print(json.dumps({"bench": "peft/lora_smollm2_train_step_b8_s256",
-                      "median_s": timed(step_fn(model, 2e-4, batch), repeats), "items": batch_size}),
-          flush=True)
+    batch = smollm2_batch()
+    for name, config in smollm2_adapters():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = get_peft_model(model, config).train()
+        print(json.dumps({"bench": name, "median_s": timed(step_fn(model, 2e-4, batch), repeats),
+                          "items": batch["input_ids"].shape[0]}), flush=True)
 
 
 def main():

@@ -182,8 +182,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 type Memory = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
 
 /// Runs the peak-memory probes (`ember-models`' `train_step_memory` example and
-/// `xtask/bench/memory_bench.py`), each in a fresh process, for full fine-tuning and (with
-/// `--lora`) for LoRA, and records their `peak_rss_mib`.
+/// `xtask/bench/memory_bench.py`), each in a fresh process, for full fine-tuning, LoRA
+/// (`--lora`), and SmolLM2 prompt and prefix tuning (`--prompt-tuning`, `--prefix-tuning`),
+/// and records their `peak_rss_mib`.
 fn measure_memory(
     root: &Path,
     python: Option<&Path>,
@@ -191,7 +192,12 @@ fn measure_memory(
     memory: &mut Memory,
 ) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for extra in [None, Some("--lora")] {
+    for extra in [
+        None,
+        Some("--lora"),
+        Some("--prompt-tuning"),
+        Some("--prefix-tuning"),
+    ] {
         let mut ember = Command::new(&cargo);
         ember.current_dir(root).args([
             "run",

@@ -10,6 +10,10 @@
 //! - `lora_smollm2_train_step_b8_s256`: SmolLM2-135M-Instruct (from
 //!   `../shared/tools/make-smollm2`; skipped, saying so, when absent), LoRA r 8, alpha 16 on
 //!   `q_proj` / `v_proj`, task `CAUSAL_LM`, AdamW, batch 8, seq 256, labels = the ids.
+//! - `{prompt,prefix}_smollm2_train_step_b8_s256`: the same SmolLM2 step with prompt tuning
+//!   (20 virtual tokens, `RANDOM` init, so 276 positions per row) or prefix tuning (20 prefix
+//!   positions per layer, no projection) in place of the LoRA: only the prompt table is
+//!   trained.
 //! - `smollm2_{base,lora_unmerged,lora_merged}_generate_b1_p16_n64`: greedy decoding of 64
 //!   tokens after a 16-token prompt at batch 1 (as `generation/smollm2_generate_b1_p16_n64`)
 //!   with no adapter, with a LoRA (r 8 on `q_proj` / `v_proj`, `init_lora_weights = false`, so
@@ -28,7 +32,10 @@ use ember_models::{
     BertConfig, BertForSequenceClassification, CausalLmInput, EncoderInput, LlamaForCausalLM,
     SequenceLabels,
 };
-use ember_peft::{get_peft_model, InitLoraWeights, LoraConfig, TargetModules, TaskType};
+use ember_peft::{
+    get_peft_model, InitLoraWeights, LoraConfig, PeftConfig, PrefixTuningConfig,
+    PromptTuningConfig, TargetModules, TaskType,
+};
 
 type B = Flex;
 type AB = Autodiff<Flex>;
@@ -95,11 +102,10 @@ fn rbt3_train_step(c: &mut Criterion) {
     group.finish();
 }
 
-fn smollm2_train_step(c: &mut Criterion, dir: &std::path::Path) {
+fn smollm2_train_step(c: &mut Criterion, dir: &std::path::Path, name: &str, config: PeftConfig) {
     let device = Default::default();
     let base = LlamaForCausalLM::<AB>::from_pretrained(dir, &device).unwrap();
-    let peft = get_peft_model(base, lora(["q_proj", "v_proj"], TaskType::CausalLm, true))
-        .expect("q_proj / v_proj exist in Llama");
+    let peft = get_peft_model(base, config).expect("the adapter fits SmolLM2");
     let mut model = Some(peft);
     let mut optimizer = AdamWConfig::new()
         .with_epsilon(1e-8)
@@ -116,7 +122,7 @@ fn smollm2_train_step(c: &mut Criterion, dir: &std::path::Path) {
     let mut group = c.benchmark_group("peft");
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch as u64));
-    group.bench_function("lora_smollm2_train_step_b8_s256", |b| {
+    group.bench_function(name, |b| {
         b.iter(|| {
             let m = model.take().expect("the model is put back after each step");
             let loss = m
@@ -134,9 +140,27 @@ fn smollm2_train_step(c: &mut Criterion, dir: &std::path::Path) {
     group.finish();
 }
 
-/// Reads one adapter tensor of the last layer, so that the step has finished.
+/// The prompt-learning config of the `{prompt,prefix}_smollm2_train_step_b8_s256` rows.
+fn prompt_learning(prefix: bool) -> PeftConfig {
+    if prefix {
+        let mut config = PrefixTuningConfig::new(20);
+        config.prompt.task_type = Some(TaskType::CausalLm);
+        config.into()
+    } else {
+        let mut config = PromptTuningConfig::new(20);
+        config.prompt.task_type = Some(TaskType::CausalLm);
+        config.into()
+    }
+}
+
+/// Reads one trained tensor (the last layer's LoRA B, or the prompt table), so that the step
+/// has finished.
 fn wait_for_update(m: &ember_peft::PeftModel<AB, LlamaForCausalLM<AB>>) -> TensorData {
-    let layer = m.base_model.model.layers.last().expect("layers");
+    let model = &m.base_model.model;
+    if let Some(prompt) = model.embed_tokens.active_prompt() {
+        return prompt.embedding.val().inner().into_data();
+    }
+    let layer = model.layers.last().expect("layers");
     layer.self_attn.v_proj.adapters[0]
         .lora
         .as_ref()
@@ -201,7 +225,14 @@ fn bench(c: &mut Criterion) {
     let Some(dir) = ember_testkit::smollm2() else {
         return;
     };
-    smollm2_train_step(c, &dir);
+    let lora = lora(["q_proj", "v_proj"], TaskType::CausalLm, true);
+    smollm2_train_step(c, &dir, "lora_smollm2_train_step_b8_s256", lora.into());
+    for (name, prefix) in [
+        ("prompt_smollm2_train_step_b8_s256", false),
+        ("prefix_smollm2_train_step_b8_s256", true),
+    ] {
+        smollm2_train_step(c, &dir, name, prompt_learning(prefix));
+    }
     decode_with_adapter(c, &dir);
 }
 

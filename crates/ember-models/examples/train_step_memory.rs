@@ -9,15 +9,28 @@
 //! workload), so only the adapters and the classifier's copy are trained; the row is
 //! `memory/lora_rbt3_train_step_b32_s128` (Python: `memory_bench.py --lora`).
 //!
+//! With `--prompt-tuning` or `--prefix-tuning`, the workload is instead three steps of the
+//! `peft/{prompt,prefix}_smollm2_train_step_b8_s256` rows: SmolLM2-135M-Instruct (skipped,
+//! saying so, when absent) with 20 virtual tokens or 20 prefix positions, batch 8, seq 256;
+//! the rows are `memory/{prompt,prefix}_smollm2_train_step_b8_s256`.
+//!
 //! ```sh
-//! cargo run --release -p ember-models --example train_step_memory [-- --lora]
+//! cargo run --release -p ember-models --example train_step_memory \
+//!     [-- --lora | --prompt-tuning | --prefix-tuning]
 //! ```
 
 use burn::backend::{Autodiff, Flex};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Distribution, Tensor};
-use ember_models::{BertConfig, BertForSequenceClassification, EncoderInput, SequenceLabels};
-use ember_peft::{get_peft_model, LoraConfig, TargetModules, TaskType};
+use burn::tensor::{Int, TensorData};
+use ember_models::{
+    BertConfig, BertForSequenceClassification, CausalLmInput, EncoderInput, LlamaForCausalLM,
+    SequenceLabels,
+};
+use ember_peft::{
+    get_peft_model, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, TargetModules,
+    TaskType,
+};
 
 type B = Autodiff<Flex>;
 
@@ -29,9 +42,75 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Three prompt- or prefix-tuning steps of SmolLM2 at batch 8, seq 256; the row's name, or
+/// `None` when SmolLM2 is absent.
+fn smollm2_prompt_learning(prefix: bool) -> Option<&'static str> {
+    let dir = ember_testkit::smollm2()?;
+    let device = Default::default();
+    let config: PeftConfig = if prefix {
+        let mut config = PrefixTuningConfig::new(20);
+        config.prompt.task_type = Some(TaskType::CausalLm);
+        config.into()
+    } else {
+        let mut config = PromptTuningConfig::new(20);
+        config.prompt.task_type = Some(TaskType::CausalLm);
+        config.into()
+    };
+    let base = LlamaForCausalLM::<B>::from_pretrained(&dir, &device).expect("SmolLM2 loads");
+    let mut model = get_peft_model(base, config).expect("the adapter fits SmolLM2");
+    let mut optimizer = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init::<B, _>();
+    let (batch, seq) = (8, 256);
+    // The ids of the bench rows: `(100 + 37·(row + 1)·t + 11·t²) mod 40,000`.
+    let ids: Vec<i64> = (0..batch)
+        .flat_map(|r| {
+            (0..seq).map(move |t| ((100 + 37 * (r + 1) * t + 11 * t * t) % 40_000) as i64)
+        })
+        .collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
+    for _ in 0..3 {
+        let loss = model
+            .base_model
+            .forward(CausalLmInput::new(ids.clone()).with_labels(ids.clone()))
+            .expect("the inputs match the model")
+            .loss
+            .expect("labels were given");
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(2e-4, model, grads);
+    }
+    let prompt = model.base_model.model.embed_tokens.active_prompt();
+    let _ = prompt
+        .expect("the adapter is active")
+        .embedding
+        .val()
+        .into_data();
+    Some(if prefix {
+        "memory/prefix_smollm2_train_step_b8_s256"
+    } else {
+        "memory/prompt_smollm2_train_step_b8_s256"
+    })
+}
+
+fn print_peak(name: &str) {
+    match peak_rss_mib() {
+        Some(mib) => println!("{{\"bench\": \"{name}\", \"peak_rss_mib\": {mib:.1}}}"),
+        None => eprintln!("SKIP peak memory: /proc/self/status has no VmHWM on this system"),
+    }
+}
+
 fn main() {
     // As the CLI and the Trainer run.
     ember_kernels::keep_freed_memory();
+    for (flag, prefix) in [("--prompt-tuning", false), ("--prefix-tuning", true)] {
+        if std::env::args().any(|a| a == flag) {
+            if let Some(name) = smollm2_prompt_learning(prefix) {
+                print_peak(name);
+            }
+            return;
+        }
+    }
     let device = Default::default();
     let config = BertConfig {
         vocab_size: 21128,
@@ -95,8 +174,5 @@ fn main() {
     } else {
         "memory/rbt3_train_step_b32_s128"
     };
-    match peak_rss_mib() {
-        Some(mib) => println!("{{\"bench\": \"{name}\", \"peak_rss_mib\": {mib:.1}}}"),
-        None => eprintln!("SKIP peak memory: /proc/self/status has no VmHWM on this system"),
-    }
+    print_peak(name);
 }
