@@ -10,6 +10,10 @@
 //! - [`blockwise8`]: 8-bit blockwise quantization with the dynamic map ([`quantize_blockwise`] /
 //!   [`dequantize_blockwise`]), also the nested absmax of double quantization.
 //! - [`int8`]: LLM.int8 row-wise quantization with outlier columns ([`int8_vectorwise_quant`]).
+//! - [`serialize`]: the tensors of a bitsandbytes checkpoint (`model.safetensors` as transformers
+//!   saves a 4-bit or LLM.int8 model), read and written byte for byte ([`load_4bit`],
+//!   [`state_dict_4bit`], [`load_8bit`], [`state_dict_8bit`], [`quantized_layout`]).
+//! - [`config`]: transformers' `BitsAndBytesConfig`, the `quantization_config` of `config.json`.
 //! - [`linear`]: reference products of a float32 input with an int8 or 4-bit weight, matching
 //!   `bnb.nn.Linear8bitLt` and `bnb.nn.Linear4bit` on the CPU.
 //!
@@ -22,9 +26,11 @@
 pub mod blockwise;
 pub mod blockwise8;
 pub mod code;
+pub mod config;
 mod error;
 pub mod int8;
 pub mod linear;
+pub mod serialize;
 mod torch_sum;
 
 pub use blockwise::{
@@ -33,6 +39,12 @@ pub use blockwise::{
 };
 pub use blockwise8::{dequantize_blockwise, quantize_blockwise, Blockwise8bit};
 pub use code::{create_dynamic_map, dynamic_map, FP4_CODE, NF4_CODE};
+pub use config::{BitsAndBytesConfig, ConfigError};
 pub use error::{QuantError, Result};
 pub use int8::{int8_vectorwise_dequant, int8_vectorwise_quant, Int8Quantized, Int8Weight};
 pub use linear::{int8_linear, int8_linear_dequantized, linear_4bit};
+pub use serialize::{
+    load_4bit, load_8bit, load_quantized, quantized_layout, safetensors_lookup, saved_lookup,
+    state_dict_4bit, state_dict_4bit_with_dtype, state_dict_8bit, CheckpointError, QuantizedKind,
+    QuantizedLayout, QuantizedWeight, SavedDtype, SavedTensor, TensorRef,
+};
