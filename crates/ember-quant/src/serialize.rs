@@ -140,18 +140,19 @@ impl View for SavedTensor {
     }
 }
 
+/// So that a borrowed state dict serializes without copying its tensors.
 impl View for &SavedTensor {
     fn dtype(&self) -> SavedDtype {
-        self.dtype
+        (**self).dtype()
     }
     fn shape(&self) -> &[usize] {
-        &self.shape
+        (**self).shape()
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.bytes)
+        (**self).data()
     }
     fn data_len(&self) -> usize {
-        self.bytes.len()
+        (**self).data_len()
     }
 }
 
