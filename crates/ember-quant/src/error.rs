@@ -71,6 +71,10 @@ pub enum QuantError {
     /// A 4-bit quant type name other than `nf4` / `fp4`.
     #[error("unknown 4-bit quant_type {0:?} (expected \"nf4\" or \"fp4\")")]
     UnknownQuantType(String),
+
+    /// A `bnb_4bit_compute_dtype` other than float32 / bfloat16.
+    #[error("unknown bnb_4bit_compute_dtype {0:?} (expected \"float32\" or \"bfloat16\")")]
+    UnknownComputeDtype(String),
 }
 
 /// `Result` with [`QuantError`].

@@ -14,6 +14,8 @@
 //!   saves a 4-bit or LLM.int8 model), read and written byte for byte ([`load_4bit`],
 //!   [`state_dict_4bit`], [`load_8bit`], [`state_dict_8bit`], [`quantized_layout`]).
 //! - [`config`]: transformers' `BitsAndBytesConfig`, the `quantization_config` of `config.json`.
+//! - [`matrix`]: [`QuantizedLinear`], a packed weight held in memory with products that
+//!   dequantize on the fly (the storage of a quantized model's layers).
 //! - [`linear`]: reference products of a float32 input with an int8 or 4-bit weight, matching
 //!   `bnb.nn.Linear8bitLt` and `bnb.nn.Linear4bit` on the CPU.
 //!
@@ -30,6 +32,7 @@ pub mod config;
 mod error;
 pub mod int8;
 pub mod linear;
+pub mod matrix;
 pub mod serialize;
 mod torch_sum;
 
@@ -43,6 +46,7 @@ pub use config::{BitsAndBytesConfig, ConfigError};
 pub use error::{QuantError, Result};
 pub use int8::{int8_vectorwise_dequant, int8_vectorwise_quant, Int8Quantized, Int8Weight};
 pub use linear::{int8_linear, int8_linear_dequantized, linear_4bit};
+pub use matrix::{ComputeDtype, QuantizedLinear};
 pub use serialize::{
     load_4bit, load_8bit, load_quantized, quantized_layout, safetensors_lookup, saved_lookup,
     state_dict_4bit, state_dict_4bit_with_dtype, state_dict_8bit, CheckpointError, QuantizedKind,
