@@ -47,6 +47,8 @@ pub struct CausalLmArgs {
     pub from_scratch: bool,
     /// An `adapter_config.json`-style file: train that adapter only (`--peft`).
     pub peft: Option<PathBuf>,
+    /// Quantize the base while loading (with `peft`: QLoRA).
+    pub quant: crate::quantize::QuantArgs,
 }
 
 /// `TrainingArguments` without `--args`: HF's defaults, except that the loss is logged every 10
@@ -251,7 +253,7 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
     } else {
         let (model, report) = AutoModelForCausalLM::from_pretrained_with::<TrainBackend>(
             &a.model,
-            &FromPretrainedOptions::default(),
+            &a.quant.options(FromPretrainedOptions::default()),
             &device,
         )?;
         if !report.missing_keys.is_empty() {

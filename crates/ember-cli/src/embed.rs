@@ -22,6 +22,9 @@ pub struct EmbedArgs {
     /// peft adapters applied to the encoder (`--adapter DIR[:NAME]`, `--active NAME`).
     #[command(flatten)]
     adapters: crate::peft::AdapterArgs,
+    /// Quantize the encoder while loading.
+    #[command(flatten)]
+    quant: crate::quantize::QuantArgs,
 }
 
 /// Reads sentences from stdin, one per line; prints for each, in order, a JSON object with
@@ -31,7 +34,11 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&args.model)?;
-    let model: BertModel<ember::Backend> = AutoModel::from_pretrained(&args.model, &device)?;
+    let options = args
+        .quant
+        .options(ember::models::FromPretrainedOptions::default());
+    let model: BertModel<ember::Backend> =
+        AutoModel::from_pretrained_with(&args.model, &options, &device)?.0;
     let model = args.adapters.apply(model)?;
     let config = model.config();
     // RoBERTa numbers positions after the padding id, so pad + 1 positions are unusable.

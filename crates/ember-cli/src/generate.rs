@@ -54,6 +54,9 @@ pub struct GenerateArgs {
     /// ids, and why generation ended.
     #[arg(long)]
     json: bool,
+    /// Quantize the model while loading (a folder saved quantized needs no flag).
+    #[command(flatten)]
+    quant: crate::quantize::QuantArgs,
 }
 
 /// HF's `TextStreamer`: decodes a row's new tokens so far and prints the text that became
@@ -107,7 +110,12 @@ impl<W: Write> Streamer for TextStreamer<'_, W> {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
-    let model = AutoModelForCausalLM::from_pretrained::<ember::Backend>(&a.model, &device)?;
+    let options = a
+        .quant
+        .options(ember::models::FromPretrainedOptions::default());
+    let model =
+        AutoModelForCausalLM::from_pretrained_with::<ember::Backend>(&a.model, &options, &device)?
+            .0;
     let model = a.adapters.apply(model)?;
     let mut config = GenerationConfig::from_pretrained(&a.model)?;
     config.fill_from_model_config(&model.config_json());

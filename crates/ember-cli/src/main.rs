@@ -8,6 +8,7 @@ mod demo;
 mod embed;
 mod generate;
 mod peft;
+mod quantize;
 mod tokenize;
 mod train;
 
@@ -39,6 +40,9 @@ enum Command {
     Inspect(peft::InspectArgs),
     /// Merge a peft adapter into its base model and save a plain checkpoint (merge_and_unload).
     Merge(peft::MergeArgs),
+    /// Quantize a checkpoint with bitsandbytes' int8 or 4-bit formats and save it as
+    /// transformers does (`from_pretrained(..., quantization_config)` + `save_pretrained`).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => train::run_predict(args),
         Command::Inspect(args) => peft::run_inspect(args),
         Command::Merge(args) => peft::run_merge(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use ember::models::{
     AnyCausalLm, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
     AutoModelForSequenceClassification, AutoModelForTokenClassification, BertForMaskedLM,
-    BertForSequenceClassification, BertForTokenClassification, BertModel,
+    BertForSequenceClassification, BertForTokenClassification, BertModel, FromPretrainedOptions,
 };
 use ember::peft::{named_modules, AdaptableModel, PeftModel, DEFAULT_ADAPTER};
 use ember::prelude::*;
@@ -140,32 +140,81 @@ impl<B: BackendTrait> AnyModel<B> {
     /// Loads `dir` with the class its `config.json` names (`architectures`, else
     /// `model_type`).
     pub fn from_pretrained(dir: &Path, device: &B::Device) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Self::from_pretrained_with(dir, &FromPretrainedOptions::default(), device)
+    }
+
+    /// [`Self::from_pretrained`] with `from_pretrained` options (a `quantization_config`).
+    pub fn from_pretrained_with(
+        dir: &Path,
+        options: &FromPretrainedOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let config = read_config_json(dir)?;
         let model_type = config["model_type"].as_str().unwrap_or_default();
         if ember::models::CAUSAL_MODEL_TYPES.contains(&model_type) {
-            return Ok(Self::Causal(AutoModelForCausalLM::from_pretrained(
-                dir, device,
-            )?));
+            return Ok(Self::Causal(
+                AutoModelForCausalLM::from_pretrained_with(dir, options, device)?.0,
+            ));
         }
         let arch = config["architectures"][0].as_str().unwrap_or_default();
         Ok(if arch.ends_with("ForSequenceClassification") {
-            Self::Sequence(AutoModelForSequenceClassification::from_pretrained(
-                dir, device,
-            )?)
+            Self::Sequence(
+                AutoModelForSequenceClassification::from_pretrained_with(dir, options, device)?.0,
+            )
         } else if arch.ends_with("ForTokenClassification") {
-            Self::Token(AutoModelForTokenClassification::from_pretrained(
-                dir, device,
-            )?)
+            Self::Token(
+                AutoModelForTokenClassification::from_pretrained_with(dir, options, device)?.0,
+            )
         } else if arch.ends_with("ForMaskedLM") {
-            Self::Masked(AutoModelForMaskedLM::from_pretrained(dir, device)?)
+            Self::Masked(AutoModelForMaskedLM::from_pretrained_with(dir, options, device)?.0)
         } else {
-            Self::Encoder(AutoModel::from_pretrained(dir, device)?)
+            Self::Encoder(AutoModel::from_pretrained_with(dir, options, device)?.0)
         })
     }
+
+    /// The model class of `dir` with fresh, not yet drawn parameters: its shapes without
+    /// reading any weight.
+    pub fn from_config_of(dir: &Path, device: &B::Device) -> Result<Self> {
+        let config = read_config_json(dir)?;
+        let model_type = config["model_type"].as_str().unwrap_or_default();
+        if ember::models::CAUSAL_MODEL_TYPES.contains(&model_type) {
+            return Ok(Self::Causal(AutoModelForCausalLM::from_config(
+                &config, device,
+            )?));
+        }
+        let bert = ember::models::read_config(dir)?;
+        let arch = config["architectures"][0].as_str().unwrap_or_default();
+        Ok(if arch.ends_with("ForSequenceClassification") {
+            Self::Sequence(AutoModelForSequenceClassification::from_config(
+                &bert, device,
+            )?)
+        } else if arch.ends_with("ForTokenClassification") {
+            Self::Token(AutoModelForTokenClassification::from_config(&bert, device)?)
+        } else if arch.ends_with("ForMaskedLM") {
+            Self::Masked(AutoModelForMaskedLM::from_config(&bert, device)?)
+        } else {
+            Self::Encoder(AutoModel::from_config(&bert, device)?)
+        })
+    }
+
+    /// transformers' `get_memory_footprint()`.
+    pub fn get_memory_footprint(&self) -> usize {
+        each_model!(self, m => m.get_memory_footprint())
+    }
+
+    /// Writes `config.json` and `model.safetensors` (packed weights in bitsandbytes' layout).
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        each_model!(self, m => m.save_pretrained(dir))?;
+        Ok(())
+    }
+}
+
+/// `config.json` of a checkpoint folder as JSON.
+fn read_config_json(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// Arguments of `ember inspect`.

@@ -70,6 +70,9 @@ pub struct TrainArgs {
     /// (fine-tuning a causal LM on instruction rows or plain text).
     #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner", "causal-lm"])]
     task: String,
+    /// Quantize the base while loading (`--load-in-4bit --peft lora.json`: QLoRA).
+    #[command(flatten)]
+    pub(crate) quant: crate::quantize::QuantArgs,
 }
 
 /// Arguments of `ember evaluate`.
@@ -99,6 +102,9 @@ pub struct EvaluateArgs {
     /// `sequence` (a label per text) or `ner` (a CoNLL-style file: seqeval metrics).
     #[arg(long, default_value = "sequence", value_parser = ["sequence", "ner"])]
     task: String,
+    /// Quantize the model while loading.
+    #[command(flatten)]
+    quant: crate::quantize::QuantArgs,
 }
 
 /// Arguments of `ember predict`.
@@ -113,6 +119,9 @@ pub struct PredictArgs {
     /// Truncate each text to this many tokens.
     #[arg(long, default_value_t = 128)]
     max_length: usize,
+    /// Quantize the model while loading.
+    #[command(flatten)]
+    quant: crate::quantize::QuantArgs,
 }
 
 /// Reads a data file with the builder its extension names.
@@ -325,9 +334,11 @@ fn train_ner(
         .max_length(max_length);
     let train = ember::data::tokenize_and_align_labels(&train, &tokenizer, &options, 1000)?;
     let eval = ember::data::tokenize_and_align_labels(&eval, &tokenizer, &options, 1000)?;
-    let options = FromPretrainedOptions::default()
-        .labels(names.clone())
-        .ignore_mismatched_sizes(true);
+    let options = a.quant.options(
+        FromPretrainedOptions::default()
+            .labels(names.clone())
+            .ignore_mismatched_sizes(true),
+    );
     let (model, report) = ember::models::AutoModelForTokenClassification::from_pretrained_with::<
         TrainBackend,
     >(model_dir, &options, &default_device())?;
@@ -378,10 +389,13 @@ fn ner_metrics(
 /// `ember evaluate --task ner`: seqeval metrics of a token classifier on a CoNLL-style file.
 fn evaluate_ner(a: &EvaluateArgs) -> Result<()> {
     let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
-    let model = ember::models::AutoModelForTokenClassification::from_pretrained::<TrainBackend>(
-        &a.model,
-        &default_device(),
-    )?;
+    let model =
+        ember::models::AutoModelForTokenClassification::from_pretrained_with::<TrainBackend>(
+            &a.model,
+            &a.quant.options(FromPretrainedOptions::default()),
+            &default_device(),
+        )?
+        .0;
     let model = a.adapters.apply(model)?;
     let names: Vec<String> = model
         .config()
@@ -457,6 +471,13 @@ impl ember::train::TrainerCallback for PrintLogs {
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
+    if a.quant.config().is_some() && a.peft.is_none() {
+        // transformers' Trainer refuses the same: a packed weight has no gradient.
+        bail!(
+            "a quantized model cannot be fine-tuned on its own: add --peft with a LoRA config \
+             (QLoRA), which trains adapters beside the frozen quantized weights"
+        );
+    }
     let Some(data) = &a.data else {
         if a.model.is_some() {
             bail!("--model needs --data (the labelled examples to fine-tune on)");
@@ -487,6 +508,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             json: a.json,
             from_scratch: a.from_scratch,
             peft: a.peft.clone(),
+            quant: a.quant.clone(),
         });
     }
     let text_column = a.text_column.as_deref().unwrap_or("text");
@@ -548,9 +570,11 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         );
         AutoModelForSequenceClassification::from_config::<TrainBackend>(&config, &default_device())?
     } else {
-        let options = FromPretrainedOptions::default()
-            .labels(names)
-            .ignore_mismatched_sizes(true);
+        let options = a.quant.options(
+            FromPretrainedOptions::default()
+                .labels(names)
+                .ignore_mismatched_sizes(true),
+        );
         let (model, report) = AutoModelForSequenceClassification::from_pretrained_with::<
             TrainBackend,
         >(model_dir, &options, &default_device())?;
@@ -578,14 +602,19 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
 fn load_classifier(
     dir: &Path,
     adapters: &crate::peft::AdapterArgs,
+    quant: &crate::quantize::QuantArgs,
 ) -> Result<(
     AutoTokenizer,
     BertForSequenceClassification<Backend>,
     Vec<String>,
 )> {
     let tokenizer = AutoTokenizer::from_pretrained(dir)?;
-    let model =
-        AutoModelForSequenceClassification::from_pretrained::<Backend>(dir, &default_device())?;
+    let model = AutoModelForSequenceClassification::from_pretrained_with::<Backend>(
+        dir,
+        &quant.options(FromPretrainedOptions::default()),
+        &default_device(),
+    )?
+    .0;
     let model = adapters.apply(model)?;
     let names: Vec<String> = model
         .config()
@@ -601,7 +630,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
     if a.task == "ner" {
         return evaluate_ner(&a);
     }
-    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant)?;
     let (ds, _) = prepare(
         &read_data(&a.data)?,
         &a.text_column,
@@ -637,7 +666,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant)?;
     let options = EncodeOptions::default()
         .truncation(Truncation::LongestFirst)
         .max_length(a.max_length);

@@ -19,6 +19,9 @@
 //! [`gelu_erf`], [`silu_mul`], [`rotary`], [`attention`] and [`cross_entropy`] also run on `Autodiff<Flex>`, each as one recorded operation with its own
 //! backward pass, and [`dropout_mask`] draws dropout masks with a fast generator.
 //!
+//! [`frozen_linear`] multiplies by a weight that is not a burn tensor ([`FrozenWeight`]: a packed
+//! 4-bit or int8 base that computes its own products), with only the input's gradient in training.
+//!
 //! For decoding, [`linear`] reads a weight whose values are all bf16 (a checkpoint published in
 //! bf16, loaded in f32) from a bf16 copy: half the bytes, the same results.
 //!
@@ -32,6 +35,7 @@ mod alloc;
 mod attention;
 mod bridge;
 mod dropout;
+mod frozen;
 mod linear;
 mod loss;
 mod math;
@@ -45,6 +49,7 @@ mod tracked;
 pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
 pub use dropout::dropout_mask;
+pub use frozen::{frozen_linear, FrozenWeight};
 pub use linear::linear;
 pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};

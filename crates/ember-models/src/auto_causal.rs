@@ -9,8 +9,10 @@ use crate::gpt2::{GPT2Config, GPT2LMHeadModel};
 use crate::llama::{LlamaConfig, LlamaForCausalLM};
 use crate::params::{NameCollector, NamedParam, StableIds, StateDict, VisitParams};
 use crate::pretrained::{
-    load_weights_into, save_files, state_dict, FromPretrainedOptions, LoadReport, WeightSource,
+    load_weights_into, save_files, state_dict, FromPretrainedOptions, LoadReport, NamedParams,
+    WeightSource,
 };
+use crate::quantize::default_skips;
 use crate::weights::Weights;
 use burn::tensor::backend::Backend;
 use serde_json::Value;
@@ -36,7 +38,7 @@ fn config_value(dir: &Path, options: &FromPretrainedOptions) -> Result<Value> {
 }
 
 macro_rules! causal_pretrained {
-    ($model:ident, $config:ident, $base:literal, $class:literal) => {
+    ($model:ident, $config:ident, $base:literal, $class:literal, |$m:ident| $buffers:expr) => {
         impl<B: Backend> $model<B> {
             /// The HF class name.
             pub const CLASS: &'static str = $class;
@@ -54,10 +56,17 @@ macro_rules! causal_pretrained {
                 device: &B::Device,
             ) -> Result<(Self, LoadReport)> {
                 let dir = dir.as_ref();
-                let config = $config::from_json_value(
-                    config_value(dir, options)?,
-                    &dir.join("config.json"),
-                )?;
+                let path = dir.join("config.json");
+                let mut value = config_value(dir, options)?;
+                let config = $config::from_json_value(value.clone(), &path)?;
+                let plan = options.quant_plan(&value, &path, || {
+                    let last = Self::new(&config, device).ok().and_then(NamedParams::last);
+                    default_skips(Some("lm_head"), last.as_deref())
+                })?;
+                if let (Some(plan), Some(object)) = (&plan, value.as_object_mut()) {
+                    object.insert("quantization_config".into(), plan.config.to_json_value());
+                }
+                let config = $config::from_json_value(value, &path)?;
                 let weights = Weights::from_dir(dir)?;
                 let model = Self::new(&config, device)?;
                 let source = WeightSource {
@@ -65,6 +74,7 @@ macro_rules! causal_pretrained {
                     base_prefix: $base,
                     optional: &[],
                     ignorable: is_ignorable_causal_key,
+                    quant: plan.as_ref(),
                 };
                 load_weights_into(model, &source, options.ignore_mismatched_sizes, $class)
             }
@@ -92,6 +102,7 @@ macro_rules! causal_pretrained {
                     base_prefix: $base,
                     optional: &[],
                     ignorable: is_ignorable_causal_key,
+                    quant: None,
                 };
                 Ok(load_weights_into(self, &source, false, $class)?.0)
             }
@@ -100,6 +111,14 @@ macro_rules! causal_pretrained {
             pub fn with_stable_param_ids(self) -> Self {
                 self.visit("", &mut StableIds)
                     .expect("renaming ids cannot fail")
+            }
+
+            /// Bytes of parameters and buffers, as transformers' `get_memory_footprint()`: a
+            /// 4-bit weight counts its packed bytes, an int8 one a byte per value, a tied
+            /// output matrix once, plus the model's float buffers.
+            pub fn get_memory_footprint(&self) -> usize {
+                let $m = self;
+                crate::params::parameter_bytes(self) + $buffers
             }
 
             /// Every parameter's HF name and burn id, in module order.
@@ -114,18 +133,27 @@ macro_rules! causal_pretrained {
     };
 }
 
-causal_pretrained!(LlamaForCausalLM, LlamaConfig, "model", "LlamaForCausalLM");
+// Llama's buffers: `inv_freq` and `original_inv_freq`, `head_dim / 2` float32 each.
+causal_pretrained!(
+    LlamaForCausalLM,
+    LlamaConfig,
+    "model",
+    "LlamaForCausalLM",
+    |m| 4 * m.config.head_dim()
+);
 causal_pretrained!(
     BloomForCausalLM,
     BloomConfig,
     "transformer",
-    "BloomForCausalLM"
+    "BloomForCausalLM",
+    |_m| 0
 );
 causal_pretrained!(
     GPT2LMHeadModel,
     GPT2Config,
     "transformer",
-    "GPT2LMHeadModel"
+    "GPT2LMHeadModel",
+    |_m| 0
 );
 
 /// A causal LM of any supported architecture, as `AutoModelForCausalLM` returns it.
@@ -173,6 +201,11 @@ impl<B: Backend> AnyCausalLm<B> {
     /// The tensors `save_pretrained` writes, by HF key.
     pub fn state_dict(&self) -> Result<StateDict> {
         each_model!(self, m => m.state_dict())
+    }
+
+    /// Bytes of parameters and buffers, as transformers' `get_memory_footprint()`.
+    pub fn get_memory_footprint(&self) -> usize {
+        each_model!(self, m => m.get_memory_footprint())
     }
 
     /// Every parameter's HF name and burn id.

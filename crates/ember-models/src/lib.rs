@@ -60,6 +60,7 @@ mod params;
 mod peft;
 pub mod pooling;
 mod pretrained;
+pub mod quantize;
 pub mod rope;
 #[cfg(feature = "train")]
 mod train;

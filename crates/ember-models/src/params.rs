@@ -6,11 +6,13 @@
 //! so a loaded model never draws the random values it replaces.
 
 use crate::error::{ModelError, Result};
+use crate::quantize::QuantPlan;
 use crate::weights::Weights;
 use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use ember_peft::{LayerVisitor, Projection, TokenEmbedding};
+use ember_quant::{QuantizedLayout, QuantizedWeight, SavedTensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -40,13 +42,8 @@ pub(crate) trait ParamVisitor<B: Backend> {
 
     /// A linear layer: its base weight (`[out, in]` in HF's file, `[in, out]` for `Conv1D`)
     /// and bias. Adapters are not checkpoint weights: `ember-peft` reads and writes them.
-    fn projection(&mut self, key: &str, mut layer: Projection<B>) -> Result<Projection<B>> {
-        let transposed = !layer.conv1d;
-        layer.base.weight = self.visit2(&join(key, "weight"), layer.base.weight, transposed)?;
-        if let Some(bias) = layer.base.bias.take() {
-            layer.base.bias = Some(self.visit1(&join(key, "bias"), bias)?);
-        }
-        Ok(layer)
+    fn projection(&mut self, key: &str, layer: Projection<B>) -> Result<Projection<B>> {
+        visit_projection(self, key, layer)
     }
 
     /// An embedding table's base weight.
@@ -57,6 +54,23 @@ pub(crate) trait ParamVisitor<B: Backend> {
 
     /// Called before the parameters of a module without adapters (`LayerNorm`, `RMSNorm`).
     fn enter(&mut self, _key: &str, _kind: &str) {}
+}
+
+/// The parameters of a linear layer in turn: its weight (unless it is quantized: the packed
+/// weight is no float parameter) and bias.
+pub(crate) fn visit_projection<B: Backend, V: ParamVisitor<B> + ?Sized>(
+    v: &mut V,
+    key: &str,
+    mut layer: Projection<B>,
+) -> Result<Projection<B>> {
+    if layer.quantized.is_none() {
+        let transposed = !layer.conv1d;
+        layer.base.weight = v.visit2(&join(key, "weight"), layer.base.weight, transposed)?;
+    }
+    if let Some(bias) = layer.base.bias.take() {
+        layer.base.bias = Some(v.visit1(&join(key, "bias"), bias)?);
+    }
+    Ok(layer)
 }
 
 /// A module whose parameters can be walked by HF key.
@@ -222,6 +236,11 @@ pub(crate) struct Loader<'a> {
     pub ignore_mismatched_sizes: bool,
     /// Keys re-initialised because their shape differed.
     pub mismatched: Vec<String>,
+    /// Quantize linear layers while loading (`quantization_config`); also how a checkpoint's
+    /// packed weights compute.
+    pub quant: Option<&'a QuantPlan>,
+    /// The packed weights of a quantized checkpoint.
+    pub layout: QuantizedLayout,
 }
 
 impl<'a> Loader<'a> {
@@ -286,6 +305,66 @@ impl<'a> Loader<'a> {
 }
 
 impl<B: Backend> ParamVisitor<B> for Loader<'_> {
+    fn projection(&mut self, key: &str, mut layer: Projection<B>) -> Result<Projection<B>> {
+        let weight_key = join(key, "weight");
+        let packed = self
+            .candidates(&weight_key)
+            .into_iter()
+            .find_map(|k| self.layout.kind(&k).map(|kind| (k, kind)));
+        let quantized = if let Some((found, kind)) = packed {
+            let plan = self.quant.ok_or_else(|| ModelError::Weights {
+                path: self.weights.source().to_owned(),
+                message: format!(
+                    "`{found}` is a bitsandbytes quantized weight but config.json has no \
+                     quantization_config"
+                ),
+            })?;
+            let weight = ember_quant::load_quantized(&found, kind, |n| self.weights.tensor_ref(n))
+                .map_err(|e| ModelError::Weights {
+                    path: self.weights.source().to_owned(),
+                    message: e.to_string(),
+                })?;
+            let base = plan.wrap(&found, weight)?;
+            let [d_in, d_out] = layer.dims();
+            if base.dims() != [d_in, d_out] {
+                return Err(ModelError::Shape {
+                    key: found,
+                    file: self.weights.source().to_owned(),
+                    found: vec![base.dims()[1], base.dims()[0]],
+                    expected: vec![d_out, d_in],
+                });
+            }
+            Some(base)
+        } else if let Some(plan) = self.quant.filter(|p| p.converts(key)) {
+            let [d_in, d_out] = layer.dims();
+            let file_shape = if layer.conv1d {
+                [d_in, d_out]
+            } else {
+                [d_out, d_in]
+            };
+            match self.find(&weight_key, &file_shape) {
+                Some(found) => {
+                    let values = self.weights.values(&found, &file_shape)?;
+                    // bitsandbytes quantizes `[out, in]`; transformers transposes a `Conv1D`
+                    // weight first.
+                    let hf = if layer.conv1d {
+                        transposed(values, d_in, d_out)
+                    } else {
+                        values.to_vec()
+                    };
+                    Some(plan.quantize(&found, &hf, d_out, d_in)?)
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        if let Some(base) = quantized {
+            layer.set_quantized(base);
+        }
+        visit_projection(self, key, layer)
+    }
+
     fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
         let shape: [usize; 1] = param.lazy_shape().dims();
         match self.find(key, &shape) {
@@ -387,6 +466,51 @@ impl<B: Backend> ParamVisitor<B> for NameCollector {
     }
 }
 
+/// Adds up parameter bytes as PyTorch counts them (`numel × element_size`).
+#[derive(Default)]
+struct ByteCounter {
+    bytes: usize,
+}
+
+impl<B: Backend> ParamVisitor<B> for ByteCounter {
+    fn visit1(&mut self, _: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
+        self.bytes += 4 * param.lazy_shape().num_elements();
+        Ok(param)
+    }
+
+    fn visit2(
+        &mut self,
+        _: &str,
+        param: Param<Tensor<B, 2>>,
+        _: bool,
+    ) -> Result<Param<Tensor<B, 2>>> {
+        self.bytes += 4 * param.lazy_shape().num_elements();
+        Ok(param)
+    }
+
+    fn projection(&mut self, key: &str, layer: Projection<B>) -> Result<Projection<B>> {
+        if let Some(q) = &layer.quantized {
+            // `Params4bit` is a uint8 tensor of the packed bytes, `Int8Params` an int8 one.
+            self.bytes += match &q.linear().weight {
+                QuantizedWeight::FourBit(p) => p.packed.len(),
+                QuantizedWeight::EightBit(w) => w.codes.len(),
+            };
+        }
+        visit_projection(self, key, layer)
+    }
+}
+
+/// The bytes of a model's parameters as PyTorch counts them (float32, packed weights as their
+/// uint8 / int8 tensors).
+pub(crate) fn parameter_bytes<B: Backend, M: VisitParams<B> + Clone>(model: &M) -> usize {
+    let mut counter = ByteCounter::default();
+    model
+        .clone()
+        .visit("", &mut counter)
+        .expect("counting parameters cannot fail");
+    counter.bytes
+}
+
 /// Gives each parameter an id derived from its HF key (FNV-1a), the same in every process.
 pub(crate) struct StableIds;
 
@@ -419,6 +543,8 @@ impl<B: Backend> ParamVisitor<B> for StableIds {
 pub(crate) struct Collector {
     /// HF key → (shape, values).
     pub tensors: StateDict,
+    /// The packed tensors of quantized layers, in bitsandbytes' serialization.
+    pub packed: Vec<(String, SavedTensor)>,
 }
 
 impl Collector {
@@ -433,6 +559,19 @@ impl Collector {
 }
 
 impl<B: Backend> ParamVisitor<B> for Collector {
+    fn projection(&mut self, key: &str, layer: Projection<B>) -> Result<Projection<B>> {
+        if let Some(q) = &layer.quantized {
+            let name = join(key, "weight");
+            let tensors = match &q.linear().weight {
+                QuantizedWeight::FourBit(p) => ember_quant::state_dict_4bit(&name, p),
+                QuantizedWeight::EightBit(w) => ember_quant::state_dict_8bit(&name, w),
+            }
+            .map_err(|e| ModelError::Input(format!("saving `{name}`: {e}")))?;
+            self.packed.extend(tensors);
+        }
+        visit_projection(self, key, layer)
+    }
+
     fn visit1(&mut self, key: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
         self.push(key, param.val().into_data())?;
         Ok(param)
@@ -459,7 +598,11 @@ impl<B: Backend> ParamVisitor<B> for Collector {
 
 /// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (which
 /// `transformers` requires), atomically: a temporary file in the same folder, then a rename.
-pub(crate) fn write_safetensors(path: &Path, tensors: &StateDict) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &StateDict,
+    packed: &[(String, SavedTensor)],
+) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, (shape, values))| {
@@ -470,7 +613,7 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &StateDict) -> Result<()> 
             )
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(k, data, shape)| {
             let view =
@@ -479,6 +622,11 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &StateDict) -> Result<()> 
             Ok((k.clone(), view))
         })
         .collect::<Result<_>>()?;
+    for (k, t) in packed {
+        let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.bytes)
+            .map_err(|e| ModelError::Input(format!("tensor `{k}`: {e}")))?;
+        views.push((k.clone(), view));
+    }
     let metadata = Some(std::collections::HashMap::from([(
         "format".to_owned(),
         "pt".to_owned(),
@@ -566,3 +714,14 @@ macro_rules! adaptable {
     };
 }
 pub(crate) use adaptable;
+
+/// `[rows, cols]` row-major to `[cols, rows]`.
+fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols.max(1)).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            out[c * rows + r] = *v;
+        }
+    }
+    out
+}

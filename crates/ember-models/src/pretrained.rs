@@ -12,8 +12,10 @@ use crate::params::{
     write_atomic, write_safetensors, Collector, Loader, NameCollector, NamedParam, StableIds,
     StateDict, VisitParams,
 };
+use crate::quantize::{default_skips, QuantPlan};
 use crate::weights::Weights;
 use burn::tensor::backend::Backend;
+use ember_quant::{quantized_layout, BitsAndBytesConfig};
 use std::path::Path;
 
 /// The keyword arguments of HF's `from_pretrained` that Ember supports.
@@ -34,6 +36,9 @@ pub struct FromPretrainedOptions {
     pub ignore_mismatched_sizes: bool,
     /// Any other config field, as HF's `from_pretrained(dir, hidden_dropout_prob=0.0)`.
     pub config_updates: serde_json::Map<String, serde_json::Value>,
+    /// `quantization_config=`: quantize the linear layers while loading (bitsandbytes int8 or
+    /// 4-bit). A folder saved quantized loads quantized without it (its `config.json` says how).
+    pub quantization_config: Option<BitsAndBytesConfig>,
 }
 
 impl FromPretrainedOptions {
@@ -71,6 +76,35 @@ impl FromPretrainedOptions {
     pub fn ignore_mismatched_sizes(mut self, on: bool) -> Self {
         self.ignore_mismatched_sizes = on;
         self
+    }
+
+    /// Sets `quantization_config`.
+    pub fn quantization_config(mut self, config: BitsAndBytesConfig) -> Self {
+        self.quantization_config = Some(config);
+        self
+    }
+
+    /// The quantization to load with: the option, else the `quantization_config` of
+    /// `config.json` (a folder saved quantized), as a plan with transformers' skipped modules.
+    pub(crate) fn quant_plan(
+        &self,
+        config_json: &serde_json::Value,
+        path: &Path,
+        default_skips: impl FnOnce() -> Vec<String>,
+    ) -> Result<Option<QuantPlan>> {
+        let config = match &self.quantization_config {
+            Some(c) => Some(c.clone()),
+            None => BitsAndBytesConfig::from_model_config(config_json).map_err(|e| {
+                ModelError::Config {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }
+            })?,
+        };
+        match config {
+            Some(c) => QuantPlan::new(&c, default_skips(), path),
+            None => Ok(None),
+        }
     }
 
     /// Sets any config field (`set("hidden_dropout_prob", 0.0)`).
@@ -141,11 +175,22 @@ fn load<B: Backend, M: VisitParams<B>>(
     options: &FromPretrainedOptions,
     class: &str,
     is_head: bool,
-    build: impl FnOnce(&BertConfig) -> M,
+    build: impl Fn(&BertConfig) -> M,
 ) -> Result<(M, LoadReport)> {
     let mut config = read_config(dir)?;
-    options.apply(&mut config, &dir.join("config.json"))?;
+    let path = dir.join("config.json");
+    options.apply(&mut config, &path)?;
     let weights = Weights::from_dir(dir)?;
+    let config_json = serde_json::to_value(&config).expect("a config serializes");
+    let plan = options.quant_plan(&config_json, &path, || {
+        let last = NamedParams::last(build(&config));
+        default_skips(None, last.as_deref())
+    })?;
+    if let Some(plan) = &plan {
+        config
+            .extra
+            .insert("quantization_config".into(), plan.config.to_json_value());
+    }
     let model = build(&config);
     let base_prefix = if is_head {
         config.base_model_prefix()
@@ -157,6 +202,7 @@ fn load<B: Backend, M: VisitParams<B>>(
         base_prefix,
         optional: &["pooler."],
         ignorable: is_ignorable_key,
+        quant: plan.as_ref(),
     };
     load_weights_into(model, &source, options.ignore_mismatched_sizes, class)
 }
@@ -171,6 +217,20 @@ pub(crate) struct WeightSource<'a> {
     pub optional: &'a [&'a str],
     /// Checkpoint keys that are not reported when unused (buffers, tied copies).
     pub ignorable: fn(&str) -> bool,
+    /// Quantize while loading, and how packed weights of the checkpoint compute.
+    pub quant: Option<&'a QuantPlan>,
+}
+
+/// The name of a model's last parameter (transformers skips its module when quantizing).
+pub(crate) struct NamedParams;
+
+impl NamedParams {
+    /// The HF key of the last parameter `model` visits.
+    pub(crate) fn last<B: Backend, M: VisitParams<B>>(model: M) -> Option<String> {
+        let mut names = NameCollector::default();
+        model.visit("", &mut names).ok()?;
+        names.params.pop().map(|p| p.name)
+    }
 }
 
 /// Replaces every parameter of `model` with the checkpoint's tensor at its HF key, and reports
@@ -182,6 +242,13 @@ pub(crate) fn load_weights_into<B: Backend, M: VisitParams<B>>(
     class: &str,
 ) -> Result<(M, LoadReport)> {
     let weights = source.weights;
+    let keys = weights.keys();
+    let layout =
+        quantized_layout(keys.iter().map(String::as_str)).map_err(|e| ModelError::Weights {
+            path: weights.source().to_owned(),
+            message: e.to_string(),
+        })?;
+    let companions: Vec<String> = layout.companions.iter().cloned().collect();
     let mut loader = Loader {
         weights,
         base_prefix: source.base_prefix,
@@ -189,8 +256,14 @@ pub(crate) fn load_weights_into<B: Backend, M: VisitParams<B>>(
         missing: Vec::new(),
         ignore_mismatched_sizes,
         mismatched: Vec::new(),
+        quant: source.quant,
+        layout,
     };
     let model = model.visit("", &mut loader)?;
+    // Every companion (absmax, quant_map, SCB, ...) belongs to a packed weight just read.
+    for key in &companions {
+        weights.mark_used(key);
+    }
     let report = LoadReport {
         missing_keys: loader.missing,
         unexpected_keys: weights
@@ -246,7 +319,11 @@ pub(crate) fn save_files<B: Backend, M: VisitParams<B> + Clone>(
     })?;
     let mut collector = Collector::default();
     model.clone().visit("", &mut collector)?;
-    write_safetensors(&dir.join("model.safetensors"), &collector.tensors)?;
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &collector.tensors,
+        &collector.packed,
+    )?;
     write_atomic(&dir.join("config.json"), config_json.as_bytes())
 }
 
@@ -309,6 +386,8 @@ macro_rules! pretrained {
                     missing: Vec::new(),
                     ignore_mismatched_sizes: false,
                     mismatched: Vec::new(),
+                    quant: None,
+                    layout: Default::default(),
                 };
                 self.visit("", &mut loader)
             }
@@ -318,6 +397,14 @@ macro_rules! pretrained {
             pub fn with_stable_param_ids(self) -> Self {
                 self.visit("", &mut StableIds)
                     .expect("renaming ids cannot fail")
+            }
+
+            /// Bytes of parameters and buffers, as transformers' `get_memory_footprint()`: a
+            /// 4-bit weight counts its packed bytes, an int8 one a byte per value (their scales
+            /// are not parameters in PyTorch either), plus the `position_ids` and
+            /// `token_type_ids` buffers (int64).
+            pub fn get_memory_footprint(&self) -> usize {
+                crate::params::parameter_bytes(self) + 16 * self.config().max_position_embeddings
             }
 
             /// Every parameter's HF name and burn id, in module order, like PyTorch's

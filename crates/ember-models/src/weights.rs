@@ -17,10 +17,13 @@ pub const WEIGHT_FILES: [&str; 4] = [
     "pytorch_model.bin.index.json",
 ];
 
-/// One tensor of a checkpoint, as f32 values in row-major order.
+/// One tensor of a checkpoint, as f32 values in row-major order; the packed codes of a
+/// bitsandbytes checkpoint (U8, I8) are kept as their bytes instead.
 struct Entry {
     shape: Vec<usize>,
     values: Vec<f32>,
+    /// The bytes of an integer tensor that is not converted to f32 (`values` is then empty).
+    raw: Option<(Dtype, Vec<u8>)>,
     file: PathBuf,
 }
 
@@ -127,6 +130,38 @@ impl Weights {
         Ok(entry)
     }
 
+    /// The f32 values at `key` (row-major), checked against `shape`.
+    pub fn values(&self, key: &str, shape: &[usize]) -> Result<&[f32]> {
+        let entry = self.checked(key, shape)?;
+        if let Some((dtype, _)) = &entry.raw {
+            return Err(ModelError::Dtype {
+                key: key.to_owned(),
+                dtype: format!("{dtype:?}"),
+                path: entry.file.clone(),
+            });
+        }
+        Ok(&entry.values)
+    }
+
+    /// The tensor at `key` as dtype, shape and little-endian bytes (f32 tensors as f32, packed
+    /// codes as they are in the file), for `ember_quant`'s readers; marked used.
+    pub fn tensor_ref(&self, key: &str) -> Option<ember_quant::TensorRef<'_>> {
+        let entry = self.entries.get(key)?;
+        self.used.borrow_mut().insert(key.to_owned());
+        Some(match &entry.raw {
+            Some((dtype, bytes)) => ember_quant::TensorRef {
+                dtype: *dtype,
+                shape: entry.shape.clone(),
+                data: bytes,
+            },
+            None => ember_quant::TensorRef {
+                dtype: Dtype::F32,
+                shape: entry.shape.clone(),
+                data: f32_bytes(&entry.values),
+            },
+        })
+    }
+
     /// The tensor at `key`, checked against `shape`.
     pub fn get<B: Backend, const D: usize>(
         &self,
@@ -134,9 +169,9 @@ impl Weights {
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        let entry = self.checked(key, &shape)?;
+        let values = self.values(key, &shape)?;
         Ok(Tensor::from_data(
-            TensorData::new(entry.values.clone(), shape),
+            TensorData::new(values.to_vec(), shape),
             device,
         ))
     }
@@ -152,7 +187,7 @@ impl Weights {
         device: &B::Device,
     ) -> Result<Tensor<B, 2>> {
         let [rows, cols] = shape;
-        let values = &self.checked(key, &shape)?.values;
+        let values = self.values(key, &shape)?;
         let mut out = vec![0f32; values.len()];
         for (r, row) in values.chunks_exact(cols).enumerate() {
             for (c, v) in row.iter().enumerate() {
@@ -212,6 +247,19 @@ fn read_safetensors(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Resul
     })?;
     for (key, view) in tensors.tensors() {
         let data = view.data();
+        // The packed codes of a bitsandbytes checkpoint: kept as bytes for `ember_quant`.
+        if matches!(view.dtype(), Dtype::U8 | Dtype::I8) {
+            entries.insert(
+                key,
+                Entry {
+                    shape: view.shape().to_vec(),
+                    values: Vec::new(),
+                    raw: Some((view.dtype(), data.to_vec())),
+                    file: path.to_owned(),
+                },
+            );
+            continue;
+        }
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
                 .chunks_exact(4)
@@ -244,6 +292,7 @@ fn read_safetensors(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Resul
             Entry {
                 shape: view.shape().to_vec(),
                 values,
+                raw: None,
                 file: path.to_owned(),
             },
         );
@@ -284,9 +333,25 @@ fn read_pytorch(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()
             Entry {
                 shape,
                 values,
+                raw: None,
                 file: path.to_owned(),
             },
         );
     }
     Ok(())
+}
+
+/// The bytes of f32 values as safetensors stores them (little-endian).
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: u8 has no alignment requirement and every byte of an f32 is initialised; the
+        // slice covers exactly the values' memory and borrows it for as long as `values`. On a
+        // little-endian machine these are the file's bytes.
+        unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        }
+    }
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("Ember reads safetensors files on little-endian machines only");
 }

@@ -34,6 +34,7 @@ pub mod matching;
 mod model;
 pub mod prompt;
 mod prompt_config;
+mod quantized;
 mod slots;
 #[cfg(feature = "train")]
 mod train;
@@ -50,4 +51,5 @@ pub use error::{PeftError, Result};
 pub use linear::{linear_forward, Ia3Vector, LoraInit, LoraLinear, Projection, ProjectionAdapter};
 pub use model::{get_peft_model, named_modules, PeftModel, PeftParam, DEFAULT_ADAPTER};
 pub use prompt::{PromptEncoder, VirtualPrompt};
+pub use quantized::{prepare_model_for_kbit_training, QuantizedBase};
 pub use visit::{AdaptableModel, LayerVisitor, ModuleInfo};

@@ -6,6 +6,7 @@
 
 use crate::adapter::{find, kaiming_bound, AdapterState, Named};
 use crate::error::Result;
+use crate::quantized::{empty_weight, QuantizedBase};
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{backend::Backend, Distribution, Tensor};
@@ -133,8 +134,13 @@ impl<B: Backend> ProjectionAdapter<B> {
 /// A linear layer (`y = x · W + b`, `W` stored `[d_in, d_out]`) with named adapters.
 #[derive(Module, Debug)]
 pub struct Projection<B: Backend> {
-    /// The pretrained layer (frozen once adapters are added).
+    /// The pretrained layer (frozen once adapters are added). A quantized layer keeps only its
+    /// bias here, its weight an empty stand-in (see [`Projection::quantized`]).
     pub base: Linear<B>,
+    /// The packed weight of a quantized layer (bitsandbytes 4-bit or LLM.int8), which then
+    /// replaces `base.weight` in every product: QLoRA when adapters sit beside it.
+    #[module(skip)]
+    pub quantized: Option<QuantizedBase>,
     /// The adapters, in the order they were added.
     pub adapters: Vec<ProjectionAdapter<B>>,
     /// Which adapters are active, merged, or all disabled.
@@ -193,6 +199,7 @@ impl<B: Backend> Projection<B> {
     pub fn new(base: Linear<B>) -> Self {
         Self {
             base,
+            quantized: None,
             adapters: Vec::new(),
             state: AdapterState::default(),
             conv1d: false,
@@ -209,13 +216,54 @@ impl<B: Backend> Projection<B> {
 
     /// `[d_in, d_out]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.base.weight.lazy_shape().dims()
+        match &self.quantized {
+            Some(q) => q.dims(),
+            None => self.base.weight.lazy_shape().dims(),
+        }
+    }
+
+    /// Makes this a quantized layer: `weight` replaces the float weight, which is dropped.
+    pub fn set_quantized(&mut self, weight: QuantizedBase) {
+        self.base.weight = empty_weight(&self.base.weight);
+        self.quantized = Some(weight);
+    }
+
+    /// The base layer alone on rows `x: [n, d_in]`: the dense GEMM, or the packed product of a
+    /// quantized weight plus the bias.
+    fn base_rows(&self, x: &Tensor<B, 2>) -> Tensor<B, 2> {
+        let bias = self.base.bias.as_ref().map(|b| b.val());
+        match &self.quantized {
+            None => dense(x, &self.base.weight.val(), bias.as_ref()),
+            Some(q) => {
+                let y = q.forward_rows(x);
+                match bias {
+                    Some(b) => y + b.unsqueeze_dim(0),
+                    None => y,
+                }
+            }
+        }
+    }
+
+    /// The base layer alone on inputs of any rank.
+    fn base_forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.quantized.is_none() {
+            return linear_forward(&self.base, x);
+        }
+        on_rows(x, self.dims()[1], |rows| self.base_rows(&rows))
+    }
+
+    /// The base weight as a float tensor `[d_in, d_out]` (dequantized for a quantized layer).
+    pub fn base_weight(&self) -> Tensor<B, 2> {
+        match &self.quantized {
+            Some(q) => q.weight_tensor(&self.base.weight.lazy_device()),
+            None => self.base.weight.val(),
+        }
     }
 
     /// The layer's output for `[..., d_in]` inputs, with the active adapters.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if self.adapters.is_empty() || self.state.disabled {
-            return linear_forward(&self.base, x);
+            return self.base_forward(x);
         }
         let active: Vec<&ProjectionAdapter<B>> = self
             .adapters
@@ -238,8 +286,7 @@ impl<B: Backend> Projection<B> {
                     input = input * v.ia3_l.val().reshape([1, d_in]);
                 }
             }
-            let bias = self.base.bias.as_ref().map(|b| b.val());
-            let mut y = dense(&input, &self.base.weight.val(), bias.as_ref());
+            let mut y = self.base_rows(&input);
             for lora in unmerged.iter().filter_map(|a| a.lora.as_ref()) {
                 y = y + lora.forward_rows(rows.clone());
             }
@@ -303,17 +350,45 @@ impl<B: Backend> Projection<B> {
 
     /// The plain layer with the active adapters folded in (`merge_and_unload` for this layer);
     /// the active `modules_to_save` copy replaces it.
-    pub fn merged_base(mut self) -> Linear<B> {
+    pub fn merged_base(self) -> Linear<B> {
+        let layer = self.unloaded();
+        match &layer.quantized {
+            Some(q) => Linear {
+                weight: Param::initialized(
+                    layer.base.weight.id,
+                    q.weight_tensor(&layer.base.weight.lazy_device()),
+                ),
+                bias: layer.base.bias,
+            },
+            None => layer.base,
+        }
+    }
+
+    /// The layer without adapters, the active ones folded in (`merge_and_unload` for this
+    /// layer): a quantized base stays quantized (re-quantized with the update, as peft does),
+    /// and the active `modules_to_save` copy replaces the layer.
+    pub fn unloaded(mut self) -> Projection<B> {
         let copy = self
             .adapters
             .iter()
             .filter(|a| self.state.active.contains(&a.name))
             .find_map(|a| a.copy.clone());
-        if let Some(copy) = copy {
-            return copy;
-        }
-        self.merge();
-        self.base
+        let conv1d = self.conv1d;
+        let mut layer = match copy {
+            Some(copy) => Projection::new(copy),
+            None => {
+                self.merge();
+                Projection {
+                    base: self.base,
+                    quantized: self.quantized,
+                    adapters: Vec::new(),
+                    state: AdapterState::default(),
+                    conv1d,
+                }
+            }
+        };
+        layer.conv1d = conv1d;
+        layer
     }
 
     fn merge_one(&mut self, i: usize) {
@@ -328,7 +403,7 @@ impl<B: Backend> Projection<B> {
     fn apply_update(&mut self, i: usize, add: bool) {
         let a = &self.adapters[i];
         let [d_in, d_out] = self.dims();
-        let mut weight = self.base.weight.val().detach();
+        let mut weight = self.base_weight().detach();
         let mut bias = self.base.bias.as_ref().map(|b| b.val().detach());
         if let Some(lora) = &a.lora {
             let delta = lora.delta_weight().detach();
@@ -345,7 +420,17 @@ impl<B: Backend> Projection<B> {
                 bias = bias.map(|b| b * l);
             }
         }
-        self.base.weight = replace_value(&self.base.weight, weight);
+        match &self.quantized {
+            // peft re-quantizes a merged 4-bit / int8 weight in the same format.
+            Some(q) => {
+                let values = weight
+                    .into_data()
+                    .into_vec::<f32>()
+                    .expect("a float weight reads as f32");
+                self.quantized = Some(q.requantize(&values));
+            }
+            None => self.base.weight = replace_value(&self.base.weight, weight),
+        }
         if let (Some(param), Some(b)) = (&self.base.bias, bias) {
             self.base.bias = Some(replace_value(param, b));
         }

@@ -332,14 +332,11 @@ impl<B: Backend, M: AdaptableModel<B>> PeftModel<B, M> {
         struct Unload(bool);
         impl<B: Backend> LayerVisitor<B> for Unload {
             fn projection(&mut self, _: &str, layer: &mut Projection<B>) {
-                let conv1d = layer.conv1d;
                 let mut taken = std::mem::replace(layer, placeholder_projection(layer));
                 if !self.0 {
                     taken.state.active.clear();
                 }
-                let base = taken.merged_base();
-                *layer = Projection::new(base);
-                layer.conv1d = conv1d;
+                *layer = taken.unloaded();
             }
             fn embedding(&mut self, _: &str, layer: &mut TokenEmbedding<B>) {
                 let mut taken = std::mem::replace(layer, placeholder_embedding(layer));
@@ -671,7 +668,9 @@ pub fn named_modules<B: Backend, M: AdaptableModel<B>>(model: &M) -> Vec<ModuleI
 }
 
 fn placeholder_projection<B: Backend>(layer: &Projection<B>) -> Projection<B> {
-    Projection::new(layer.base.clone())
+    let mut p = Projection::new(layer.base.clone());
+    p.quantized = layer.quantized.clone();
+    p
 }
 
 fn placeholder_embedding<B: Backend>(layer: &TokenEmbedding<B>) -> TokenEmbedding<B> {
@@ -694,13 +693,6 @@ pub(crate) fn wrapper_of(path: &str, entries: &[String]) -> Option<String> {
 /// A copy of `param` under a new id, taking gradients.
 fn fresh_copy<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
     Param::initialized(ParamId::new(), param.val().detach().require_grad())
-}
-
-fn copy_linear<B: Backend>(l: &burn::nn::Linear<B>) -> burn::nn::Linear<B> {
-    burn::nn::Linear {
-        weight: fresh_copy(&l.weight),
-        bias: l.bias.as_ref().map(fresh_copy),
-    }
 }
 
 /// Adds one adapter to every layer its config selects (peft's `inject_adapter`).
@@ -888,7 +880,16 @@ impl Injector {
 impl<B: Backend> LayerVisitor<B> for Injector {
     fn projection(&mut self, path: &str, layer: &mut Projection<B>) {
         if self.saved(path) {
-            layer.adapter_mut(&self.name).copy = Some(copy_linear(&layer.base));
+            // A trained copy of a quantized layer is a float layer (peft copies the module; a
+            // 4-bit copy could not train).
+            let copy = burn::nn::Linear {
+                weight: Param::initialized(
+                    ParamId::new(),
+                    layer.base_weight().detach().require_grad(),
+                ),
+                bias: layer.base.bias.as_ref().map(fresh_copy),
+            };
+            layer.adapter_mut(&self.name).copy = Some(copy);
             return;
         }
         if !self.selects(path) {
@@ -1295,7 +1296,19 @@ impl<B: Backend> LayerVisitor<B> for ParamLister {
         } else {
             p.clone()
         };
-        self.push(format!("{base}.weight"), &layer.base.weight);
+        match &layer.quantized {
+            // peft counts a 4-bit parameter as the weights it packs (`Params4bit` numel x 2).
+            Some(q) => {
+                let [d_in, d_out] = q.dims();
+                self.params.push(PeftParam {
+                    name: format!("{base}.weight"),
+                    id: layer.base.weight.id,
+                    shape: vec![d_in, d_out],
+                    trainable: false,
+                });
+            }
+            None => self.push(format!("{base}.weight"), &layer.base.weight),
+        }
         if let Some(b) = &layer.base.bias {
             self.push(format!("{base}.bias"), b);
         }

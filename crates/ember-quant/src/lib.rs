@@ -31,6 +31,7 @@ pub mod code;
 pub mod config;
 mod error;
 pub mod int8;
+mod kernels;
 pub mod linear;
 pub mod matrix;
 pub mod serialize;

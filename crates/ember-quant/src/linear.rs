@@ -13,7 +13,7 @@ use crate::int8::{int8_vectorwise_quant, round_f16, Int8Weight, INV_127};
 /// The constant of bitsandbytes' `int8_mm_dequant`: `6.200124e-05`, a Python float cast to
 /// float32. It is close to, but not, `1 / 127^2 = 6.2000124e-05` (1.8e-5 relatively larger),
 /// and the products carry that factor.
-const MM_DEQUANT_SCALE: f32 = 6.200124e-05_f64 as f32;
+pub(crate) const MM_DEQUANT_SCALE: f32 = 6.200124e-05_f64 as f32;
 
 /// Checks `x` (`rows x in_features`), `bias` (`out_features`) and the output size.
 fn check_io(

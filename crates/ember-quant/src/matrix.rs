@@ -12,9 +12,9 @@
 //! 4-bit products compute in `bnb_4bit_compute_dtype` ([`ComputeDtype`]); int8 products follow
 //! `Linear8bitLt` (LLM.int8 with the outlier threshold).
 
-use crate::blockwise::dequantize_4bit;
 use crate::error::{QuantError, Result};
 use crate::int8::INV_127;
+use crate::kernels::{self, Isa};
 use crate::serialize::QuantizedWeight;
 
 /// The dtype a 4-bit product computes in (`bnb_4bit_compute_dtype`).
@@ -62,7 +62,11 @@ impl QuantizedLinear {
     ///
     /// [`QuantError::InvalidShape`] for a 4-bit weight of another rank, or any error of the
     /// weight's own checks (lengths of codes and scales).
-    pub fn new(weight: QuantizedWeight, compute_dtype: ComputeDtype, threshold: f32) -> Result<Self> {
+    pub fn new(
+        weight: QuantizedWeight,
+        compute_dtype: ComputeDtype,
+        threshold: f32,
+    ) -> Result<Self> {
         match &weight {
             QuantizedWeight::FourBit(p) => {
                 if p.state.shape.len() != 2 {
@@ -116,12 +120,11 @@ impl QuantizedLinear {
     }
 
     /// The weight in float32, `[out_features, in_features]` row-major (the fallback on
-    /// backends without these kernels, and merging adapters into the base).
+    /// backends without these kernels, and merging adapters into the base). A 4-bit weight
+    /// gives exactly `dequantize_4bit`'s values.
     pub fn dequantize(&self) -> Vec<f32> {
         match &self.weight {
-            QuantizedWeight::FourBit(p) => {
-                dequantize_4bit(p).expect("the weight was validated when it was wrapped")
-            }
+            QuantizedWeight::FourBit(p) => kernels::dequantize_4bit(Isa::detect(), p),
             QuantizedWeight::EightBit(w) => w
                 .codes
                 .chunks(w.in_features.max(1))
@@ -136,6 +139,10 @@ impl QuantizedLinear {
 
     /// `out += x · Wᵀ` for `x: [rows, in_features]` and `out: [rows, out_features]`.
     ///
+    /// A 4-bit weight is read packed: up to a few rows through a GEMV that dequantizes in
+    /// registers, more rows by dequantizing tiles of the weight into a float32 GEMM. An int8
+    /// weight computes LLM.int8 bit for bit as [`crate::int8_linear`] (without a bias).
+    ///
     /// # Panics
     ///
     /// If the slice lengths do not fit `rows` and the weight's shape (a caller bug).
@@ -143,49 +150,35 @@ impl QuantizedLinear {
         let (n_out, n_in) = (self.out_features(), self.in_features());
         assert_eq!(x.len(), rows * n_in, "x must be [rows, in_features]");
         assert_eq!(out.len(), rows * n_out, "out must be [rows, out_features]");
-        if let QuantizedWeight::EightBit(w) = &self.weight {
-            let y = crate::linear::int8_linear(x, rows, w, None, self.threshold)
-                .expect("lengths were checked above");
-            out.iter_mut().zip(y).for_each(|(o, v)| *o += v);
-            return;
-        }
-        let bf16 = self.compute_dtype == ComputeDtype::Bf16;
-        let round = |v: f32| if bf16 { round_bf16(v) } else { v };
-        let w: Vec<f32> = self.dequantize().into_iter().map(round).collect();
-        for r in 0..rows {
-            let xr: Vec<f32> = x[r * n_in..(r + 1) * n_in].iter().map(|&v| round(v)).collect();
-            for o in 0..n_out {
-                let wr = &w[o * n_in..(o + 1) * n_in];
-                let dot: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-                out[r * n_out + o] += round(dot);
-            }
-        }
+        kernels::forward(Isa::detect(), self, x, rows, out);
     }
 
     /// `grad_in += grad_out · W` for `grad_out: [rows, out_features]` and
-    /// `grad_in: [rows, in_features]`: the input's gradient through the frozen weight.
+    /// `grad_in: [rows, in_features]`: the input's gradient through the frozen weight (the
+    /// float32 dequantized weight, whatever the compute dtype), by tiles of the weight
+    /// dequantized into a float32 GEMM.
     ///
     /// # Panics
     ///
     /// If the slice lengths do not fit `rows` and the weight's shape (a caller bug).
     pub fn backward_input(&self, grad_out: &[f32], rows: usize, grad_in: &mut [f32]) {
         let (n_out, n_in) = (self.out_features(), self.in_features());
-        assert_eq!(grad_out.len(), rows * n_out, "grad_out must be [rows, out_features]");
-        assert_eq!(grad_in.len(), rows * n_in, "grad_in must be [rows, in_features]");
-        let w = self.dequantize();
-        for r in 0..rows {
-            for o in 0..n_out {
-                let g = grad_out[r * n_out + o];
-                let wr = &w[o * n_in..(o + 1) * n_in];
-                for (gi, wv) in grad_in[r * n_in..(r + 1) * n_in].iter_mut().zip(wr) {
-                    *gi += g * wv;
-                }
-            }
-        }
+        assert_eq!(
+            grad_out.len(),
+            rows * n_out,
+            "grad_out must be [rows, out_features]"
+        );
+        assert_eq!(
+            grad_in.len(),
+            rows * n_in,
+            "grad_in must be [rows, in_features]"
+        );
+        kernels::backward_input(Isa::detect(), self, grad_out, rows, grad_in);
     }
 }
 
 /// Rounds to the nearest bfloat16 (ties to even), kept as float32.
+#[inline]
 pub(crate) fn round_bf16(v: f32) -> f32 {
     half::bf16::from_f32(v).to_f32()
 }
