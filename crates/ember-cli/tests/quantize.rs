@@ -85,3 +85,83 @@ fn quantize_needs_a_format() {
     assert!(!ok);
     assert!(err.contains("--load-in-4bit"), "{err}");
 }
+
+/// QLoRA from the command line: LoRA trained on the NF4 tiny Llama (`ember train
+/// --load-in-4bit ... --peft`), only the adapter saved, generation with the quantized base and
+/// the adapter; a quantized model without `--peft` is refused, as transformers' Trainer does.
+#[test]
+fn qlora_trains_an_adapter_on_the_4bit_base() {
+    use common::{losses, model_folder, train, write_alpaca, write_args};
+    use serde_json::{json, Value};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path(), "tiny-llama-gqa", None);
+    let data = tmp.path().join("rows.json");
+    write_alpaca(&data, 16);
+    let args = tmp.path().join("args.json");
+    write_args(&args, json!({"num_train_epochs": 3}));
+    let peft = tmp.path().join("lora.json");
+    std::fs::write(
+        &peft,
+        json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16,
+               "target_modules": ["q_proj", "v_proj", "down_proj"]})
+        .to_string(),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let quant = [
+        "--load-in-4bit",
+        "--bnb-4bit-quant-type",
+        "nf4",
+        "--bnb-4bit-use-double-quant",
+    ];
+    let base_args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--args",
+        args.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    let (lines, _) = train(&[&base_args[..], &quant, &["--peft", peft.to_str().unwrap()]].concat());
+    let l = losses(&lines);
+    assert!(l.len() >= 10 && l.iter().all(|x| x.is_finite()), "{l:?}");
+    assert!(
+        l.last().unwrap() < l.first().unwrap(),
+        "the adapter learns: {l:?}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(
+        !out.join("model.safetensors").exists(),
+        "only the adapter is saved"
+    );
+
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ];
+        args.extend_from_slice(&quant);
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = ember(&args, "Human: say hello.\n\nAssistant: ");
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()["generated_ids"].clone()
+    };
+    assert_ne!(
+        generate(&[]),
+        generate(&["--adapter", out.to_str().unwrap()]),
+        "the trained adapter changes the greedy continuation"
+    );
+
+    let mut cmd = vec!["train"];
+    cmd.extend_from_slice(&base_args);
+    cmd.extend_from_slice(&quant);
+    let (ok, _, err) = ember(&cmd, "");
+    assert!(!ok);
+    assert!(err.contains("--peft"), "{err}");
+}
