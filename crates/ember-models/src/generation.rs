@@ -42,6 +42,10 @@ pub struct GenerationConfig {
     /// `max_new_tokens`: how many tokens to add (takes precedence over `max_length`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_new_tokens: Option<usize>,
+    /// `min_new_tokens` (0): EOS ids are not chosen before a row has this many new tokens (HF's
+    /// `MinNewTokensLengthLogitsProcessor` sets their scores to -inf).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_new_tokens: usize,
     /// `do_sample` (false): sample instead of greedy decoding.
     #[serde(default)]
     pub do_sample: bool,
@@ -438,6 +442,13 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
                 pad
             } else {
                 let mut scores = scores.to_vec();
+                if new_tokens[row].len() < config.min_new_tokens {
+                    for &id in &eos {
+                        if let Some(s) = scores.get_mut(id as usize) {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
                 penalize_repetition(&mut scores, &sequences[row], config.repetition_penalty);
                 let token = if config.do_sample {
                     sample(&mut scores, config, &mut rng)
@@ -553,6 +564,11 @@ fn sample(scores: &mut [f32], config: &GenerationConfig, rng: &mut StdRng) -> u3
         draw -= w;
     }
     kept[kept.len() - 1] as u32
+}
+
+/// Whether a count is zero (so it is left out of a saved config, as HF leaves defaults).
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]
