@@ -15,7 +15,15 @@ With `--prompt-tuning` or `--prefix-tuning`, three steps of the
 batch 8, seq 256; skipped, saying so, without SmolLM2): rows
 `memory/{prompt,prefix}_smollm2_train_step_b8_s256`.
 
+With `--generate`, the `quant/smollm2_*_generate_b1_p16_n64` workload instead: SmolLM2 loaded
+in float32 or, with `--nf4` / `--int8`, through bitsandbytes 0.50 (`BitsAndBytesConfig(
+load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=torch.float32)` / `load_in_8bit=True`, `eval()`), then 64 greedy new
+tokens after the 16-token bench prompt; rows `memory/generate_{f32,nf4,int8}_smollm2_b1_p16_n64`
+(Rust: `... --example generate_memory [-- --nf4 | --int8]`).
+
     python xtask/bench/memory_bench.py SHARED_DIR [--lora | --prompt-tuning | --prefix-tuning]
+    python xtask/bench/memory_bench.py SHARED_DIR --generate [--nf4 | --int8]
 """
 
 import json
@@ -66,7 +74,39 @@ def smollm2_prompt_learning(prefix):
     return f"memory/{kind}_smollm2_train_step_b8_s256"
 
 
+def smollm2_generate(kind):
+    """64 greedy tokens of SmolLM2 in f32 / NF4 / int8; the row's name, or None without it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = os.environ.get("EMBER_SMOLLM2",
+                          os.path.expanduser("~/.cache/ember/models/SmolLM2-135M-Instruct"))
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        print(f"SKIP: no SmolLM2 at {path}", file=sys.stderr)
+        return None
+    quantization = {
+        "f32": None,
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+    }[kind]
+    kwargs = {} if quantization is None else {"quantization_config": quantization}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
+                                                 **kwargs).eval()
+    # The bench rows' prompt: ids 100 + 37·t modulo 40,000; EOS ignored (min_new_tokens).
+    ids = torch.tensor([[(100 + 37 * t) % 40000 for t in range(16)]])
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,
+                       do_sample=False, pad_token_id=model.config.eos_token_id)
+    return f"memory/generate_{kind}_smollm2_b1_p16_n64"
+
+
 def main():
+    if "--generate" in sys.argv[1:]:
+        kind = "nf4" if "--nf4" in sys.argv[1:] else "int8" if "--int8" in sys.argv[1:] else "f32"
+        name = smollm2_generate(kind)
+        if name:
+            print(json.dumps({"bench": name, "peak_rss_mib": peak_rss_mib()}), flush=True)
+        return
     for flag, prefix in (("--prompt-tuning", False), ("--prefix-tuning", True)):
         if flag in sys.argv[1:]:
             name = smollm2_prompt_learning(prefix)

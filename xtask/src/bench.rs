@@ -59,6 +59,14 @@ const PAIRS: &[Pair] = &[
         script: "peft_bench.py",
         unit: "sequences",
     },
+    // SmolLM2 generation in f32, NF4 and LLM.int8 beside transformers + bitsandbytes; the
+    // llama.cpp row (`quant/smollm2_llamacpp_q4_1_*`, the Q4_1 GGUF) is the reference's alone.
+    Pair {
+        package: "ember-models",
+        bench: "quant",
+        script: "quant_bench.py",
+        unit: "tokens",
+    },
 ];
 
 /// The unit of a row's throughput: its pair's, but tokens for decoding rows.
@@ -105,7 +113,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     for round in 0..rounds {
         if with_memory {
             eprintln!(
-                "round {}/{rounds}: peak memory of the training step",
+                "round {}/{rounds}: peak memory of the training steps and generation",
                 round + 1
             );
             measure_memory(root, python.as_deref(), &shared, &mut memory)?;
@@ -183,8 +191,9 @@ type Memory = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
 
 /// Runs the peak-memory probes (`ember-models`' `train_step_memory` example and
 /// `xtask/bench/memory_bench.py`), each in a fresh process, for full fine-tuning, LoRA
-/// (`--lora`), and SmolLM2 prompt and prefix tuning (`--prompt-tuning`, `--prefix-tuning`),
-/// and records their `peak_rss_mib`.
+/// (`--lora`), and SmolLM2 prompt and prefix tuning (`--prompt-tuning`, `--prefix-tuning`);
+/// then SmolLM2 generation in f32, NF4 and int8 (the `generate_memory` example beside
+/// `memory_bench.py --generate`, with `--nf4` / `--int8`); and records their `peak_rss_mib`.
 fn measure_memory(
     root: &Path,
     python: Option<&Path>,
@@ -219,6 +228,31 @@ fn measure_memory(
                 .arg(shared)
                 .args(extra);
             record_memory(reference, "memory_bench.py", memory, true)?;
+        }
+    }
+    for quant in [None, Some("--nf4"), Some("--int8")] {
+        let mut ember = Command::new(&cargo);
+        ember.current_dir(root).args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "ember-models",
+            "--example",
+            "generate_memory",
+        ]);
+        if let Some(flag) = quant {
+            ember.args(["--", flag]);
+        }
+        record_memory(ember, "generate_memory", memory, false)?;
+        if let Some(py) = python {
+            let mut reference = Command::new(py);
+            reference
+                .arg(root.join("xtask/bench/memory_bench.py"))
+                .arg(shared)
+                .arg("--generate")
+                .args(quant);
+            record_memory(reference, "memory_bench.py --generate", memory, true)?;
         }
     }
     Ok(())

@@ -348,9 +348,9 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
                     // bitsandbytes quantizes `[out, in]`; transformers transposes a `Conv1D`
                     // weight first.
                     let hf = if layer.conv1d {
-                        transposed(values, d_in, d_out)
+                        transposed(&values, d_in, d_out)
                     } else {
-                        values.to_vec()
+                        values.into_owned()
                     };
                     Some(plan.quantize(&found, &hf, d_out, d_in)?)
                 }

@@ -4,9 +4,11 @@
 
 use crate::error::{ModelError, Result};
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The weight file names HF looks for in a checkpoint folder, in its order of preference.
@@ -17,14 +19,28 @@ pub const WEIGHT_FILES: [&str; 4] = [
     "pytorch_model.bin.index.json",
 ];
 
-/// One tensor of a checkpoint, as f32 values in row-major order; the packed codes of a
-/// bitsandbytes checkpoint (U8, I8) are kept as their bytes instead.
+/// One tensor of a checkpoint.
 struct Entry {
     shape: Vec<usize>,
-    values: Vec<f32>,
-    /// The bytes of an integer tensor that is not converted to f32 (`values` is then empty).
-    raw: Option<(Dtype, Vec<u8>)>,
+    data: Data,
     file: PathBuf,
+}
+
+/// Where a tensor's values are.
+enum Data {
+    /// Read and converted to f32 when the file was opened (`pytorch_model.bin`).
+    Values(Vec<f32>),
+    /// Kept as the file's bytes: the packed codes (U8, I8) and the float scales of a
+    /// bitsandbytes checkpoint, which `ember_quant` reads as they are.
+    Raw(Dtype, Vec<u8>),
+    /// Still in the safetensors file, at this byte range: read (and converted to f32) when a
+    /// parameter asks for it, so that loading never holds the whole file and the whole model at
+    /// once (nor, when quantizing while loading, every float weight).
+    InFile {
+        dtype: Dtype,
+        start: u64,
+        len: usize,
+    },
 }
 
 /// All tensors of a checkpoint, keyed as in the files. Remembers which keys were read, so that
@@ -131,16 +147,23 @@ impl Weights {
     }
 
     /// The f32 values at `key` (row-major), checked against `shape`.
-    pub fn values(&self, key: &str, shape: &[usize]) -> Result<&[f32]> {
+    pub fn values(&self, key: &str, shape: &[usize]) -> Result<Cow<'_, [f32]>> {
         let entry = self.checked(key, shape)?;
-        if let Some((dtype, _)) = &entry.raw {
-            return Err(ModelError::Dtype {
+        match &entry.data {
+            Data::Values(values) => Ok(Cow::Borrowed(values)),
+            Data::Raw(Dtype::F32, bytes) => {
+                Ok(Cow::Owned(to_f32(key, Dtype::F32, bytes, &entry.file)?))
+            }
+            Data::Raw(dtype, _) => Err(ModelError::Dtype {
                 key: key.to_owned(),
                 dtype: format!("{dtype:?}"),
                 path: entry.file.clone(),
-            });
+            }),
+            Data::InFile { dtype, start, len } => {
+                let bytes = read_range(&entry.file, *start, *len)?;
+                Ok(Cow::Owned(to_f32(key, *dtype, &bytes, &entry.file)?))
+            }
         }
-        Ok(&entry.values)
     }
 
     /// The tensor at `key` as dtype, shape and little-endian bytes (f32 tensors as f32, packed
@@ -148,17 +171,19 @@ impl Weights {
     pub fn tensor_ref(&self, key: &str) -> Option<ember_quant::TensorRef<'_>> {
         let entry = self.entries.get(key)?;
         self.used.borrow_mut().insert(key.to_owned());
-        Some(match &entry.raw {
-            Some((dtype, bytes)) => ember_quant::TensorRef {
+        Some(match &entry.data {
+            Data::Raw(dtype, bytes) => ember_quant::TensorRef {
                 dtype: *dtype,
                 shape: entry.shape.clone(),
                 data: bytes,
             },
-            None => ember_quant::TensorRef {
+            Data::Values(values) => ember_quant::TensorRef {
                 dtype: Dtype::F32,
                 shape: entry.shape.clone(),
-                data: f32_bytes(&entry.values),
+                data: f32_bytes(values),
             },
+            // Not a packed weight nor one of its scales (those are read when the file opens).
+            Data::InFile { .. } => return None,
         })
     }
 
@@ -169,11 +194,8 @@ impl Weights {
         shape: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>> {
-        let values = self.values(key, &shape)?;
-        Ok(Tensor::from_data(
-            TensorData::new(values.to_vec(), shape),
-            device,
-        ))
+        let values = self.values(key, &shape)?.into_owned();
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
 
     /// The 2-D tensor at `key` (stored `[rows, cols]`, checked against `shape`), transposed to
@@ -237,67 +259,148 @@ fn read_file(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()> {
 }
 
 fn read_safetensors(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+    let io = |source| ModelError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
+    };
+    let bad = |message: String| ModelError::Weights {
         path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    for (key, view) in tensors.tensors() {
-        let data = view.data();
-        // The packed codes of a bitsandbytes checkpoint: kept as bytes for `ember_quant`.
-        if matches!(view.dtype(), Dtype::U8 | Dtype::I8) {
-            entries.insert(
-                key,
-                Entry {
-                    shape: view.shape().to_vec(),
-                    values: Vec::new(),
-                    raw: Some((view.dtype(), data.to_vec())),
-                    file: path.to_owned(),
-                },
-            );
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    // The header: 8 bytes of length, then JSON naming every tensor's dtype, shape and byte
+    // range in the data that follows. Only the header is read here.
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|e| bad(format!("no safetensors header: {e}")))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(bad(format!(
+            "safetensors header of {n} bytes does not fit the file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header: {e}")))?;
+    let data_start = 8 + n;
+    for (key, info) in header {
+        if key == "__metadata__" {
             continue;
         }
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            // Integer buffers (`position_ids`) are not parameters; keep them so they can be
-            // reported as unused like any other key.
-            Dtype::I64 => data
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            other => {
-                return Err(ModelError::Dtype {
-                    key,
-                    dtype: format!("{other:?}"),
-                    path: path.to_owned(),
-                })
-            }
+        let parsed: HeaderEntry = serde_json::from_value(info)
+            .map_err(|e| bad(format!("tensor `{key}` in the header: {e}")))?;
+        let dtype = parse_dtype(&parsed.dtype).ok_or_else(|| ModelError::Dtype {
+            key: key.clone(),
+            dtype: parsed.dtype.clone(),
+            path: path.to_owned(),
+        })?;
+        let [begin, end] = parsed.data_offsets;
+        let count: usize = parsed.shape.iter().product();
+        if end < begin
+            || data_start + end > file_len
+            || (end - begin) as usize != count * dtype.bitsize() / 8
+        {
+            return Err(bad(format!(
+                "tensor `{key}`: bytes {begin}..{end} do not hold {count} {dtype:?} values in the file"
+            )));
+        }
+        let (start, len) = (data_start + begin, (end - begin) as usize);
+        let data = if matches!(dtype, Dtype::U8 | Dtype::I8) || is_quant_scale(&key) {
+            // Packed codes and their (small) scales are read now, as `ember_quant` borrows them.
+            Data::Raw(dtype, read_range(path, start, len)?)
+        } else {
+            Data::InFile { dtype, start, len }
         };
         entries.insert(
             key,
             Entry {
-                shape: view.shape().to_vec(),
-                values,
-                raw: None,
+                shape: parsed.shape,
+                data,
                 file: path.to_owned(),
             },
         );
     }
     Ok(())
+}
+
+/// One tensor of a safetensors header.
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The dtypes Ember reads (floats, and integer buffers such as `position_ids`).
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    Some(match name {
+        "F32" => Dtype::F32,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        "I64" => Dtype::I64,
+        "U8" => Dtype::U8,
+        "I8" => Dtype::I8,
+        _ => return None,
+    })
+}
+
+/// Whether `key` is one of the float companions of a bitsandbytes weight.
+fn is_quant_scale(key: &str) -> bool {
+    [
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "SCB",
+    ]
+    .iter()
+    .any(|s| key == *s || key.ends_with(&format!(".{s}")))
+}
+
+/// `len` bytes of `path` from byte `start`.
+fn read_range(path: &Path, start: u64, len: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, start).map_err(io)?;
+    Ok(bytes)
+}
+
+/// The f32 values of a float (or I64 buffer) tensor's little-endian bytes.
+fn to_f32(key: &str, dtype: Dtype, data: &[u8], path: &Path) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        // Integer buffers (`position_ids`) are not parameters; they read as floats so that they
+        // can be reported as unused like any other key.
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        other => {
+            return Err(ModelError::Dtype {
+                key: key.to_owned(),
+                dtype: format!("{other:?}"),
+                path: path.to_owned(),
+            })
+        }
+    })
 }
 
 fn read_pytorch(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()> {
@@ -332,8 +435,7 @@ fn read_pytorch(path: &Path, entries: &mut BTreeMap<String, Entry>) -> Result<()
             key,
             Entry {
                 shape,
-                values,
-                raw: None,
+                data: Data::Values(values),
                 file: path.to_owned(),
             },
         );

@@ -65,7 +65,7 @@ fn f32_linear(w: &[f32], x: &[f32], rows: usize, n_out: usize, n_in: usize, out:
 }
 
 fn gemv(c: &mut Criterion) {
-    let mut g = c.benchmark_group("quant");
+    let mut g = c.benchmark_group("quant_kernels");
     for (n_out, n_in) in [(1536, 576), (576, 1536)] {
         let l = nf4(n_out, n_in);
         let x = values(n_in, 2);
