@@ -159,6 +159,13 @@ impl Weights {
                 dtype: format!("{dtype:?}"),
                 path: entry.file.clone(),
             }),
+            // f32 straight into its buffer: no second copy of the largest tensors (an
+            // embedding table) at the peak of a load.
+            Data::InFile {
+                dtype: Dtype::F32,
+                start,
+                len,
+            } => Ok(Cow::Owned(read_f32(&entry.file, *start, *len)?)),
             Data::InFile { dtype, start, len } => {
                 let bytes = read_range(&entry.file, *start, *len)?;
                 Ok(Cow::Owned(to_f32(key, *dtype, &bytes, &entry.file)?))
@@ -370,6 +377,25 @@ fn read_range(path: &Path, start: u64, len: usize) -> Result<Vec<u8>> {
     let mut bytes = vec![0u8; len];
     file.read_exact_at(&mut bytes, start).map_err(io)?;
     Ok(bytes)
+}
+
+/// `len` bytes of `path` from byte `start` as little-endian f32 values, read into their buffer.
+fn read_f32(path: &Path, start: u64, len: usize) -> Result<Vec<f32>> {
+    use std::os::unix::fs::FileExt;
+    let io = |source| ModelError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut values = vec![0f32; len / 4];
+    // SAFETY: the byte view covers exactly the values' memory (any bytes are a valid f32) and
+    // is dropped before `values` is used again; on a little-endian machine (the only kind
+    // `f32_bytes` compiles for) the file's bytes are the values.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4)
+    };
+    file.read_exact_at(bytes, start).map_err(io)?;
+    Ok(values)
 }
 
 /// The f32 values of a float (or I64 buffer) tensor's little-endian bytes.
