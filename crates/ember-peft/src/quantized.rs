@@ -129,10 +129,8 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// The stand-in for the float weight of a quantized layer: an empty `[0, 0]` tensor under the
 /// old parameter id, frozen, so that nothing holds (or trains) a float copy.
 pub(crate) fn empty_weight<B: Backend>(param: &Param<Tensor<B, 2>>) -> Param<Tensor<B, 2>> {
-    let device = param.lazy_device();
-    let mut p = Param::initialized(param.id, Tensor::<B, 2>::empty([0, 0], &device));
-    p = p.set_require_grad(false);
-    p
+    let empty = Tensor::<B, 2>::empty([0, 0], &param.lazy_device());
+    Param::initialized(param.id, empty).set_require_grad(false)
 }
 
 /// peft's `prepare_model_for_kbit_training`: freezes every parameter of a quantized model

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::scales::Weight4;
@@ -194,25 +194,12 @@ pub(crate) fn forward<S: TileSource>(
                 // SAFETY: `tmp` is `rows x nt`, `x` is `rows x n_in`, the tile `nt x n_in`
                 // (read transposed: column stride `n_in`); the strides describe exactly those.
                 unsafe {
-                    gemm(
-                        rows,
-                        nt,
-                        n_in,
-                        tmp.as_mut_ptr(),
-                        1,
-                        nt as isize,
+                    product(
+                        [rows, nt, n_in],
+                        (tmp.as_mut_ptr(), nt as isize),
                         false,
-                        x.as_ptr(),
-                        1,
-                        n_in as isize,
-                        tile.as_ptr(),
-                        n_in as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        (x.as_ptr(), n_in as isize),
+                        (tile.as_ptr(), n_in as isize, 1),
                         inner,
                     );
                 }
@@ -228,25 +215,12 @@ pub(crate) fn forward<S: TileSource>(
                 // SAFETY: the destination is columns `o0..o1` of `out` (`rows x n_out`, row
                 // stride `n_out`), written by this tile alone; inputs as above.
                 unsafe {
-                    gemm(
-                        rows,
-                        nt,
-                        n_in,
-                        dst.get().add(o0),
-                        1,
-                        n_out as isize,
+                    product(
+                        [rows, nt, n_in],
+                        (dst.get().add(o0), n_out as isize),
                         true,
-                        x.as_ptr(),
-                        1,
-                        n_in as isize,
-                        tile.as_ptr(),
-                        n_in as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        (x.as_ptr(), n_in as isize),
+                        (tile.as_ptr(), n_in as isize, 1),
                         inner,
                     );
                 }
@@ -291,25 +265,12 @@ pub(crate) fn backward<S: TileSource>(src: &S, grad_out: &[f32], rows: usize, gr
             // SAFETY: the destination is columns `c0..c1` of `grad_in` (`rows x n_in`), written
             // by this slab alone; `grad_out` is `rows x n_out`, the slab `n_out x width`.
             unsafe {
-                gemm(
-                    rows,
-                    width,
-                    n_out,
-                    dst.get().add(c0),
-                    1,
-                    n_in as isize,
+                product(
+                    [rows, width, n_out],
+                    (dst.get().add(c0), n_in as isize),
                     true,
-                    grad_out.as_ptr(),
-                    1,
-                    n_out as isize,
-                    slab.as_ptr(),
-                    1,
-                    width as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    (grad_out.as_ptr(), n_out as isize),
+                    (slab.as_ptr(), 1, width as isize),
                     inner,
                 );
             }
@@ -335,4 +296,46 @@ pub(crate) fn dequantize(isa: Isa, w: &Weight4) -> Vec<f32> {
         .enumerate()
         .for_each(|(i, c)| dequant_range(isa, w, i * chunk, c, false));
     out
+}
+
+/// `dst (+)= lhs · rhs` for `lhs: [m, k]` with contiguous rows `lhs.1` apart and `rhs: [k, n]`
+/// read through its strides (`rhs.1` between columns, `rhs.2` between rows): one `gemm` call
+/// (alpha 1, beta 1; `dst`, rows `dst.1` apart, is read first only when `accumulate`).
+///
+/// # Safety
+///
+/// Every element the strides reach lies inside its buffer, and the `m x n` elements of `dst`
+/// belong to the calling task alone.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, isize),
+    accumulate: bool,
+    lhs: (*const f32, isize),
+    rhs: (*const f32, isize, isize),
+    parallelism: Parallelism,
+) {
+    // SAFETY: as the caller guarantees; `gemm` does not read `dst` unless `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            dst.1,
+            accumulate,
+            lhs.0,
+            1,
+            lhs.1,
+            rhs.0,
+            rhs.1,
+            rhs.2,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
 }
