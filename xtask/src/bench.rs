@@ -207,19 +207,7 @@ fn measure_memory(
         Some("--prompt-tuning"),
         Some("--prefix-tuning"),
     ] {
-        let mut ember = Command::new(&cargo);
-        ember.current_dir(root).args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "ember-models",
-            "--example",
-            "train_step_memory",
-        ]);
-        if let Some(flag) = extra {
-            ember.args(["--", flag]);
-        }
+        let ember = memory_example(&cargo, root, "train_step_memory", extra);
         record_memory(ember, "train_step_memory", memory, false)?;
         if let Some(py) = python {
             let mut reference = Command::new(py);
@@ -231,19 +219,7 @@ fn measure_memory(
         }
     }
     for quant in [None, Some("--nf4"), Some("--int8")] {
-        let mut ember = Command::new(&cargo);
-        ember.current_dir(root).args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "ember-models",
-            "--example",
-            "generate_memory",
-        ]);
-        if let Some(flag) = quant {
-            ember.args(["--", flag]);
-        }
+        let ember = memory_example(&cargo, root, "generate_memory", quant);
         record_memory(ember, "generate_memory", memory, false)?;
         if let Some(py) = python {
             let mut reference = Command::new(py);
@@ -259,6 +235,24 @@ fn measure_memory(
 }
 
 /// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to Ember's or
+/// `cargo run --release` of one of ember-models' peak-memory examples, with its flag.
+fn memory_example(cargo: &str, root: &Path, example: &str, flag: Option<&str>) -> Command {
+    let mut command = Command::new(cargo);
+    command.current_dir(root).args([
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "ember-models",
+        "--example",
+        example,
+    ]);
+    if let Some(flag) = flag {
+        command.args(["--", flag]);
+    }
+    command
+}
+
 /// (`reference`) the reference's column.
 fn record_memory(
     mut command: Command,

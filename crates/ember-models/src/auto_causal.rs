@@ -9,7 +9,7 @@ use crate::gpt2::{GPT2Config, GPT2LMHeadModel};
 use crate::llama::{LlamaConfig, LlamaForCausalLM};
 use crate::params::{NameCollector, NamedParam, StableIds, StateDict, VisitParams};
 use crate::pretrained::{
-    load_weights_into, save_files, state_dict, FromPretrainedOptions, LoadReport, NamedParams,
+    last_param_name, load_weights_into, save_files, state_dict, FromPretrainedOptions, LoadReport,
     WeightSource,
 };
 use crate::quantize::default_skips;
@@ -60,7 +60,7 @@ macro_rules! causal_pretrained {
                 let mut value = config_value(dir, options)?;
                 let config = $config::from_json_value(value.clone(), &path)?;
                 let plan = options.quant_plan(&value, &path, || {
-                    let last = Self::new(&config, device).ok().and_then(NamedParams::last);
+                    let last = Self::new(&config, device).ok().and_then(last_param_name);
                     default_skips(Some("lm_head"), last.as_deref())
                 })?;
                 if let (Some(plan), Some(object)) = (&plan, value.as_object_mut()) {

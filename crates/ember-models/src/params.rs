@@ -348,7 +348,7 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
                     // bitsandbytes quantizes `[out, in]`; transformers transposes a `Conv1D`
                     // weight first.
                     let hf = if layer.conv1d {
-                        transposed(&values, d_in, d_out)
+                        crate::weights::transposed(&values, d_in, d_out)
                     } else {
                         values.into_owned()
                     };
@@ -714,14 +714,3 @@ macro_rules! adaptable {
     };
 }
 pub(crate) use adaptable;
-
-/// `[rows, cols]` row-major to `[cols, rows]`.
-fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; values.len()];
-    for (r, row) in values.chunks_exact(cols.max(1)).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            out[c * rows + r] = *v;
-        }
-    }
-    out
-}

@@ -183,7 +183,7 @@ fn load<B: Backend, M: VisitParams<B>>(
     let weights = Weights::from_dir(dir)?;
     let config_json = serde_json::to_value(&config).expect("a config serializes");
     let plan = options.quant_plan(&config_json, &path, || {
-        let last = NamedParams::last(build(&config));
+        let last = last_param_name(build(&config));
         default_skips(None, last.as_deref())
     })?;
     if let Some(plan) = &plan {
@@ -221,16 +221,12 @@ pub(crate) struct WeightSource<'a> {
     pub quant: Option<&'a QuantPlan>,
 }
 
-/// The name of a model's last parameter (transformers skips its module when quantizing).
-pub(crate) struct NamedParams;
-
-impl NamedParams {
-    /// The HF key of the last parameter `model` visits.
-    pub(crate) fn last<B: Backend, M: VisitParams<B>>(model: M) -> Option<String> {
-        let mut names = NameCollector::default();
-        model.visit("", &mut names).ok()?;
-        names.params.pop().map(|p| p.name)
-    }
+/// The HF key of the last parameter `model` visits (transformers skips its module when
+/// quantizing).
+pub(crate) fn last_param_name<B: Backend, M: VisitParams<B>>(model: M) -> Option<String> {
+    let mut names = NameCollector::default();
+    model.visit("", &mut names).ok()?;
+    names.params.pop().map(|p| p.name)
 }
 
 /// Replaces every parameter of `model` with the checkpoint's tensor at its HF key, and reports

@@ -217,17 +217,22 @@ impl Weights {
     ) -> Result<Tensor<B, 2>> {
         let [rows, cols] = shape;
         let values = self.values(key, &shape)?;
-        let mut out = vec![0f32; values.len()];
-        for (r, row) in values.chunks_exact(cols).enumerate() {
-            for (c, v) in row.iter().enumerate() {
-                out[c * rows + r] = *v;
-            }
-        }
         Ok(Tensor::from_data(
-            TensorData::new(out, [cols, rows]),
+            TensorData::new(transposed(&values, rows, cols), [cols, rows]),
             device,
         ))
     }
+}
+
+/// `[rows, cols]` row-major values as `[cols, rows]`.
+pub(crate) fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for (r, row) in values.chunks_exact(cols.max(1)).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            out[c * rows + r] = *v;
+        }
+    }
+    out
 }
 
 /// The shard file names an `*.index.json` lists in its `weight_map`.
@@ -400,19 +405,10 @@ fn read_f32(path: &Path, start: u64, len: usize) -> Result<Vec<f32>> {
 
 /// The f32 values of a float (or I64 buffer) tensor's little-endian bytes.
 fn to_f32(key: &str, dtype: Dtype, data: &[u8], path: &Path) -> Result<Vec<f32>> {
+    if let Some(values) = ember_peft::io::float_values(dtype, data) {
+        return Ok(values);
+    }
     Ok(match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
         // Integer buffers (`position_ids`) are not parameters; they read as floats so that they
         // can be reported as unused like any other key.
         Dtype::I64 => data

@@ -58,20 +58,9 @@ fn read_safetensors(path: &Path) -> Result<AdapterTensors> {
     let mut out = AdapterTensors::new();
     for (key, view) in tensors.tensors() {
         let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => return Err(bad(format!("tensor `{key}` has dtype {other:?}"))),
+        let Some(values) = float_values(view.dtype(), data) else {
+            let dtype = view.dtype();
+            return Err(bad(format!("tensor `{key}` has dtype {dtype:?}")));
         };
         out.insert(key, (view.shape().to_vec(), values));
     }
@@ -103,6 +92,26 @@ fn read_pytorch(path: &Path) -> Result<AdapterTensors> {
         out.insert(key, (shape, values));
     }
     Ok(out)
+}
+
+/// The f32 values of a float tensor's little-endian bytes (F32, F16 or BF16, as safetensors
+/// stores them); `None` for another dtype.
+pub fn float_values(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// Writes `tensors` as `dir/adapter_model.safetensors` (f32, `{"format": "pt"}` metadata).
