@@ -260,18 +260,17 @@ mod avx512 {
         y: &mut [f32],
     ) {
         let (n_in, bs) = (w.n_in, w.blocksize);
-        let step = if WIDE { 64 } else { 32 };
         let steps = n_in / 64;
-        let per_row = n_in / step;
-        scales.clear();
-        for k in 0..4 {
-            let b0 = (o + k) * n_in / bs;
-            scales.extend((0..per_row).map(|j| w.scales.get(b0 + j * step / bs)));
-        }
+        let blocks = n_in / bs;
+        // The four rows' blocks are consecutive: one pass decodes all their scales.
+        scales.resize(4 * blocks, 0.0);
+        w.scales.fill(o * blocks, scales);
+        // Step `j` (64 weights when WIDE, else 32 = one block) lies in block `j >> shift`.
+        let shift = if WIDE { bs.trailing_zeros() - 6 } else { 0 };
         // SAFETY: `w.code` is 16 floats.
         let code = unsafe { _mm512_loadu_ps(w.code.as_ptr()) };
         let lut = |k: usize, j: usize| {
-            let l = _mm512_mul_ps(code, _mm512_set1_ps(scales[k * per_row + j]));
+            let l = _mm512_mul_ps(code, _mm512_set1_ps(scales[k * blocks + (j >> shift)]));
             if BF16 {
                 round_bf16_v(l)
             } else {

@@ -47,6 +47,39 @@ impl Scales<'_> {
     }
 }
 
+impl Scales<'_> {
+    /// The absmax of blocks `b0..b0 + out.len()` into `out`, each as [`Scales::get`] computes
+    /// it, without a division or a call per block: the GEMV decodes a row's scales this way
+    /// before its hot loop.
+    pub(crate) fn fill(&self, b0: usize, out: &mut [f32]) {
+        match *self {
+            Scales::Plain(a) => out.copy_from_slice(&a[b0..b0 + out.len()]),
+            Scales::Nested {
+                codes,
+                nested_absmax,
+                offset,
+                nested_code,
+                nested_blocksize,
+                ..
+            } => {
+                let codes = &codes[b0..b0 + out.len()];
+                // Walk the nested groups the range crosses: one nested absmax per group.
+                let (mut b, mut done) = (b0, 0);
+                while done < out.len() {
+                    let group = b / nested_blocksize;
+                    let end = ((group + 1) * nested_blocksize - b0).min(out.len());
+                    let scale = nested_absmax[group];
+                    for (o, &c) in out[done..end].iter_mut().zip(&codes[done..end]) {
+                        *o = nested_code[c as usize] * scale + offset;
+                    }
+                    b = b0 + end;
+                    done = end;
+                }
+            }
+        }
+    }
+}
+
 /// What the 4-bit kernels read: the packed nibbles, the scales and the code.
 #[derive(Clone, Copy)]
 pub(crate) struct Weight4<'a> {

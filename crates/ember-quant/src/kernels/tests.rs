@@ -122,7 +122,7 @@ fn four_bit_forward_matches_the_reference_on_every_path() {
             (QuantType::Fp4, true, ComputeDtype::Bf16),
         ] {
             let l = layer4(n_out, n_in, bs, qt, nested, dtype);
-            for rows in [1, 2, 3, 5, 8, 9, 70] {
+            for rows in [1, 2, 3, 5, 8, 9, 16, 17, 70] {
                 let x = values(rows * n_in, rows as u64 + 3);
                 let init = values(rows * n_out, 99);
                 let mut want = init.clone();
@@ -314,6 +314,27 @@ fn vector_bf16_rounding_matches_half() {
                 "{isa:?} absmax {a}: {} vs {}",
                 got[0],
                 want[0]
+            );
+        }
+    }
+}
+
+#[test]
+fn scales_fill_equals_get_across_nested_groups() {
+    // 600 blocks of 32: the nested groups (256 blocks) end inside the ranges below.
+    let w = values(600 * 32, 11);
+    for nested in [false, true] {
+        let p = quantize_4bit(&w, &[600, 32], 32, QuantType::Nf4, nested).unwrap();
+        let w4 = Weight4::new(&p);
+        for (b0, len) in [(0, 600), (250, 10), (255, 258), (511, 1), (100, 0)] {
+            let mut got = vec![f32::NAN; len];
+            w4.scales.fill(b0, &mut got);
+            let want: Vec<f32> = (b0..b0 + len).map(|b| w4.scales.get(b)).collect();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "nested {nested}, blocks {b0}..{}",
+                b0 + len
             );
         }
     }
