@@ -55,6 +55,19 @@ pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
 pub use rotary::rotary;
 
+/// `t` in float32: a bfloat16 / float16 tensor (the weights of a half-precision model) is
+/// widened, which is exact; a float32 one is returned as it is. Half-precision models keep
+/// their weights in two bytes and compute in float32 (see `docs/half-precision.md`).
+pub fn float32<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> burn::tensor::Tensor<B, D> {
+    use burn::tensor::DType;
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.cast(DType::F32),
+        _ => t,
+    }
+}
+
 /// Whether the kernels of this crate run for backend `B` (Flex, f32 tensors).
 pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
     bridge::is_flex::<B>()

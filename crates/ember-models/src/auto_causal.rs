@@ -4,6 +4,7 @@
 use crate::bloom::{BloomConfig, BloomForCausalLM};
 use crate::causal::{CausalLm, CausalLmInput, CausalLmOutput};
 use crate::config::read_json;
+use crate::dtype::FloatDtype;
 use crate::error::{ModelError, Result};
 use crate::gpt2::{GPT2Config, GPT2LMHeadModel};
 use crate::llama::{LlamaConfig, LlamaForCausalLM};
@@ -66,6 +67,10 @@ macro_rules! causal_pretrained {
                 if let (Some(plan), Some(object)) = (&plan, value.as_object_mut()) {
                     object.insert("quantization_config".into(), plan.config.to_json_value());
                 }
+                let dtype = options.load_dtype(&value, &path)?;
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("dtype".into(), dtype.as_str().into());
+                }
                 let config = $config::from_json_value(value, &path)?;
                 let weights = Weights::from_dir(dir)?;
                 let model = Self::new(&config, device)?;
@@ -75,6 +80,7 @@ macro_rules! causal_pretrained {
                     optional: &[],
                     ignorable: is_ignorable_causal_key,
                     quant: plan.as_ref(),
+                    dtype,
                 };
                 load_weights_into(model, &source, options.ignore_mismatched_sizes, $class)
             }
@@ -84,7 +90,10 @@ macro_rules! causal_pretrained {
             pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
                 let mut config = self.config.clone();
                 config.architectures = Some(vec![$class.to_owned()]);
-                config.extra.entry("dtype").or_insert("float32".into());
+                config.extra.insert(
+                    "dtype".into(),
+                    crate::dtype::model_dtype(self).as_str().into(),
+                );
                 save_files(self, &config.to_json_string(), dir.as_ref())
             }
 
@@ -103,8 +112,36 @@ macro_rules! causal_pretrained {
                     optional: &[],
                     ignorable: is_ignorable_causal_key,
                     quant: None,
+                    dtype: crate::dtype::model_dtype(&self),
                 };
                 Ok(load_weights_into(self, &source, false, $class)?.0)
+            }
+
+            /// The dtype of the weights (`model.dtype`).
+            pub fn dtype(&self) -> FloatDtype {
+                crate::dtype::model_dtype(self)
+            }
+
+            /// Every float parameter converted to `dtype`, as `model.to(dtype)`; converting
+            /// to float16 refuses a weight beyond its range with an error naming it.
+            /// Quantized layers keep their packed weights.
+            pub fn to_dtype(self, dtype: FloatDtype) -> Result<Self> {
+                self.visit("", &mut crate::dtype::Caster { dtype })
+            }
+
+            /// `model.half()`: float16 weights.
+            pub fn half(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::Float16)
+            }
+
+            /// `model.bfloat16()`: bfloat16 weights.
+            pub fn bfloat16(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::BFloat16)
+            }
+
+            /// `model.float()`: float32 weights.
+            pub fn float(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::Float32)
             }
 
             /// Gives every parameter an id derived from its HF name (stable across processes).
@@ -211,6 +248,20 @@ impl<B: Backend> AnyCausalLm<B> {
     /// Every parameter's HF name and burn id.
     pub fn named_parameters(&self) -> Vec<NamedParam> {
         each_model!(self, m => m.named_parameters())
+    }
+
+    /// The dtype of the weights (`model.dtype`).
+    pub fn dtype(&self) -> FloatDtype {
+        each_model!(self, m => m.dtype())
+    }
+
+    /// Every float parameter converted to `dtype` (see each model's `to_dtype`).
+    pub fn to_dtype(self, dtype: FloatDtype) -> Result<Self> {
+        Ok(match self {
+            Self::Llama(m) => Self::Llama(m.to_dtype(dtype)?),
+            Self::Bloom(m) => Self::Bloom(m.to_dtype(dtype)?),
+            Self::Gpt2(m) => Self::Gpt2(m.to_dtype(dtype)?),
+        })
     }
 }
 

@@ -352,7 +352,7 @@ impl<B: Backend> BloomBlock<B> {
         alibi: Tensor<B, 4>,
         past: Option<LayerKv<B>>,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
-        let normed = self.input_layernorm.forward(x.clone());
+        let normed = crate::params::layer_norm_f32(&self.input_layernorm, x.clone());
         let residual = if self.post_layernorm_residual {
             normed.clone()
         } else {
@@ -360,7 +360,7 @@ impl<B: Backend> BloomBlock<B> {
         };
         let (attended, kv) = self.self_attention.forward(normed, mask, alibi, past);
         let x = apply_dropout(&self.hidden_dropout, attended) + residual;
-        let normed = self.post_attention_layernorm.forward(x.clone());
+        let normed = crate::params::layer_norm_f32(&self.post_attention_layernorm, x.clone());
         let residual = if self.post_layernorm_residual {
             normed.clone()
         } else {
@@ -446,7 +446,7 @@ impl<B: Backend> BloomForCausalLM<B> {
         let mask = padding_mask(attention_mask.as_ref(), seq)?
             .map(|m| m.expand([batch, heads, seq, total]));
         let alibi = alibi_bias(attention_mask.as_ref(), heads, [batch, seq, total], &device);
-        let mut x = self.transformer.word_embeddings_layernorm.forward(x);
+        let mut x = crate::params::layer_norm_f32(&self.transformer.word_embeddings_layernorm, x);
         let mut past_layers = past.map(|p| p.layers.into_iter());
         let mut cache = Vec::with_capacity(self.transformer.h.len());
         for block in &self.transformer.h {
@@ -455,7 +455,7 @@ impl<B: Backend> BloomForCausalLM<B> {
             x = out;
             cache.push(kv);
         }
-        let x = self.transformer.ln_f.forward(x);
+        let x = crate::params::layer_norm_f32(&self.transformer.ln_f, x);
         Ok(causal_output(
             x,
             logits_to_keep,

@@ -340,7 +340,8 @@ pub(crate) fn tied_logits<B: Backend>(
     embedding: &TokenEmbedding<B>,
 ) -> Tensor<B, 3> {
     let [batch, seq, hidden] = x.dims();
-    let weight = embedding.base.weight.val();
+    // A half-precision table is widened for the product (the model computes in float32).
+    let weight = ember_kernels::float32(embedding.base.weight.val());
     let vocab = weight.dims()[0];
     let rows = x.reshape([batch * seq, hidden]);
     // The kernel reads the table's rows in place; burn's matmul on the transposed view runs

@@ -76,6 +76,14 @@ pub enum ModelError {
         /// The dtype.
         dtype: String,
     },
+    /// A weight too large for float16 (it would become infinity).
+    #[error("tensor `{key}` holds {value}, beyond float16's largest value 65504: keep this model in bfloat16 or float32")]
+    Fp16Overflow {
+        /// The HF key.
+        key: String,
+        /// The largest magnitude found.
+        value: f32,
+    },
     /// An input the model cannot take (ids beyond the vocabulary, a sequence too long).
     #[error("invalid input: {0}")]
     Input(String),

@@ -391,12 +391,17 @@ impl<B: Backend> GPT2Block<B> {
         mask: Option<Tensor<B, 4, Bool>>,
         past: Option<LayerKv<B>>,
     ) -> (Tensor<B, 3>, LayerKv<B>) {
-        let (attended, kv) = self.attn.forward(self.ln_1.forward(x.clone()), mask, past);
+        let (attended, kv) = self.attn.forward(
+            crate::params::layer_norm_f32(&self.ln_1, x.clone()),
+            mask,
+            past,
+        );
         let x = x + attended;
         let m = &self.mlp;
-        let inner = m
-            .activation
-            .forward(m.c_fc.forward(self.ln_2.forward(x.clone())));
+        let inner = m.activation.forward(
+            m.c_fc
+                .forward(crate::params::layer_norm_f32(&self.ln_2, x.clone())),
+        );
         (x + apply_dropout(&m.dropout, m.c_proj.forward(inner)), kv)
     }
 }
@@ -506,7 +511,7 @@ impl<B: Backend> GPT2LMHeadModel<B> {
             x = out;
             cache.push(kv);
         }
-        let x = self.transformer.ln_f.forward(x);
+        let x = crate::params::layer_norm_f32(&self.transformer.ln_f, x);
         Ok(causal_output(
             x,
             logits_to_keep,

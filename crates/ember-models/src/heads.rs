@@ -385,13 +385,14 @@ impl<B: Backend> BertForMaskedLM<B> {
         let x = self
             .activation
             .forward(self.transform.forward(out.last_hidden_state));
-        let x = self.transform_layer_norm.forward(x);
+        let x = crate::params::layer_norm_f32(&self.transform_layer_norm, x);
         // The decoder is the word embedding table, transposed (tied weights).
-        let table = self.base_model.embeddings.word_embeddings.base.weight.val();
+        let table =
+            ember_kernels::float32(self.base_model.embeddings.word_embeddings.base.weight.val());
         let [batch, seq, hidden] = x.dims();
         let vocab = table.dims()[0];
         let logits = (x.reshape([batch * seq, hidden]).matmul(table.transpose())
-            + self.decoder_bias.val().unsqueeze_dim(0))
+            + ember_kernels::float32(self.decoder_bias.val()).unsqueeze_dim(0))
         .reshape([batch, seq, vocab]);
         let loss = labels.map(|l| token_loss(logits.clone(), l)).transpose()?;
         Ok(TokenLogitsOutput {

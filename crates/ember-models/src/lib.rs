@@ -50,6 +50,7 @@ mod bloom;
 pub mod causal;
 mod config;
 mod decoder_attention;
+mod dtype;
 mod error;
 pub mod generation;
 mod gpt2;
@@ -76,6 +77,7 @@ pub use bloom::{
 };
 pub use causal::{CausalLm, CausalLmInput, CausalLmOutput, KvCache, LayerKv};
 pub use config::{BertConfig, RobertaConfig, SUPPORTED_ACTIVATIONS};
+pub use dtype::{DtypeArg, FloatDtype, F16_MAX};
 pub use error::{ModelError, Result};
 pub use gpt2::{
     GPT2Attention, GPT2Block, GPT2Config, GPT2LMHeadModel, GPT2Mlp, GPT2Model, GPT2_ACTIVATIONS,

@@ -5,6 +5,7 @@
 //! gets it back (replaced when loading, unchanged when saving). Parameters are created lazily,
 //! so a loaded model never draws the random values it replaces.
 
+use crate::dtype::{cast_tensor, param_dtype, Caster, FloatDtype};
 use crate::error::{ModelError, Result};
 use crate::quantize::QuantPlan;
 use crate::weights::Weights;
@@ -136,14 +137,42 @@ pub(crate) fn layer_norm<B: Backend>(
     x: Tensor<B, 3>,
     residual: Option<Tensor<B, 3>>,
 ) -> Tensor<B, 3> {
-    let beta = ln.beta.as_ref().map(|b| b.val());
-    ember_kernels::layer_norm(&x, residual.as_ref(), &ln.gamma.val(), beta.as_ref(), eps)
-        .unwrap_or_else(|| {
-            ln.forward(match residual {
+    // Half-precision parameters compute in float32.
+    let beta = ln.beta.as_ref().map(|b| ember_kernels::float32(b.val()));
+    let gamma = ember_kernels::float32(ln.gamma.val());
+    ember_kernels::layer_norm(&x, residual.as_ref(), &gamma, beta.as_ref(), eps).unwrap_or_else(
+        || {
+            let x = match residual {
                 Some(r) => x + r,
                 None => x,
-            })
-        })
+            };
+            // burn's LayerNorm, with the float32 parameters.
+            let mean = x.clone().mean_dim(2);
+            let centered = x - mean;
+            let var = centered.clone().square().mean_dim(2);
+            let y = centered / (var + eps).sqrt();
+            let y = y * gamma.unsqueeze_dims::<3>(&[0, 1]);
+            match beta {
+                Some(b) => y + b.unsqueeze_dims::<3>(&[0, 1]),
+                None => y,
+            }
+        },
+    )
+}
+
+/// burn's `LayerNorm` forward, its parameters widened to float32 when the model is in half
+/// precision (the models compute in float32).
+pub(crate) fn layer_norm_f32<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    if ln.gamma.val().dtype() == burn::tensor::DType::F32 {
+        return ln.forward(x);
+    }
+    let mut widened = ln.clone();
+    widened.gamma = Param::initialized(ln.gamma.id, ember_kernels::float32(ln.gamma.val()));
+    widened.beta = ln
+        .beta
+        .as_ref()
+        .map(|b| Param::initialized(b.id, ember_kernels::float32(b.val())));
+    widened.forward(x)
 }
 
 /// `RMSNorm(x)` (HF's `LlamaRMSNorm`), in one pass per row where the fused kernel applies.
@@ -151,7 +180,12 @@ pub(crate) fn apply_rms_norm<B: Backend>(
     norm: &burn::nn::RmsNorm<B>,
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    ember_kernels::rms_norm(&x, &norm.gamma.val(), norm.epsilon).unwrap_or_else(|| norm.forward(x))
+    let gamma = ember_kernels::float32(norm.gamma.val());
+    ember_kernels::rms_norm(&x, &gamma, norm.epsilon).unwrap_or_else(|| {
+        // burn's RmsNorm, with the float32 weight.
+        let rms = (x.clone().square().mean_dim(2) + norm.epsilon).sqrt();
+        (x / rms) * gamma.unsqueeze_dims::<3>(&[0, 1])
+    })
 }
 
 /// HF's initialisation: a `[d_in → d_out]` linear layer with weights from N(0, std) and zero
@@ -241,6 +275,8 @@ pub(crate) struct Loader<'a> {
     pub quant: Option<&'a QuantPlan>,
     /// The packed weights of a quantized checkpoint.
     pub layout: QuantizedLayout,
+    /// The dtype every float parameter is converted to (weights read, and fresh ones).
+    pub dtype: FloatDtype,
 }
 
 impl<'a> Loader<'a> {
@@ -372,9 +408,13 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
                 let t = self
                     .weights
                     .get::<B, 1>(&found, shape, &param.lazy_device())?;
+                let t = cast_tensor(t, self.dtype, &found)?;
                 Ok(Param::initialized(param.id, t.require_grad()))
             }
-            None => self.keep(key, param),
+            None => {
+                let param = self.keep(key, param)?;
+                Caster { dtype: self.dtype }.visit1(key, param)
+            }
         }
     }
 
@@ -397,9 +437,13 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
                 } else {
                     self.weights.get::<B, 2>(&found, file_shape, &device)?
                 };
+                let t = cast_tensor(t, self.dtype, &found)?;
                 Ok(Param::initialized(param.id, t.require_grad()))
             }
-            None => self.keep(key, param),
+            None => {
+                let param = self.keep(key, param)?;
+                Caster { dtype: self.dtype }.visit2(key, param, transposed)
+            }
         }
     }
 }
@@ -474,7 +518,7 @@ struct ByteCounter {
 
 impl<B: Backend> ParamVisitor<B> for ByteCounter {
     fn visit1(&mut self, _: &str, param: Param<Tensor<B, 1>>) -> Result<Param<Tensor<B, 1>>> {
-        self.bytes += 4 * param.lazy_shape().num_elements();
+        self.bytes += element_size(&param) * param.lazy_shape().num_elements();
         Ok(param)
     }
 
@@ -484,7 +528,7 @@ impl<B: Backend> ParamVisitor<B> for ByteCounter {
         param: Param<Tensor<B, 2>>,
         _: bool,
     ) -> Result<Param<Tensor<B, 2>>> {
-        self.bytes += 4 * param.lazy_shape().num_elements();
+        self.bytes += element_size(&param) * param.lazy_shape().num_elements();
         Ok(param)
     }
 
@@ -498,6 +542,11 @@ impl<B: Backend> ParamVisitor<B> for ByteCounter {
         }
         visit_projection(self, key, layer)
     }
+}
+
+/// Bytes per value of a parameter, as torch's `element_size()`.
+fn element_size<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> usize {
+    param_dtype(param).map_or(4, FloatDtype::size)
 }
 
 /// The bytes of a model's parameters as PyTorch counts them (float32, packed weights as their
@@ -545,11 +594,20 @@ pub(crate) struct Collector {
     pub tensors: StateDict,
     /// The packed tensors of quantized layers, in bitsandbytes' serialization.
     pub packed: Vec<(String, SavedTensor)>,
+    /// The dtype of each tensor that is not float32 (bfloat16 / float16 models), to write it
+    /// back in its own dtype.
+    pub dtypes: BTreeMap<String, FloatDtype>,
 }
 
 impl Collector {
     fn push(&mut self, key: &str, data: TensorData) -> Result<()> {
         let shape = data.shape.to_vec();
+        match FloatDtype::of(data.dtype) {
+            Some(FloatDtype::Float32) | None => {}
+            Some(half) => {
+                self.dtypes.insert(key.to_owned(), half);
+            }
+        }
         let values = data.convert::<f32>().into_vec::<f32>().map_err(|e| {
             ModelError::Input(format!("parameter `{key}` cannot be read as f32: {e:?}"))
         })?;
@@ -601,24 +659,42 @@ impl<B: Backend> ParamVisitor<B> for Collector {
 pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &StateDict,
+    dtypes: &BTreeMap<String, FloatDtype>,
     packed: &[(String, SavedTensor)],
 ) -> Result<()> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = tensors
         .iter()
         .map(|(k, (shape, values))| {
-            (
-                k.clone(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                shape.clone(),
-            )
+            // Half-precision values came from half-precision tensors: converting them back
+            // is exact.
+            let (data, dtype) = match dtypes.get(k).copied().unwrap_or_default() {
+                FloatDtype::Float32 => (
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    safetensors::Dtype::F32,
+                ),
+                FloatDtype::BFloat16 => (
+                    values
+                        .iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    safetensors::Dtype::BF16,
+                ),
+                FloatDtype::Float16 => (
+                    values
+                        .iter()
+                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    safetensors::Dtype::F16,
+                ),
+            };
+            (k.clone(), data, shape.clone(), dtype)
         })
         .collect();
     let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
-        .map(|(k, data, shape)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map_err(|e| ModelError::Input(format!("tensor `{k}`: {e}")))?;
+        .map(|(k, data, shape, dtype)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data)
+                .map_err(|e| ModelError::Input(format!("tensor `{k}`: {e}")))?;
             Ok((k.clone(), view))
         })
         .collect::<Result<_>>()?;

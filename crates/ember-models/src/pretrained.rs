@@ -3,6 +3,7 @@
 
 use crate::bert::BertModel;
 use crate::config::BertConfig;
+use crate::dtype::{DtypeArg, FloatDtype};
 use crate::error::{ModelError, Result};
 use crate::heads::{
     is_ignorable_key, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification,
@@ -39,9 +40,31 @@ pub struct FromPretrainedOptions {
     /// `quantization_config=`: quantize the linear layers while loading (bitsandbytes int8 or
     /// 4-bit). A folder saved quantized loads quantized without it (its `config.json` says how).
     pub quantization_config: Option<BitsAndBytesConfig>,
+    /// `dtype=`: the float dtype to keep the weights in (`"auto"`: the checkpoint's
+    /// `config.json` says). Unset, weights load in float32, which is what transformers 4 did;
+    /// transformers 5 defaults to `"auto"`.
+    pub dtype: Option<DtypeArg>,
 }
 
 impl FromPretrainedOptions {
+    /// Sets `dtype` (a [`FloatDtype`] or [`DtypeArg::Auto`]).
+    pub fn dtype(mut self, dtype: impl Into<DtypeArg>) -> Self {
+        self.dtype = Some(dtype.into());
+        self
+    }
+
+    /// The dtype to load in, given `config.json` (read at `path`).
+    pub(crate) fn load_dtype(
+        &self,
+        config_json: &serde_json::Value,
+        path: &Path,
+    ) -> Result<FloatDtype> {
+        match self.dtype {
+            None => Ok(FloatDtype::Float32),
+            Some(arg) => arg.resolve(config_json, path),
+        }
+    }
+
     /// Sets `num_labels`.
     pub fn num_labels(mut self, n: usize) -> Self {
         self.num_labels = Some(n);
@@ -191,6 +214,8 @@ fn load<B: Backend, M: VisitParams<B>>(
             .extra
             .insert("quantization_config".into(), plan.config.to_json_value());
     }
+    let dtype = options.load_dtype(&config_json, &path)?;
+    config.extra.insert("dtype".into(), dtype.as_str().into());
     let model = build(&config);
     let base_prefix = if is_head {
         config.base_model_prefix()
@@ -203,6 +228,7 @@ fn load<B: Backend, M: VisitParams<B>>(
         optional: &["pooler."],
         ignorable: is_ignorable_key,
         quant: plan.as_ref(),
+        dtype,
     };
     load_weights_into(model, &source, options.ignore_mismatched_sizes, class)
 }
@@ -219,6 +245,8 @@ pub(crate) struct WeightSource<'a> {
     pub ignorable: fn(&str) -> bool,
     /// Quantize while loading, and how packed weights of the checkpoint compute.
     pub quant: Option<&'a QuantPlan>,
+    /// The dtype every float parameter is kept in.
+    pub dtype: FloatDtype,
 }
 
 /// The HF key of the last parameter `model` visits (transformers skips its module when
@@ -254,6 +282,7 @@ pub(crate) fn load_weights_into<B: Backend, M: VisitParams<B>>(
         mismatched: Vec::new(),
         quant: source.quant,
         layout,
+        dtype: source.dtype,
     };
     let model = model.visit("", &mut loader)?;
     // Every companion (absmax, quant_map, SCB, ...) belongs to a packed weight just read.
@@ -299,7 +328,10 @@ fn save<B: Backend, M: VisitParams<B> + Clone>(
 ) -> Result<()> {
     let mut config = config.clone();
     config.architectures = Some(vec![class.to_owned()]);
-    config.extra.entry("dtype").or_insert("float32".into());
+    config.extra.insert(
+        "dtype".into(),
+        crate::dtype::model_dtype(model).as_str().into(),
+    );
     save_files(model, &config.to_json_string(), dir)
 }
 
@@ -318,6 +350,7 @@ pub(crate) fn save_files<B: Backend, M: VisitParams<B> + Clone>(
     write_safetensors(
         &dir.join("model.safetensors"),
         &collector.tensors,
+        &collector.dtypes,
         &collector.packed,
     )?;
     write_atomic(&dir.join("config.json"), config_json.as_bytes())
@@ -384,8 +417,36 @@ macro_rules! pretrained {
                     mismatched: Vec::new(),
                     quant: None,
                     layout: Default::default(),
+                    dtype: crate::dtype::model_dtype(&self),
                 };
                 self.visit("", &mut loader)
+            }
+
+            /// The dtype of the weights (`model.dtype`).
+            pub fn dtype(&self) -> FloatDtype {
+                crate::dtype::model_dtype(self)
+            }
+
+            /// Every float parameter converted to `dtype`, as `model.to(dtype)`; converting
+            /// to float16 refuses a weight beyond its range with an error naming it.
+            /// Quantized layers keep their packed weights.
+            pub fn to_dtype(self, dtype: FloatDtype) -> Result<Self> {
+                self.visit("", &mut crate::dtype::Caster { dtype })
+            }
+
+            /// `model.half()`: float16 weights.
+            pub fn half(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::Float16)
+            }
+
+            /// `model.bfloat16()`: bfloat16 weights.
+            pub fn bfloat16(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::BFloat16)
+            }
+
+            /// `model.float()`: float32 weights.
+            pub fn float(self) -> Result<Self> {
+                self.to_dtype(FloatDtype::Float32)
             }
 
             /// Gives every parameter an id derived from its HF name, the same in every process,

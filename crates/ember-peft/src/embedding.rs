@@ -140,7 +140,8 @@ impl<B: Backend> TokenEmbedding<B> {
         ids: Tensor<B, 2, Int>,
         lookup: impl FnOnce(&Embedding<B>, Tensor<B, 2, Int>) -> Tensor<B, 3>,
     ) -> Tensor<B, 3> {
-        let mut y = lookup(self.table(), ids.clone());
+        // A half-precision table gives its rows in float32 (exact), the dtype models compute in.
+        let mut y = ember_kernels::float32(lookup(self.table(), ids.clone()));
         for a in &self.adapters {
             if let Some(lora) = a.lora.as_ref().filter(|_| self.state.applies(&a.name)) {
                 y = y + lora.forward(ids.clone());

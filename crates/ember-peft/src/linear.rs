@@ -156,6 +156,10 @@ pub(crate) fn dense<B: Backend>(
     w: &Tensor<B, 2>,
     b: Option<&Tensor<B, 1>>,
 ) -> Tensor<B, 2> {
+    // A half-precision model's weights compute in float32.
+    let w = &ember_kernels::float32(w.clone());
+    let b = b.map(|b| ember_kernels::float32(b.clone()));
+    let b = b.as_ref();
     ember_kernels::linear(x, w, b).unwrap_or_else(|| {
         let y = x.clone().matmul(w.clone());
         match b {
@@ -237,7 +241,7 @@ impl<B: Backend> Projection<B> {
             Some(q) => {
                 let y = q.forward_rows(x);
                 match bias {
-                    Some(b) => y + b.unsqueeze_dim(0),
+                    Some(b) => y + ember_kernels::float32(b).unsqueeze_dim(0),
                     None => y,
                 }
             }
@@ -283,7 +287,7 @@ impl<B: Backend> Projection<B> {
             let mut input = rows.clone();
             for v in unmerged.iter().filter_map(|a| a.ia3.as_ref()) {
                 if v.feedforward {
-                    input = input * v.ia3_l.val().reshape([1, d_in]);
+                    input = input * ember_kernels::float32(v.ia3_l.val()).reshape([1, d_in]);
                 }
             }
             let mut y = self.base_rows(&input);
@@ -292,7 +296,7 @@ impl<B: Backend> Projection<B> {
             }
             for v in unmerged.iter().filter_map(|a| a.ia3.as_ref()) {
                 if !v.feedforward {
-                    y = y * v.ia3_l.val().reshape([1, d_out]);
+                    y = y * ember_kernels::float32(v.ia3_l.val()).reshape([1, d_out]);
                 }
             }
             y
