@@ -35,6 +35,7 @@ mod alloc;
 mod attention;
 mod bridge;
 mod dropout;
+mod dtype;
 mod frozen;
 mod linear;
 mod loss;
@@ -49,24 +50,12 @@ mod tracked;
 pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
 pub use dropout::dropout_mask;
+pub use dtype::{float32, to_half};
 pub use frozen::{frozen_linear, FrozenWeight};
 pub use linear::linear;
 pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
 pub use rotary::rotary;
-
-/// `t` in float32: a bfloat16 / float16 tensor (the weights of a half-precision model) is
-/// widened, which is exact; a float32 one is returned as it is. Half-precision models keep
-/// their weights in two bytes and compute in float32 (see `docs/half-precision.md`).
-pub fn float32<B: burn::tensor::backend::Backend, const D: usize>(
-    t: burn::tensor::Tensor<B, D>,
-) -> burn::tensor::Tensor<B, D> {
-    use burn::tensor::DType;
-    match t.dtype() {
-        DType::BF16 | DType::F16 => t.cast(DType::F32),
-        _ => t,
-    }
-}
 
 /// Whether the kernels of this crate run for backend `B` (Flex, f32 tensors).
 pub fn applies<B: burn::tensor::backend::Backend>() -> bool {

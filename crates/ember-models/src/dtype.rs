@@ -175,7 +175,12 @@ pub(crate) fn cast_tensor<B: Backend, const D: usize>(
             });
         }
     }
-    Ok(t.cast(dtype.burn()))
+    // Through float32 (exact), then rounded to nearest even as torch rounds.
+    let t = ember_kernels::float32(t);
+    Ok(match dtype {
+        FloatDtype::Float32 => t,
+        half => ember_kernels::to_half(t, half.burn()),
+    })
 }
 
 /// Converts every float parameter of a model to one dtype (`model.to(dtype)`). Quantized

@@ -117,3 +117,157 @@ fn half_forward_is_as_close_to_pytorch_half_as_pytorch_is_to_itself() {
         }
     }
 }
+
+/// Runs `check_half_saved.py` on a folder Ember saved; `None` without the reference Python.
+fn python_accepts(saved: &Path, reference: &Path, dtype: FloatDtype, class: &str) -> Option<bool> {
+    let python = ember_testkit::reference_python()?;
+    let status = std::process::Command::new(python)
+        .arg(half_fixtures().join("check_half_saved.py"))
+        .args([saved, reference])
+        .args([dtype.as_str(), class])
+        .status()
+        .unwrap();
+    Some(status.success())
+}
+
+#[test]
+fn converted_models_save_in_their_dtype_and_load_back_both_ways() {
+    let device = Default::default();
+    for dtype in [FloatDtype::BFloat16, FloatDtype::Float16] {
+        for (name, class) in [
+            ("tiny-llama-tied", "causal"),
+            ("tiny-gpt2", "causal"),
+            ("tiny-bert", "base"),
+        ] {
+            let dir = models().join(name);
+            let tmp = tempfile::tempdir().unwrap();
+            let (ids, mask) = {
+                let ids: Vec<i64> = (0..7).map(|t| 3 + 7 * t).collect();
+                (
+                    Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, 7]), &device),
+                    Tensor::<B, 2, Int>::ones([1, 7], &device),
+                )
+            };
+            // Converted after loading in float32 (`model.to(dtype)`), saved, then loaded with
+            // "auto": the same dtype and the same outputs, bit for bit.
+            let (before, after) = if class == "causal" {
+                let model = AutoModelForCausalLM::from_pretrained::<B>(&dir, &device)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                model.save_pretrained(tmp.path()).unwrap();
+                let options = FromPretrainedOptions::default().dtype(ember_models::DtypeArg::Auto);
+                let (back, _) =
+                    AutoModelForCausalLM::from_pretrained_with::<B>(tmp.path(), &options, &device)
+                        .unwrap();
+                assert_eq!(back.dtype(), dtype, "{name}");
+                assert_eq!(
+                    back.get_memory_footprint() * 2,
+                    AutoModelForCausalLM::from_pretrained::<B>(&dir, &device)
+                        .unwrap()
+                        .get_memory_footprint()
+                        + buffers_in_f32(name),
+                    "{name}: half the parameter bytes"
+                );
+                let run = |m: &ember_models::AnyCausalLm<B>| {
+                    m.forward(CausalLmInput::new(ids.clone()).with_attention_mask(mask.clone()))
+                        .unwrap()
+                        .logits
+                        .into_data()
+                };
+                (run(&model), run(&back))
+            } else {
+                let (model, _) = AutoModel::from_pretrained_with::<B>(
+                    &dir,
+                    &FromPretrainedOptions::default(),
+                    &device,
+                )
+                .unwrap();
+                let model = model.to_dtype(dtype).unwrap();
+                model.save_pretrained(tmp.path()).unwrap();
+                let options = FromPretrainedOptions::default().dtype(ember_models::DtypeArg::Auto);
+                let (back, _) =
+                    AutoModel::from_pretrained_with::<B>(tmp.path(), &options, &device).unwrap();
+                assert_eq!(back.dtype(), dtype, "{name}");
+                let run = |m: &ember_models::BertModel<B>| {
+                    m.forward(
+                        EncoderInput::new(ids.clone()).with_attention_mask(mask.clone()),
+                        Default::default(),
+                    )
+                    .unwrap()
+                    .last_hidden_state
+                    .into_data()
+                };
+                (run(&model), run(&back))
+            };
+            assert_eq!(before, after, "{name} {dtype}: reloaded outputs differ");
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(tmp.path().join("config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(config["dtype"], dtype.as_str());
+            if let Some(ok) = python_accepts(tmp.path(), &dir, dtype, class) {
+                assert!(
+                    ok,
+                    "{name} {dtype}: Python refused Ember's folder (see stdout)"
+                );
+            }
+        }
+    }
+}
+
+/// The float32 buffers `get_memory_footprint` counts beside the parameters (they stay float32
+/// in a half-precision model, as in transformers): Llama's two `inv_freq` copies.
+fn buffers_in_f32(name: &str) -> usize {
+    match name {
+        // head_dim 8: two buffers of 4 floats.
+        "tiny-llama-tied" => 2 * 4 * 4,
+        _ => 0,
+    }
+}
+
+#[test]
+fn float16_conversion_of_a_too_large_weight_is_a_typed_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let model =
+        AutoModelForCausalLM::from_pretrained::<B>(models().join("tiny-gpt2"), &device).unwrap();
+    model.save_pretrained(tmp.path()).unwrap();
+    // Scale one weight beyond float16's range in the saved file.
+    let path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.data().to_vec(), v.shape().to_vec()))
+        .collect();
+    let (_, data, _) = tensors
+        .iter_mut()
+        .find(|(k, _, _)| k.ends_with("h.0.mlp.c_fc.weight"))
+        .unwrap();
+    data[..4].copy_from_slice(&1.0e5f32.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, d, s)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let options = FromPretrainedOptions::default().dtype(FloatDtype::Float16);
+    let err = AutoModelForCausalLM::from_pretrained_with::<B>(tmp.path(), &options, &device)
+        .err()
+        .expect("float16 cannot hold 1e5")
+        .to_string();
+    assert!(
+        err.contains("h.0.mlp.c_fc.weight") && err.contains("65504"),
+        "{err}"
+    );
+    // bfloat16 holds it.
+    let options = FromPretrainedOptions::default().dtype(FloatDtype::BFloat16);
+    assert!(AutoModelForCausalLM::from_pretrained_with::<B>(tmp.path(), &options, &device).is_ok());
+}
