@@ -3,7 +3,8 @@
 and HF `generate`, greedy, 64 new tokens with EOS ignored (`min_new_tokens`), at batch 1 and 8,
 on the same ids as `crates/ember-models/benches/generation.rs`; then batch-1 `generate` again with
 the weights rounded to bf16 and computed in f32 (a checkpoint published in bf16, as SmolLM2's
-own is, loaded in f32). Prints one JSON line per case with the median seconds.
+own is, loaded in f32), and as a bfloat16 model (`model.to(torch.bfloat16)`: PyTorch computes in
+bf16). Prints one JSON line per case with the median seconds.
 
     python xtask/bench/generation_bench.py SHARED_DIR [--repeats N] [--smollm2 DIR]
 """
@@ -79,6 +80,16 @@ def main():
 
     print(json.dumps({"bench": f"generation/smollm2_bf16_weights_generate_b1_p{PROMPT}_n{NEW}",
                       "median_s": timed(gen_bf16, args.repeats), "items": NEW}), flush=True)
+    # A bfloat16 model (`dtype=torch.bfloat16`, or `.bfloat16()`): PyTorch computes in bf16.
+    model = model.to(torch.bfloat16)
+
+    def gen_bfloat16():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                  do_sample=False, pad_token_id=model.config.eos_token_id)
+
+    print(json.dumps({"bench": f"generation/smollm2_bfloat16_generate_b1_p{PROMPT}_n{NEW}",
+                      "median_s": timed(gen_bfloat16, args.repeats), "items": NEW}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 use crate::ptr::{Shared, SharedMut};
 use crate::{bridge, math, packed};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 use burn_flex::FlexTensor;
 
 /// Below this many multiply-adds a GEMM runs on the calling thread (Flex's own threshold).
@@ -24,14 +24,77 @@ pub fn linear<B: Backend>(
         return crate::tracked::linear(x, weight, bias);
     }
     let xf = bridge::flex(x)?;
-    let wf = bridge::flex(weight)?;
     let bf = bridge::optional_rows(bias)?;
+    let wf = match weight.dtype() {
+        DType::F32 => bridge::flex(weight)?,
+        // A half-precision model's weight: read in place for a few rows (decoding: half the
+        // bytes of float32), widened to float32 for a GEMM.
+        DType::BF16 | DType::F16 => {
+            let wh = bridge::float_primitive::<B, 2, FlexTensor>(weight)?;
+            if wh.dtype() == DType::BF16 {
+                if let Some(out) = linear_bf16_few_rows(&xf, &wh, bf.as_ref()) {
+                    return Some(bridge::wrap(out));
+                }
+            }
+            bridge::flex(&crate::float32(weight.clone()))?
+        }
+        _ => return None,
+    };
     Some(bridge::wrap(linear_flex(
         &xf,
         &wf,
         bf.as_ref(),
         Weights::Bf16Copies,
     )?))
+}
+
+/// [`linear`] for up to [`FEW_ROWS`] rows of `x` with a bfloat16 weight read where it lies
+/// (row- or column-major, any start offset); `None` for other shapes, which the caller
+/// widens.
+fn linear_bf16_few_rows(
+    xf: &FlexTensor,
+    wh: &FlexTensor,
+    bf: Option<&FlexTensor>,
+) -> Option<FlexTensor> {
+    let [m, k] = dims2(xf);
+    let [k2, n] = dims2(wh);
+    let (ls, rs) = (xf.layout().strides(), wh.layout().strides());
+    let lhs_rows = ls[1] == 1 || m == 1;
+    let layout_ok = rs[1] == 1 || (rs[0] == 1 && m <= 2);
+    if k != k2 || m > FEW_ROWS || m * k * n == 0 || !lhs_rows || !layout_ok {
+        return None;
+    }
+    if bf.is_some_and(|b| b.layout().num_elements() != n) {
+        return None;
+    }
+    let mut out: Vec<f32> = match bf {
+        Some(b) => bridge::contiguous(b)?.repeat(m),
+        None => vec![0.0; m * n],
+    };
+    let extent = if rs[1] == 1 {
+        (k - 1) * rs[0] as usize + n
+    } else {
+        (n - 1) * rs[1] as usize + k
+    };
+    let start = wh.layout().start_offset();
+    let bits: &[u16] =
+        bytemuck::cast_slice(&wh.storage::<burn::tensor::bf16>()[start..start + extent]);
+    let lhs = Shared::new(xf.storage::<f32>()[xf.layout().start_offset()..].as_ptr());
+    // SAFETY: `out` holds m · n initialised values; `lhs` rows are contiguous (or there is one
+    // row) within x's buffer; `bits` covers every weight element the strides reach; the f32
+    // weight pointer is never read when the bf16 bits are given.
+    unsafe {
+        few_rows(
+            SharedMut::new(out.as_mut_ptr()),
+            lhs,
+            ls[0],
+            (Shared::new(std::ptr::null()), Some(bits)),
+            rs,
+            [m, k, n],
+            rayon::current_num_threads(),
+        )
+    };
+    Some(bridge::from_vec(out, &[m, n]))
 }
 
 /// How a product with few rows may read its weight.
@@ -308,11 +371,12 @@ unsafe fn few_rows(
         // Row-major weight: the threads take contiguous blocks of its rows, so each streams
         // its memory front to back, and their partial sums are added at the end.
         let w_stride = rs[0] as usize;
-        // SAFETY: rows 0..k of the weight, n values each, `w_stride` apart.
-        let w = unsafe { std::slice::from_raw_parts(rhs.at(0), (k - 1) * w_stride + n) };
         let w: Weight = match packed {
             Some(p) => Weight::Bf16(p),
-            None => Weight::F32(w),
+            // SAFETY: rows 0..k of the weight, n values each, `w_stride` apart.
+            None => Weight::F32(unsafe {
+                std::slice::from_raw_parts(rhs.at(0), (k - 1) * w_stride + n)
+            }),
         };
         let block = k.div_ceil(parts);
         let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
@@ -387,6 +451,36 @@ mod tests {
     /// that scale, for outputs that cancel to near zero.
     fn tolerance() -> Tolerance<f32> {
         Tolerance::rel_abs(1e-5, 1e-4)
+    }
+
+    #[test]
+    fn bfloat16_weights_give_the_products_of_their_float32_values() {
+        let device = Default::default();
+        // A weight large enough to be split over the threads, and a small one.
+        for (k, n) in [(300, 520), (24, 40)] {
+            let w = crate::to_half(
+                Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device),
+                DType::BF16,
+            );
+            let b = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+            // Row-major, and a transposed (column-major) view as a tied table is read.
+            let wt = crate::to_half(
+                Tensor::<Flex, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device),
+                DType::BF16,
+            )
+            .transpose();
+            for rows in [1, 2, 3, 8, 9] {
+                let x =
+                    Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+                for (w, bias) in [(&w, Some(&b)), (&w, None), (&wt, None)] {
+                    let got = linear(&x, w, bias).unwrap();
+                    let want = linear(&x, &crate::float32(w.clone()), bias).unwrap();
+                    // The same products in the same order where the few-rows path runs.
+                    got.into_data()
+                        .assert_approx_eq(&want.into_data(), tolerance());
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! tensors): a checkpoint published in bf16, as SmolLM2's own is, loaded in f32. The kernels then
 //! decode from bf16 copies of the weights (`ember_kernels::linear`), whose bound is
 //! `bandwidth_bound_bf16_b1`, half the bytes.
+//!
+//! `smollm2_bfloat16_generate_b1_p16_n64` is a bfloat16 model (`dtype=torch.bfloat16`): its
+//! weights are bfloat16 tensors, read in place by the decoding products; its bound is
+//! `bandwidth_bound_bf16_b1` too. The Python row beside it is PyTorch's own bf16 model.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
@@ -138,6 +142,24 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 generate(
                     &rounded,
+                    &prompt,
+                    &config,
+                    GenerateOptions::default(),
+                    &device,
+                )
+                .unwrap()
+            })
+        },
+    );
+    // A bfloat16 model (`dtype=torch.bfloat16`; converting the rounded model is exact): the
+    // weights in two bytes, computed in f32.
+    let bfloat16 = rounded.clone().bfloat16().unwrap();
+    group.bench_function(
+        format!("smollm2_bfloat16_generate_b1_p{PROMPT}_n{NEW}"),
+        |b| {
+            b.iter(|| {
+                generate(
+                    &bfloat16,
                     &prompt,
                     &config,
                     GenerateOptions::default(),

@@ -1,7 +1,8 @@
 //! Peak resident memory of quantized generation: SmolLM2-135M-Instruct (skipped, saying so,
 //! when absent) loaded in f32, or with `--nf4` (`BitsAndBytesConfig::new_4bit(Nf4, double
 //! quant, "float32")`) or `--int8` (`new_8bit()`, LLM.int8), then 64 greedy new tokens after the
-//! 16-token prompt of the `quant/smollm2_*_generate_b1_p16_n64` rows, EOS ignored. Prints one
+//! 16-token prompt of the `quant/smollm2_*_generate_b1_p16_n64` rows, EOS ignored; `--bf16`
+//! loads the weights in bfloat16 (`dtype=torch.bfloat16`). Prints one
 //! JSON line with the process's peak resident set (`VmHWM` of `/proc/self/status`, Linux only),
 //! row `memory/generate_{f32,nf4,int8}_smollm2_b1_p16_n64`, which `cargo xtask bench` compares
 //! with `xtask/bench/memory_bench.py --generate [--nf4 | --int8]` (transformers + bitsandbytes).
@@ -10,11 +11,11 @@
 //! xtask parses.
 //!
 //! ```sh
-//! cargo run --release -p ember-models --example generate_memory [-- --nf4 | --int8]
+//! cargo run --release -p ember-models --example generate_memory [-- --nf4 | --int8 | --bf16]
 //! ```
 
 use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
-use ember_models::{AutoModelForCausalLM, FromPretrainedOptions};
+use ember_models::{AutoModelForCausalLM, FloatDtype, FromPretrainedOptions};
 use ember_quant::{BitsAndBytesConfig, QuantType};
 
 type B = burn::backend::Flex;
@@ -45,6 +46,8 @@ fn main() {
         )
     } else if args.iter().any(|a| a == "--int8") {
         ("int8", Some(BitsAndBytesConfig::new_8bit()))
+    } else if args.iter().any(|a| a == "--bf16") {
+        ("bf16", None)
     } else {
         ("f32", None)
     };
@@ -54,6 +57,9 @@ fn main() {
     let mut options = FromPretrainedOptions::default();
     if let Some(q) = quantization {
         options = options.quantization_config(q);
+    }
+    if kind == "bf16" {
+        options = options.dtype(FloatDtype::BFloat16);
     }
     let device = Default::default();
     let (model, _report) = AutoModelForCausalLM::from_pretrained_with::<B>(&dir, &options, &device)

@@ -340,15 +340,14 @@ pub(crate) fn tied_logits<B: Backend>(
     embedding: &TokenEmbedding<B>,
 ) -> Tensor<B, 3> {
     let [batch, seq, hidden] = x.dims();
-    // A half-precision table is widened for the product (the model computes in float32).
-    let weight = ember_kernels::float32(embedding.base.weight.val());
+    let weight = embedding.base.weight.val();
     let vocab = weight.dims()[0];
     let rows = x.reshape([batch * seq, hidden]);
-    // The kernel reads the table's rows in place; burn's matmul on the transposed view runs
-    // about 2x slower than on a contiguous matrix.
+    // The kernel reads the table's rows in place (a half-precision table too); burn's matmul
+    // on the transposed view runs about 2x slower than on a contiguous matrix.
     let transposed = weight.transpose();
     ember_kernels::linear(&rows, &transposed, None)
-        .unwrap_or_else(|| rows.matmul(transposed))
+        .unwrap_or_else(|| rows.matmul(ember_kernels::float32(transposed)))
         .reshape([batch, seq, vocab])
 }
 

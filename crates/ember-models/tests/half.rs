@@ -271,3 +271,66 @@ fn float16_conversion_of_a_too_large_weight_is_a_typed_error() {
     let options = FromPretrainedOptions::default().dtype(FloatDtype::BFloat16);
     assert!(AutoModelForCausalLM::from_pretrained_with::<B>(tmp.path(), &options, &device).is_ok());
 }
+
+/// The longest common prefix of two id lists.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn id_list(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Greedy SmolLM2-135M-Instruct in bfloat16 and float16 beside PyTorch in the same dtype, on
+/// the four prompts of `smollm2-half.json` (skipped without the model). PyTorch's sdpa and
+/// eager kernels agree with each other on every token of every prompt in both dtypes; Ember,
+/// which computes in float32 from the half-precision weights, is held to agreeing wherever
+/// PyTorch's half and float32 runs agree (`agree_<dtype>_f32`), and its agreement beyond that
+/// is printed.
+#[test]
+fn smollm2_half_greedy_agrees_with_pytorch() {
+    use ember_models::generation::{generate, GenerateOptions, GenerationConfig, Prompt};
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
+    let text = std::fs::read_to_string(half_fixtures().join("smollm2-half.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let device = Default::default();
+    for dtype in [FloatDtype::BFloat16, FloatDtype::Float16] {
+        let options = FromPretrainedOptions::default().dtype(dtype);
+        let (model, _) =
+            AutoModelForCausalLM::from_pretrained_with::<B>(&dir, &options, &device).unwrap();
+        for prompt in s["prompts"].as_array().unwrap() {
+            let want = id_list(&prompt[format!("{dtype}.sdpa")]);
+            let f32_agrees = prompt[format!("agree_{dtype}_f32")].as_u64().unwrap() as usize;
+            let config = GenerationConfig {
+                eos_token_id: Some(s["generation"]["eos_token_id"].clone()),
+                ..GenerationConfig::greedy(24)
+            };
+            let out = generate(
+                &model,
+                &Prompt::single(id_list(&prompt["ids"])),
+                &config,
+                GenerateOptions::default(),
+                &device,
+            )
+            .unwrap();
+            let got = &out.new_tokens[0];
+            let agree = common_prefix(got, &want);
+            eprintln!(
+                "{dtype} {:?}: {agree} of {} tokens equal to PyTorch's (PyTorch's {dtype} and \
+                 float32 agree on {f32_agrees})",
+                prompt["text"].as_str().unwrap(),
+                want.len()
+            );
+            assert!(
+                agree >= f32_agrees,
+                "{dtype}: Ember {got:?}, PyTorch {want:?}"
+            );
+        }
+    }
+}

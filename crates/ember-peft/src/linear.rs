@@ -156,12 +156,12 @@ pub(crate) fn dense<B: Backend>(
     w: &Tensor<B, 2>,
     b: Option<&Tensor<B, 1>>,
 ) -> Tensor<B, 2> {
-    // A half-precision model's weights compute in float32.
-    let w = &ember_kernels::float32(w.clone());
+    // A half-precision model's parameters compute in float32: the kernel reads a half weight
+    // itself; burn's path below gets it widened.
     let b = b.map(|b| ember_kernels::float32(b.clone()));
     let b = b.as_ref();
     ember_kernels::linear(x, w, b).unwrap_or_else(|| {
-        let y = x.clone().matmul(w.clone());
+        let y = x.clone().matmul(ember_kernels::float32(w.clone()));
         match b {
             Some(b) => y + b.clone().unsqueeze_dim(0),
             None => y,
