@@ -25,6 +25,9 @@ pub struct EmbedArgs {
     /// Quantize the encoder while loading.
     #[command(flatten)]
     quant: crate::quantize::QuantArgs,
+    /// The dtype the weights are kept in.
+    #[command(flatten)]
+    dtype: crate::dtype::DtypeArgs,
 }
 
 /// Reads sentences from stdin, one per line; prints for each, in order, a JSON object with
@@ -34,9 +37,10 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&args.model)?;
-    let options = args
-        .quant
-        .options(ember::models::FromPretrainedOptions::default());
+    let options = args.dtype.options(
+        args.quant
+            .options(ember::models::FromPretrainedOptions::default()),
+    )?;
     let model: BertModel<ember::Backend> =
         AutoModel::from_pretrained_with(&args.model, &options, &device)?.0;
     let model = args.adapters.apply(model)?;

@@ -57,6 +57,9 @@ pub struct GenerateArgs {
     /// Quantize the model while loading (a folder saved quantized needs no flag).
     #[command(flatten)]
     quant: crate::quantize::QuantArgs,
+    /// The dtype the weights are kept in.
+    #[command(flatten)]
+    dtype: crate::dtype::DtypeArgs,
 }
 
 /// HF's `TextStreamer`: decodes a row's new tokens so far and prints the text that became
@@ -110,9 +113,10 @@ impl<W: Write> Streamer for TextStreamer<'_, W> {
 pub fn run(a: GenerateArgs) -> Result<()> {
     let device = ember::default_device();
     let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
-    let options = a
-        .quant
-        .options(ember::models::FromPretrainedOptions::default());
+    let options = a.dtype.options(
+        a.quant
+            .options(ember::models::FromPretrainedOptions::default()),
+    )?;
     let model =
         AutoModelForCausalLM::from_pretrained_with::<ember::Backend>(&a.model, &options, &device)?
             .0;

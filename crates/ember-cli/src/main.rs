@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod causal_train;
 mod demo;
+mod dtype;
 mod embed;
 mod generate;
 mod peft;

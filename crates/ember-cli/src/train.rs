@@ -105,6 +105,9 @@ pub struct EvaluateArgs {
     /// Quantize the model while loading.
     #[command(flatten)]
     quant: crate::quantize::QuantArgs,
+    /// The dtype the weights are kept in.
+    #[command(flatten)]
+    dtype: crate::dtype::DtypeArgs,
 }
 
 /// Arguments of `ember predict`.
@@ -122,6 +125,9 @@ pub struct PredictArgs {
     /// Quantize the model while loading.
     #[command(flatten)]
     quant: crate::quantize::QuantArgs,
+    /// The dtype the weights are kept in.
+    #[command(flatten)]
+    dtype: crate::dtype::DtypeArgs,
 }
 
 /// Reads a data file with the builder its extension names.
@@ -392,7 +398,8 @@ fn evaluate_ner(a: &EvaluateArgs) -> Result<()> {
     let model =
         ember::models::AutoModelForTokenClassification::from_pretrained_with::<TrainBackend>(
             &a.model,
-            &a.quant.options(FromPretrainedOptions::default()),
+            &a.dtype
+                .options(a.quant.options(FromPretrainedOptions::default()))?,
             &default_device(),
         )?
         .0;
@@ -603,6 +610,7 @@ fn load_classifier(
     dir: &Path,
     adapters: &crate::peft::AdapterArgs,
     quant: &crate::quantize::QuantArgs,
+    dtype: &crate::dtype::DtypeArgs,
 ) -> Result<(
     AutoTokenizer,
     BertForSequenceClassification<Backend>,
@@ -611,7 +619,7 @@ fn load_classifier(
     let tokenizer = AutoTokenizer::from_pretrained(dir)?;
     let model = AutoModelForSequenceClassification::from_pretrained_with::<Backend>(
         dir,
-        &quant.options(FromPretrainedOptions::default()),
+        &dtype.options(quant.options(FromPretrainedOptions::default()))?,
         &default_device(),
     )?
     .0;
@@ -630,7 +638,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
     if a.task == "ner" {
         return evaluate_ner(&a);
     }
-    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant, &a.dtype)?;
     let (ds, _) = prepare(
         &read_data(&a.data)?,
         &a.text_column,
@@ -666,7 +674,7 @@ pub fn run_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 pub fn run_predict(a: PredictArgs) -> Result<()> {
-    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant)?;
+    let (tokenizer, model, names) = load_classifier(&a.model, &a.adapters, &a.quant, &a.dtype)?;
     let options = EncodeOptions::default()
         .truncation(Truncation::LongestFirst)
         .max_length(a.max_length);

@@ -96,3 +96,45 @@ fn bad_options_are_one_line_errors() {
     let (ok, _, err) = ember(&["generate", "--model", "/nonexistent"], "hi");
     assert!(!ok && err.contains("/nonexistent"), "{err}");
 }
+
+/// `--dtype bfloat16`: the weights in two bytes; greedy ids equal PyTorch's bf16 model's on a
+/// prompt where PyTorch's bf16 and float32 runs agree (`tests/fixtures/half/smollm2-half.json`).
+#[test]
+fn dtype_bfloat16_generates_pytorchs_bf16_ids() {
+    let Some(dir) = ember_testkit::smollm2() else {
+        return;
+    };
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/half/smollm2-half.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let want = &fixture["prompts"][1];
+    let (ok, out, err) = ember(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--chat",
+            "--max-new-tokens",
+            "24",
+            "--dtype",
+            "bfloat16",
+            "--json",
+        ],
+        want["text"].as_str().unwrap(),
+    );
+    assert!(ok, "{err}");
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["prompt_ids"], want["ids"]);
+    assert_eq!(got["generated_ids"], want["bfloat16.sdpa"]);
+    let (ok, _, err) = ember(
+        &[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--dtype",
+            "float8",
+        ],
+        "hi",
+    );
+    assert!(!ok && err.contains("float8"), "{err}");
+}
