@@ -107,6 +107,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     if python.is_none() {
         eprintln!("no reference Python found: Ember's numbers only");
     }
+    eprintln!("CPU: {}", cpu_features());
     let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut results = Results::new();
     let mut memory = Memory::new();
@@ -337,6 +338,42 @@ fn median(xs: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The CPU's model name and the vector features the kernels choose between (machines here
+/// differ: some expose AVX-512 with BF16 and VNNI, others only AVX2 + FMA), from
+/// `/proc/cpuinfo`; "unknown" elsewhere.
+fn cpu_features() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let Some(flags) = field("flags") else {
+        return "unknown (no /proc/cpuinfo)".into();
+    };
+    let flags: Vec<&str> = flags.split_whitespace().collect();
+    let shown: Vec<&str> = [
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_bf16",
+    ]
+    .into_iter()
+    .filter(|f| flags.contains(f))
+    .collect();
+    format!(
+        "{}; {}",
+        field("model name").unwrap_or_else(|| "unknown model".into()),
+        shown.join(" ")
+    )
+}
+
 fn table(
     results: &Results,
     rounds: usize,
@@ -350,6 +387,7 @@ fn table(
         s,
         "# Ember vs reference: {rounds} alternating rounds, {cpus} CPUs"
     );
+    let _ = writeln!(s, "\nCPU: {}", cpu_features());
     let _ = writeln!(
         s,
         "\nload average before: {load_before}; after: {load_after}\n"
