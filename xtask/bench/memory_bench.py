@@ -16,14 +16,14 @@ batch 8, seq 256; skipped, saying so, without SmolLM2): rows
 `memory/{prompt,prefix}_smollm2_train_step_b8_s256`.
 
 With `--generate`, the `quant/smollm2_*_generate_b1_p16_n64` workload instead: SmolLM2 loaded
-in float32 or, with `--nf4` / `--int8`, through bitsandbytes 0.50 (`BitsAndBytesConfig(
+in float32, in bfloat16 with `--bf16` (`dtype=torch.bfloat16`), or, with `--nf4` / `--int8`, through bitsandbytes 0.50 (`BitsAndBytesConfig(
 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
 bnb_4bit_compute_dtype=torch.float32)` / `load_in_8bit=True`, `eval()`), then 64 greedy new
-tokens after the 16-token bench prompt; rows `memory/generate_{f32,nf4,int8}_smollm2_b1_p16_n64`
-(Rust: `... --example generate_memory [-- --nf4 | --int8]`).
+tokens after the 16-token bench prompt; rows `memory/generate_{f32,bf16,nf4,int8}_smollm2_b1_p16_n64`
+(Rust: `... --example generate_memory [-- --bf16 | --nf4 | --int8]`).
 
     python xtask/bench/memory_bench.py SHARED_DIR [--lora | --prompt-tuning | --prefix-tuning]
-    python xtask/bench/memory_bench.py SHARED_DIR --generate [--nf4 | --int8]
+    python xtask/bench/memory_bench.py SHARED_DIR --generate [--bf16 | --nf4 | --int8]
 """
 
 import json
@@ -75,7 +75,7 @@ def smollm2_prompt_learning(prefix):
 
 
 def smollm2_generate(kind):
-    """64 greedy tokens of SmolLM2 in f32 / NF4 / int8; the row's name, or None without it."""
+    """64 greedy tokens of SmolLM2 in f32 / bf16 / NF4 / int8; the row's name, or None without it."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     path = os.environ.get("EMBER_SMOLLM2",
@@ -88,9 +88,11 @@ def smollm2_generate(kind):
         "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
+        "bf16": None,
     }[kind]
     kwargs = {} if quantization is None else {"quantization_config": quantization}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu",
                                                  **kwargs).eval()
     # The bench rows' prompt: ids 100 + 37·t modulo 40,000; EOS ignored (min_new_tokens).
     ids = torch.tensor([[(100 + 37 * t) % 40000 for t in range(16)]])
@@ -102,7 +104,7 @@ def smollm2_generate(kind):
 
 def main():
     if "--generate" in sys.argv[1:]:
-        kind = "nf4" if "--nf4" in sys.argv[1:] else "int8" if "--int8" in sys.argv[1:] else "f32"
+        kind = next((k for k in ("nf4", "int8", "bf16") if f"--{k}" in sys.argv[1:]), "f32")
         name = smollm2_generate(kind)
         if name:
             print(json.dumps({"bench": name, "peak_rss_mib": peak_rss_mib()}), flush=True)

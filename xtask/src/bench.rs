@@ -193,8 +193,8 @@ type Memory = BTreeMap<String, (Vec<f64>, Vec<f64>)>;
 /// Runs the peak-memory probes (`ember-models`' `train_step_memory` example and
 /// `xtask/bench/memory_bench.py`), each in a fresh process, for full fine-tuning, LoRA
 /// (`--lora`), and SmolLM2 prompt and prefix tuning (`--prompt-tuning`, `--prefix-tuning`);
-/// then SmolLM2 generation in f32, NF4 and int8 (the `generate_memory` example beside
-/// `memory_bench.py --generate`, with `--nf4` / `--int8`); and records their `peak_rss_mib`.
+/// then SmolLM2 generation in f32, bf16, NF4 and int8 (the `generate_memory` example beside
+/// `memory_bench.py --generate`, with `--bf16` / `--nf4` / `--int8`); and records their `peak_rss_mib`.
 fn measure_memory(
     root: &Path,
     python: Option<&Path>,
@@ -219,7 +219,7 @@ fn measure_memory(
             record_memory(reference, "memory_bench.py", memory, true)?;
         }
     }
-    for quant in [None, Some("--nf4"), Some("--int8")] {
+    for quant in [None, Some("--bf16"), Some("--nf4"), Some("--int8")] {
         let ember = memory_example(&cargo, root, "generate_memory", quant);
         record_memory(ember, "generate_memory", memory, false)?;
         if let Some(py) = python {
