@@ -1,12 +1,12 @@
-//! Peak resident memory of quantized or half-precision generation: SmolLM2-135M-Instruct (skipped, saying so,
-//! when absent) loaded in f32, or with `--nf4` (`BitsAndBytesConfig::new_4bit(Nf4, double
-//! quant, "float32")`) or `--int8` (`new_8bit()`, LLM.int8), then 64 greedy new tokens after the
-//! 16-token prompt of the `quant/smollm2_*_generate_b1_p16_n64` rows, EOS ignored; `--bf16`
-//! loads the weights in bfloat16 (`dtype=torch.bfloat16`). Prints one
-//! JSON line with the process's peak resident set (`VmHWM` of `/proc/self/status`, Linux only),
-//! row `memory/generate_{f32,bf16,nf4,int8}_smollm2_b1_p16_n64`, which `cargo xtask bench`
-//! compares with `xtask/bench/memory_bench.py --generate [--bf16 | --nf4 | --int8]`
-//! (transformers + bitsandbytes).
+//! Peak resident memory of quantized or half-precision generation: SmolLM2-135M-Instruct
+//! (skipped, saying so, when absent) loaded in f32, with `--bf16` (`dtype=torch.bfloat16`),
+//! `--nf4` (`BitsAndBytesConfig::new_4bit(Nf4, double quant, "float32")`) or `--int8`
+//! (`new_8bit()`, LLM.int8), then 64 greedy new tokens after the 16-token prompt of the
+//! `quant/smollm2_*_generate_b1_p16_n64` rows, EOS ignored. Prints one JSON line with the
+//! process's peak resident set (`VmHWM` of `/proc/self/status`, Linux only), row
+//! `memory/generate_{f32,bf16,nf4,int8}_smollm2_b1_p16_n64`, which `cargo xtask bench` compares
+//! with `xtask/bench/memory_bench.py --generate [--bf16 | --nf4 | --int8]` (transformers +
+//! bitsandbytes).
 //!
 //! The new ids and `get_memory_footprint()` go to stderr, so that stdout stays the one line
 //! xtask parses.
