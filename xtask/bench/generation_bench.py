@@ -73,23 +73,17 @@ def main():
     ids = prompts(1)
     mask = torch.ones_like(ids)
 
-    def gen_bf16():
+    def gen_b1():
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
                                   do_sample=False, pad_token_id=model.config.eos_token_id)
 
     print(json.dumps({"bench": f"generation/smollm2_bf16_weights_generate_b1_p{PROMPT}_n{NEW}",
-                      "median_s": timed(gen_bf16, args.repeats), "items": NEW}), flush=True)
+                      "median_s": timed(gen_b1, args.repeats), "items": NEW}), flush=True)
     # A bfloat16 model (`dtype=torch.bfloat16`, or `.bfloat16()`): PyTorch computes in bf16.
     model = model.to(torch.bfloat16)
-
-    def gen_bfloat16():
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                                  do_sample=False, pad_token_id=model.config.eos_token_id)
-
     print(json.dumps({"bench": f"generation/smollm2_bfloat16_generate_b1_p{PROMPT}_n{NEW}",
-                      "median_s": timed(gen_bfloat16, args.repeats), "items": NEW}), flush=True)
+                      "median_s": timed(gen_b1, args.repeats), "items": NEW}), flush=True)
 
 
 if __name__ == "__main__":

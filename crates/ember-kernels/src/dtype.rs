@@ -46,25 +46,24 @@ pub fn to_half<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Ten
 /// A float32 Flex tensor holding the values of a bfloat16 / float16 one.
 fn widen_flex(t: &FlexTensor) -> FlexTensor {
     let shape = t.layout().shape().to_vec();
-    let mut out = vec![0.0f32; t.layout().num_elements()];
-    match t.dtype() {
-        DType::BF16 => {
-            let t = contiguous::<bf16>(t);
-            let src = t.as_slice::<bf16>().expect("made contiguous");
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-        }
-        DType::F16 => {
-            let t = contiguous::<f16>(t);
-            let src = t.as_slice::<f16>().expect("made contiguous");
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-        }
+    let values = match t.dtype() {
+        DType::BF16 => map_values(&contiguous::<bf16>(t), |v: bf16| v.to_f32()),
+        DType::F16 => map_values(&contiguous::<f16>(t), |v: f16| v.to_f32()),
         other => unreachable!("widen_flex called on {other:?}"),
-    }
-    bridge::from_vec(out, &shape)
+    };
+    bridge::from_vec(values, &shape)
+}
+
+/// A bfloat16 / float16 Flex tensor of a float32 one's values, rounded to nearest even.
+fn narrow_flex(t: &FlexTensor, dtype: DType) -> FlexTensor {
+    let t = bridge::rows(t);
+    let shape = t.layout().shape().to_vec();
+    let data = match dtype {
+        DType::BF16 => TensorData::new(map_values(&t, bf16::from_f32), shape),
+        DType::F16 => TensorData::new(map_values(&t, f16::from_f32), shape),
+        other => unreachable!("narrow_flex called for {other:?}"),
+    };
+    FlexTensor::from_data(data)
 }
 
 /// `t` itself when its values are one contiguous run of `E`, else a contiguous copy.
@@ -76,37 +75,18 @@ fn contiguous<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexT
     }
 }
 
-/// A bfloat16 / float16 Flex tensor of a float32 one's values, rounded to nearest even.
-fn narrow_flex(t: &FlexTensor, dtype: DType) -> FlexTensor {
-    let t = bridge::rows(t);
-    let shape = t.layout().shape().to_vec();
-    let src = bridge::contiguous(&t).expect("rows() gives a contiguous f32 tensor");
-    let data = match dtype {
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; src.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| {
-                    o.iter_mut()
-                        .zip(s)
-                        .for_each(|(o, &s)| *o = bf16::from_f32(s))
-                });
-            TensorData::new(out, shape)
-        }
-        DType::F16 => {
-            let mut out = vec![f16::ZERO; src.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| {
-                    o.iter_mut()
-                        .zip(s)
-                        .for_each(|(o, &s)| *o = f16::from_f32(s))
-                });
-            TensorData::new(out, shape)
-        }
-        other => unreachable!("narrow_flex called for {other:?}"),
-    };
-    FlexTensor::from_data(data)
+/// `f` of every value of a contiguous tensor of `E`s, in parallel chunks.
+fn map_values<E, T>(t: &FlexTensor, f: impl Fn(E) -> T + Sync) -> Vec<T>
+where
+    E: burn::tensor::Element + bytemuck::Pod + Sync,
+    T: Copy + Default + Send,
+{
+    let src = t.as_slice::<E>().expect("a contiguous tensor of E");
+    let mut out = vec![T::default(); src.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &s)| *o = f(s)));
+    out
 }
 
 #[cfg(test)]

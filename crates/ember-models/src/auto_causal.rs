@@ -117,32 +117,7 @@ macro_rules! causal_pretrained {
                 Ok(load_weights_into(self, &source, false, $class)?.0)
             }
 
-            /// The dtype of the weights (`model.dtype`).
-            pub fn dtype(&self) -> FloatDtype {
-                crate::dtype::model_dtype(self)
-            }
-
-            /// Every float parameter converted to `dtype`, as `model.to(dtype)`; converting
-            /// to float16 refuses a weight beyond its range with an error naming it.
-            /// Quantized layers keep their packed weights.
-            pub fn to_dtype(self, dtype: FloatDtype) -> Result<Self> {
-                self.visit("", &mut crate::dtype::Caster { dtype })
-            }
-
-            /// `model.half()`: float16 weights.
-            pub fn half(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::Float16)
-            }
-
-            /// `model.bfloat16()`: bfloat16 weights.
-            pub fn bfloat16(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::BFloat16)
-            }
-
-            /// `model.float()`: float32 weights.
-            pub fn float(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::Float32)
-            }
+            crate::dtype::dtype_methods!();
 
             /// Gives every parameter an id derived from its HF name (stable across processes).
             pub fn with_stable_param_ids(self) -> Self {

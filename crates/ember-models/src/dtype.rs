@@ -183,6 +183,40 @@ pub(crate) fn cast_tensor<B: Backend, const D: usize>(
     })
 }
 
+/// `dtype()`, `to_dtype()`, `half()`, `bfloat16()` and `float()` for a model type that
+/// implements `VisitParams` (every model class of this crate).
+macro_rules! dtype_methods {
+    () => {
+        /// The dtype of the weights (`model.dtype`).
+        pub fn dtype(&self) -> $crate::FloatDtype {
+            $crate::dtype::model_dtype(self)
+        }
+
+        /// Every float parameter converted to `dtype`, as `model.to(dtype)`; converting to
+        /// float16 refuses a weight beyond its range with an error naming it. Quantized
+        /// layers keep their packed weights.
+        pub fn to_dtype(self, dtype: $crate::FloatDtype) -> $crate::Result<Self> {
+            self.visit("", &mut $crate::dtype::Caster { dtype })
+        }
+
+        /// `model.half()`: float16 weights.
+        pub fn half(self) -> $crate::Result<Self> {
+            self.to_dtype($crate::FloatDtype::Float16)
+        }
+
+        /// `model.bfloat16()`: bfloat16 weights.
+        pub fn bfloat16(self) -> $crate::Result<Self> {
+            self.to_dtype($crate::FloatDtype::BFloat16)
+        }
+
+        /// `model.float()`: float32 weights.
+        pub fn float(self) -> $crate::Result<Self> {
+            self.to_dtype($crate::FloatDtype::Float32)
+        }
+    };
+}
+pub(crate) use dtype_methods;
+
 /// Converts every float parameter of a model to one dtype (`model.to(dtype)`). Quantized
 /// layers keep their packed weights; their other parameters (biases) convert.
 pub(crate) struct Caster {

@@ -667,23 +667,18 @@ pub(crate) fn write_safetensors(
         .map(|(k, (shape, values))| {
             // Half-precision values came from half-precision tensors: converting them back
             // is exact.
+            let bytes = |encode: fn(f32) -> [u8; 2]| values.iter().flat_map(move |&v| encode(v));
             let (data, dtype) = match dtypes.get(k).copied().unwrap_or_default() {
                 FloatDtype::Float32 => (
                     values.iter().flat_map(|v| v.to_le_bytes()).collect(),
                     safetensors::Dtype::F32,
                 ),
                 FloatDtype::BFloat16 => (
-                    values
-                        .iter()
-                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                        .collect(),
+                    bytes(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
                     safetensors::Dtype::BF16,
                 ),
                 FloatDtype::Float16 => (
-                    values
-                        .iter()
-                        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                        .collect(),
+                    bytes(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
                     safetensors::Dtype::F16,
                 ),
             };

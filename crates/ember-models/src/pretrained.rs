@@ -422,32 +422,7 @@ macro_rules! pretrained {
                 self.visit("", &mut loader)
             }
 
-            /// The dtype of the weights (`model.dtype`).
-            pub fn dtype(&self) -> FloatDtype {
-                crate::dtype::model_dtype(self)
-            }
-
-            /// Every float parameter converted to `dtype`, as `model.to(dtype)`; converting
-            /// to float16 refuses a weight beyond its range with an error naming it.
-            /// Quantized layers keep their packed weights.
-            pub fn to_dtype(self, dtype: FloatDtype) -> Result<Self> {
-                self.visit("", &mut crate::dtype::Caster { dtype })
-            }
-
-            /// `model.half()`: float16 weights.
-            pub fn half(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::Float16)
-            }
-
-            /// `model.bfloat16()`: bfloat16 weights.
-            pub fn bfloat16(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::BFloat16)
-            }
-
-            /// `model.float()`: float32 weights.
-            pub fn float(self) -> Result<Self> {
-                self.to_dtype(FloatDtype::Float32)
-            }
+            crate::dtype::dtype_methods!();
 
             /// Gives every parameter an id derived from its HF name, the same in every process,
             /// so that optimizer state saved by one run matches the model of another.
