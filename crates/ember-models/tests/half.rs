@@ -334,3 +334,84 @@ fn smollm2_half_greedy_agrees_with_pytorch() {
         }
     }
 }
+
+/// transformers' recipe for QLoRA, `from_pretrained(dir, quantization_config=nf4,
+/// dtype=torch.bfloat16)`: the linear layers in 4 bits, everything else in bfloat16.
+/// `get_memory_footprint()` equals transformers' (70,336 bytes for the tiny Llama, measured with
+/// the pinned transformers 5.24 + bitsandbytes 0.50.2), and the model runs.
+#[test]
+fn nf4_with_bfloat16_weights_counts_as_transformers() {
+    use ember_quant::{BitsAndBytesConfig, QuantType};
+    let device = Default::default();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/quant/tiny-llama");
+    let options = FromPretrainedOptions::default()
+        .quantization_config(BitsAndBytesConfig::new_4bit(
+            QuantType::Nf4,
+            true,
+            "bfloat16",
+        ))
+        .dtype(FloatDtype::BFloat16);
+    let (model, _) =
+        AutoModelForCausalLM::from_pretrained_with::<B>(&dir, &options, &device).unwrap();
+    assert_eq!(model.dtype(), FloatDtype::BFloat16);
+    assert_eq!(model.get_memory_footprint(), 70_336);
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), &device);
+    let logits = model.forward(CausalLmInput::new(ids)).unwrap().logits;
+    let values: Vec<f32> = logits.into_data().convert::<f32>().to_vec().unwrap();
+    assert!(values.iter().all(|v| v.is_finite()));
+    // SmolLM2 the same way: 109,777,792 bytes in transformers (skipped without the model).
+    if let Some(dir) = ember_testkit::smollm2() {
+        let (model, _) =
+            AutoModelForCausalLM::from_pretrained_with::<B>(&dir, &options, &device).unwrap();
+        assert_eq!(model.get_memory_footprint(), 109_777_792);
+    }
+}
+
+/// LoRA on a bfloat16 base: the adapter stays float32 (as peft's `autocast_adapter_dtype`
+/// keeps it) and the model computes what the float32 model with the same rounded base weights
+/// and the same adapter computes.
+#[test]
+fn lora_on_a_bfloat16_base_keeps_a_float32_adapter() {
+    use ember_peft::{get_peft_model, InitLoraWeights, LoraConfig, PeftConfig};
+    let device = Default::default();
+    let model = ember_models::LlamaForCausalLM::<B>::from_pretrained(
+        models().join("tiny-llama-gqa"),
+        &device,
+    )
+    .unwrap();
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        init_lora_weights: InitLoraWeights::Bool(false),
+        ..LoraConfig::default()
+    };
+    let f32_model = get_peft_model(model, PeftConfig::Lora(lora)).unwrap();
+    let mut half = f32_model.clone();
+    half.base_model = half.base_model.to_dtype(FloatDtype::BFloat16).unwrap();
+    let mut rounded = f32_model;
+    rounded.base_model = rounded
+        .base_model
+        .to_dtype(FloatDtype::BFloat16)
+        .unwrap()
+        .to_dtype(FloatDtype::Float32)
+        .unwrap();
+    assert_eq!(half.base_model.dtype(), FloatDtype::BFloat16);
+    let ids =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 2, 7], [1, 5]), &device);
+    let run = |m: &ember_peft::PeftModel<B, ember_models::LlamaForCausalLM<B>>| -> Vec<f32> {
+        m.base_model
+            .forward(CausalLmInput::new(ids.clone()))
+            .unwrap()
+            .logits
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
+    let (got, want) = (run(&half), run(&rounded));
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "max |bf16 base - rounded f32 base| = {worst}");
+}
