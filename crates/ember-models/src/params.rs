@@ -142,20 +142,13 @@ pub(crate) fn layer_norm<B: Backend>(
     let gamma = ember_kernels::float32(ln.gamma.val());
     ember_kernels::layer_norm(&x, residual.as_ref(), &gamma, beta.as_ref(), eps).unwrap_or_else(
         || {
-            let x = match residual {
-                Some(r) => x + r,
-                None => x,
-            };
-            // burn's LayerNorm, with the float32 parameters.
-            let mean = x.clone().mean_dim(2);
-            let centered = x - mean;
-            let var = centered.clone().square().mean_dim(2);
-            let y = centered / (var + eps).sqrt();
-            let y = y * gamma.unsqueeze_dims::<3>(&[0, 1]);
-            match beta {
-                Some(b) => y + b.unsqueeze_dims::<3>(&[0, 1]),
-                None => y,
-            }
+            layer_norm_f32(
+                ln,
+                match residual {
+                    Some(r) => x + r,
+                    None => x,
+                },
+            )
         },
     )
 }
@@ -167,12 +160,24 @@ pub(crate) fn layer_norm_f32<B: Backend>(ln: &LayerNorm<B>, x: Tensor<B, 3>) -> 
         return ln.forward(x);
     }
     let mut widened = ln.clone();
-    widened.gamma = Param::initialized(ln.gamma.id, ember_kernels::float32(ln.gamma.val()));
-    widened.beta = ln
-        .beta
-        .as_ref()
-        .map(|b| Param::initialized(b.id, ember_kernels::float32(b.val())));
+    widened.gamma = widen(&ln.gamma);
+    widened.beta = ln.beta.as_ref().map(widen);
     widened.forward(x)
+}
+
+/// burn's `RmsNorm` forward, its weight widened to float32 in a half-precision model.
+fn rms_norm_f32<B: Backend>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    if norm.gamma.val().dtype() == burn::tensor::DType::F32 {
+        return norm.forward(x);
+    }
+    let mut widened = norm.clone();
+    widened.gamma = widen(&norm.gamma);
+    widened.forward(x)
+}
+
+/// A parameter's float32 copy under the same id (itself when it is float32).
+fn widen<B: Backend>(p: &Param<Tensor<B, 1>>) -> Param<Tensor<B, 1>> {
+    Param::initialized(p.id, ember_kernels::float32(p.val()))
 }
 
 /// `RMSNorm(x)` (HF's `LlamaRMSNorm`), in one pass per row where the fused kernel applies.
@@ -181,11 +186,7 @@ pub(crate) fn apply_rms_norm<B: Backend>(
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
     let gamma = ember_kernels::float32(norm.gamma.val());
-    ember_kernels::rms_norm(&x, &gamma, norm.epsilon).unwrap_or_else(|| {
-        // burn's RmsNorm, with the float32 weight.
-        let rms = (x.clone().square().mean_dim(2) + norm.epsilon).sqrt();
-        (x / rms) * gamma.unsqueeze_dims::<3>(&[0, 1])
-    })
+    ember_kernels::rms_norm(&x, &gamma, norm.epsilon).unwrap_or_else(|| rms_norm_f32(norm, x))
 }
 
 /// HF's initialisation: a `[d_in → d_out]` linear layer with weights from N(0, std) and zero
