@@ -49,6 +49,8 @@ pub struct CausalLmArgs {
     pub peft: Option<PathBuf>,
     /// Quantize the base while loading (with `peft`: QLoRA).
     pub quant: crate::quantize::QuantArgs,
+    /// `--bf16` / `--fp16`.
+    pub precision: crate::dtype::MixedPrecisionArgs,
 }
 
 /// `TrainingArguments` without `--args`: HF's defaults, except that the loss is logged every 10
@@ -233,6 +235,7 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
     if let Some(dir) = &a.output_dir {
         args.output_dir = dir.clone();
     }
+    a.precision.apply(&mut args);
     if args.eval_strategy != IntervalStrategy::No && a.eval_data.is_none() {
         bail!(
             "`eval_strategy` is \"{}\" but there is no --eval-data to evaluate on",

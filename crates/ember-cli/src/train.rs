@@ -73,6 +73,9 @@ pub struct TrainArgs {
     /// Quantize the base while loading (`--load-in-4bit --peft lora.json`: QLoRA).
     #[command(flatten)]
     pub(crate) quant: crate::quantize::QuantArgs,
+    /// Mixed-precision training.
+    #[command(flatten)]
+    pub(crate) precision: crate::dtype::MixedPrecisionArgs,
 }
 
 /// Arguments of `ember evaluate`.
@@ -516,6 +519,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             from_scratch: a.from_scratch,
             peft: a.peft.clone(),
             quant: a.quant.clone(),
+            precision: a.precision.clone(),
         });
     }
     let text_column = a.text_column.as_deref().unwrap_or("text");
@@ -536,6 +540,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.output_dir {
         args.output_dir = dir.clone();
     }
+    a.precision.apply(&mut args);
     if a.task == "ner" {
         return train_ner(&a, model_dir, data, args, max_length);
     }

@@ -76,7 +76,7 @@ fn contiguous<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexT
 }
 
 /// `f` of every value of a contiguous tensor of `E`s, in parallel chunks.
-fn map_values<E, T>(t: &FlexTensor, f: impl Fn(E) -> T + Sync) -> Vec<T>
+pub(crate) fn map_values<E, T>(t: &FlexTensor, f: impl Fn(E) -> T + Sync) -> Vec<T>
 where
     E: burn::tensor::Element + bytemuck::Pod + Sync,
     T: Copy + Default + Send,

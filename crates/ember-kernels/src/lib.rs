@@ -22,6 +22,10 @@
 //! [`frozen_linear`] multiplies by a weight that is not a burn tensor ([`FrozenWeight`]: a packed
 //! 4-bit or int8 base that computes its own products), with only the input's gradient in training.
 //!
+//! [`autocast`] opens a mixed-precision region (torch's `autocast`): the models round the
+//! operands and results of their linear layers and attention with [`autocast_round`], and
+//! gradients on their way back.
+//!
 //! For decoding, [`linear`] reads a weight whose values are all bf16 (a checkpoint published in
 //! bf16, loaded in f32) from a bf16 copy: half the bytes, the same results.
 //!
@@ -33,6 +37,7 @@
 
 mod alloc;
 mod attention;
+mod autocast;
 mod bridge;
 mod dropout;
 mod dtype;
@@ -49,6 +54,7 @@ mod tracked;
 
 pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
+pub use autocast::{autocast, autocast_dtype, autocast_round, round_to, AutocastGuard};
 pub use dropout::dropout_mask;
 pub use dtype::{float32, to_half};
 pub use frozen::{frozen_linear, FrozenWeight};
@@ -69,10 +75,16 @@ pub fn applies<B: burn::tensor::backend::Backend>() -> bool {
 /// calling thread waits, and between loops the idle workers spin for work: one more thread
 /// than cores, which on a 2-core machine cost about a fifth of a decoding step in scheduler
 /// time. From inside the pool the calling worker takes part in the loops itself.
+///
+/// The caller's [`autocast`] state goes along to the worker.
 pub fn on_worker<B: burn::tensor::backend::Backend, R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if !applies::<B>() || rayon::current_thread_index().is_some() {
         f()
     } else {
-        rayon::scope(|_| f())
+        let dtype = autocast_dtype();
+        rayon::scope(|_| {
+            let _state = autocast::enter(dtype);
+            f()
+        })
     }
 }

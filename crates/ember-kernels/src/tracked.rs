@@ -68,12 +68,12 @@ where
 }
 
 /// The ids of the parents that need a gradient, in the order they were recorded.
-fn wanted<S, const N: usize>(ops: &Ops<S, N>) -> [Option<NodeId>; N] {
+pub(crate) fn wanted<S, const N: usize>(ops: &Ops<S, N>) -> [Option<NodeId>; N] {
     ops.parents.each_ref().map(|p| p.as_ref().map(|n| n.id))
 }
 
 /// Adds `grad` to the gradient of the parent `id`, when it needs one.
-fn give(grads: &mut Gradients, id: Option<NodeId>, grad: impl FnOnce() -> FlexTensor) {
+pub(crate) fn give(grads: &mut Gradients, id: Option<NodeId>, grad: impl FnOnce() -> FlexTensor) {
     if let Some(id) = id {
         grads.register::<Flex>(id, grad());
     }

@@ -346,6 +346,12 @@ pub(crate) fn tied_logits<B: Backend>(
     // The kernel reads the table's rows in place (a half-precision table too); burn's matmul
     // on the transposed view runs about 2x slower than on a contiguous matrix.
     let transposed = weight.transpose();
+    if ember_kernels::autocast_dtype().is_some() {
+        // torch.autocast: the head's matmul in half precision.
+        let round = |t| ember_kernels::autocast_round(ember_kernels::float32(t));
+        let logits = round(rows).matmul(round(transposed));
+        return ember_kernels::autocast_round(logits).reshape([batch, seq, vocab]);
+    }
     ember_kernels::linear(&rows, &transposed, None)
         .unwrap_or_else(|| rows.matmul(ember_kernels::float32(transposed)))
         .reshape([batch, seq, vocab])

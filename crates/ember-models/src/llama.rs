@@ -334,8 +334,10 @@ impl<B: Backend> LlamaAttention<B> {
             .forward(x)
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
-        let q = rope::apply(q, cos, sin);
-        let k = rope::apply(k, cos, sin);
+        // Under autocast the rotary products promote to f32, as in transformers, and the
+        // attention (sdpa, a half-precision op) rounds its operands again.
+        let q = ember_kernels::autocast_round(rope::apply(q, cos, sin));
+        let k = ember_kernels::autocast_round(rope::apply(k, cos, sin));
         let kv = append_kv(past, k, v);
         let total = kv.key.dims()[2];
         let n_rep = h / kvh;

@@ -150,8 +150,26 @@ pub struct Projection<B: Backend> {
     pub conv1d: bool,
 }
 
-/// `x · w + b` for rows `x`, through the fused kernel where it applies.
+/// `x · w + b` for rows `x`, through the fused kernel where it applies; in half precision
+/// inside an [`ember_kernels::autocast`] region.
 pub(crate) fn dense<B: Backend>(
+    x: &Tensor<B, 2>,
+    w: &Tensor<B, 2>,
+    b: Option<&Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    if ember_kernels::autocast_dtype().is_some() {
+        // torch.autocast: `addmm` in half precision, its three operands rounded to the half
+        // dtype, its f32-accumulated result rounded again.
+        let round = |t: Tensor<B, 2>| ember_kernels::autocast_round(ember_kernels::float32(t));
+        let b = b.map(|b| ember_kernels::autocast_round(ember_kernels::float32(b.clone())));
+        let y = dense_f32(&round(x.clone()), &round(w.clone()), b.as_ref());
+        return ember_kernels::autocast_round(y);
+    }
+    dense_f32(x, w, b)
+}
+
+/// [`dense`] without autocast.
+fn dense_f32<B: Backend>(
     x: &Tensor<B, 2>,
     w: &Tensor<B, 2>,
     b: Option<&Tensor<B, 1>>,
@@ -292,7 +310,8 @@ impl<B: Backend> Projection<B> {
             }
             let mut y = self.base_rows(&input);
             for lora in unmerged.iter().filter_map(|a| a.lora.as_ref()) {
-                y = y + lora.forward_rows(rows.clone());
+                // Under autocast peft's `result + lora_B(...)` adds two half tensors.
+                y = ember_kernels::autocast_round(y + lora.forward_rows(rows.clone()));
             }
             for v in unmerged.iter().filter_map(|a| a.ia3.as_ref()) {
                 if !v.feedforward {

@@ -1,7 +1,7 @@
 //! HF `transformers.TrainingArguments` (transformers 5.24): the fields the Ember trainer reads,
 //! under their Hugging Face names and with their Hugging Face defaults.
 //!
-//! Arguments load from JSON or TOML. Fields Ember does not use (`report_to`, `fp16`, `optim`, …)
+//! Arguments load from JSON or TOML. Fields Ember does not use (`report_to`, `optim`, …)
 //! are kept in [`TrainingArguments::extra`] and written back unchanged, so a file from a Python
 //! run survives a round trip through Ember.
 
@@ -173,7 +173,14 @@ pub struct TrainingArguments {
     /// Whether to hide the progress bars. HF default: `None`, i.e. `false` unless logging is
     /// at warning level or quieter.
     pub disable_tqdm: bool,
-    /// Every other field of the file (`report_to`, `fp16`, `optim`, …), kept as read and
+    /// bfloat16 mixed precision: float32 master weights and optimizer state, the linear
+    /// layers and attention of the forward and backward passes in bfloat16 (torch's
+    /// `autocast`, see `ember_kernels::autocast`). HF default: `false`.
+    pub bf16: bool,
+    /// float16 mixed precision: as `bf16` in float16, with dynamic loss scaling
+    /// ([`GradScaler`](crate::GradScaler)). HF default: `false`.
+    pub fp16: bool,
+    /// Every other field of the file (`report_to`, `optim`, …), kept as read and
     /// written back, so that unknown fields are never an error.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -215,6 +222,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "resume_from_checkpoint",
     "dataloader_num_workers",
     "disable_tqdm",
+    "bf16",
+    "fp16",
 ];
 
 impl Default for TrainingArguments {
@@ -260,6 +269,8 @@ impl TrainingArguments {
             resume_from_checkpoint: None,
             dataloader_num_workers: 0,
             disable_tqdm: false,
+            bf16: false,
+            fp16: false,
             extra: Map::new(),
         }
     }
@@ -426,7 +437,23 @@ impl TrainingArguments {
         if self.load_best_model_at_end {
             self.check_load_best_model_at_end()?;
         }
+        if self.bf16 && self.fp16 {
+            return Err(invalid(
+                "fp16",
+                "at most one of fp16 and bf16 can be true, found both",
+            ));
+        }
         Ok(())
+    }
+
+    /// The half-precision dtype that `bf16` / `fp16` ask the forward and backward passes to
+    /// run in, if any.
+    pub fn mixed_precision_dtype(&self) -> Option<burn::tensor::DType> {
+        match (self.bf16, self.fp16) {
+            (true, _) => Some(burn::tensor::DType::BF16),
+            (_, true) => Some(burn::tensor::DType::F16),
+            _ => None,
+        }
     }
 
     /// The evaluation interval in steps (or a ratio when < 1): `eval_steps`, else
@@ -736,8 +763,8 @@ mod tests {
             arguments.extra["report_to"],
             serde_json::json!(["tensorboard"])
         );
-        assert_eq!(arguments.extra["fp16"], Value::Bool(true));
-        assert_eq!(arguments.extra.len(), 3);
+        assert!(arguments.fp16 && !arguments.bf16);
+        assert_eq!(arguments.extra.len(), 2);
 
         let written = arguments.to_json_string();
         let json: Value = serde_json::from_str(&written).unwrap();
@@ -907,6 +934,10 @@ mod tests {
                 a.load_best_model_at_end = true;
                 a.eval_strategy = IntervalStrategy::Steps;
                 a.eval_steps = Some(0.1);
+            }),
+            ("fp16", |a| {
+                a.fp16 = true;
+                a.bf16 = true;
             }),
         ];
         for (expected_field, mutate) in cases {

@@ -6,6 +6,8 @@
 //!   evaluation and checkpoints (`checkpoint-{step}/` with rotation, resuming step-exactly,
 //!   `load_best_model_at_end`); `evaluate()` and `predict()`; callbacks such as
 //!   [`EarlyStoppingCallback`].
+//! - Mixed precision (`bf16` / `fp16`): torch's autocast through `ember_kernels::autocast`,
+//!   and for float16 dynamic loss scaling with [`GradScaler`].
 //! - [`metrics`]: accuracy, precision / recall / F1 and seqeval's entity-level scores.
 //! - [`TrainableModel`]: what a model provides; `ember-models` implements it (feature `train`).
 
@@ -14,6 +16,7 @@ mod error;
 pub mod metrics;
 mod model;
 mod optim;
+mod scaler;
 mod schedule;
 mod state;
 mod trainer;
@@ -22,6 +25,7 @@ pub use args::{IntervalStrategy, SchedulerType, TrainingArguments};
 pub use error::{Result, TrainError};
 pub use model::{ModelOutput, TrainableModel, TrainableParam};
 pub use optim::{clip_grad_norm, decays, GroupedAdamW};
+pub use scaler::{GradScaler, GradScalerKwargs};
 pub use schedule::LrSchedule;
 pub use state::TrainerState;
 pub use trainer::{

@@ -6,6 +6,7 @@ use crate::args::{IntervalStrategy, TrainingArguments};
 use crate::error::{Result, TrainError};
 use crate::model::{ModelOutput, TrainableModel};
 use crate::optim::{clip_grad_norm, GroupedAdamW};
+use crate::scaler::{GradScaler, GradScalerKwargs};
 use crate::schedule::LrSchedule;
 use crate::state::TrainerState;
 use burn::module::AutodiffModule;
@@ -181,6 +182,8 @@ where
     compute_metrics: Option<ComputeMetrics>,
     callbacks: Vec<Box<dyn TrainerCallback>>,
     shuffle: bool,
+    grad_scaler: GradScalerKwargs,
+    scaler: Option<GradScaler>,
 }
 
 impl<B, M, C> Trainer<B, M, C>
@@ -204,6 +207,8 @@ where
             compute_metrics: None,
             callbacks: Vec::new(),
             shuffle: true,
+            grad_scaler: GradScalerKwargs::default(),
+            scaler: None,
         })
     }
 
@@ -241,6 +246,18 @@ where
         self
     }
 
+    /// The loss scaler's settings for `fp16` training (accelerate's `GradScalerKwargs`;
+    /// torch's defaults otherwise).
+    pub fn grad_scaler(mut self, kwargs: GradScalerKwargs) -> Self {
+        self.grad_scaler = kwargs;
+        self
+    }
+
+    /// The loss scaler as the last `fp16` training left it (`None` without `fp16`).
+    pub fn scaler(&self) -> Option<&GradScaler> {
+        self.scaler.as_ref()
+    }
+
     fn loader(&self, dataset: &Dataset, batch_size: usize, shuffle: bool) -> Result<DataLoader<C>> {
         let seed = self.args.data_seed.unwrap_or(self.args.seed);
         Ok(DataLoader::new(dataset, self.collator.clone(), batch_size)
@@ -255,8 +272,17 @@ where
     ///
     /// Training keeps freed memory in the process for the next step
     /// ([`ember_kernels::keep_freed_memory`]).
+    ///
+    /// With `bf16` / `fp16` the forward and backward passes run under
+    /// [`ember_kernels::autocast`]; with `fp16` the loss is scaled by a [`GradScaler`], and a
+    /// step whose gradients overflow is skipped (logged at warning level) without advancing
+    /// the learning-rate schedule, as HF's Trainer with torch's AdamW does.
     pub fn train(&mut self) -> Result<BTreeMap<String, f64>> {
         ember_kernels::keep_freed_memory();
+        let _autocast = self
+            .args
+            .mixed_precision_dtype()
+            .map(ember_kernels::autocast);
         let dataset = self
             .train_dataset
             .clone()
@@ -300,8 +326,14 @@ where
             is_world_process_zero: true,
             ..TrainerState::default()
         };
+        let mut scaler = match args.fp16 {
+            true => Some(GradScaler::new(&self.grad_scaler)?),
+            false => None,
+        };
+        // Optimizer steps taken, which the schedule counts: a skipped step does not advance it.
+        let mut scheduler_steps = 0;
         if let Some(checkpoint) = args.resume_from_checkpoint.clone() {
-            optimizer = self.resume(&checkpoint, optimizer)?;
+            (optimizer, scheduler_steps) = self.resume(&checkpoint, optimizer, scaler.as_mut())?;
         }
         let start = Instant::now();
         let start_step = self.state.global_step;
@@ -346,13 +378,18 @@ where
                     loss
                 };
                 let value: f64 = loss.clone().into_scalar().elem();
-                if !value.is_finite() {
+                // In float16 an overflow is the scaler's business: the step is skipped.
+                if !value.is_finite() && scaler.is_none() {
                     return Err(TrainError::Step(format!(
                         "the loss is {value} at step {}",
                         self.state.global_step + 1
                     )));
                 }
                 step_loss += value;
+                let loss = match &scaler {
+                    Some(scaler) => scaler.scale(loss),
+                    None => loss,
+                };
                 accumulator.accumulate(
                     &self.model,
                     GradientsParams::from_grads(loss.backward(), &self.model),
@@ -362,9 +399,27 @@ where
                     continue;
                 }
                 let mut grads = accumulator.grads();
+                let found_inf = scaler
+                    .as_ref()
+                    .is_some_and(|s| s.unscale::<B>(&mut grads, &params));
                 let grad_norm = clip_grad_norm::<B>(&mut grads, &params, args.max_grad_norm);
-                let lr = schedule.lr(self.state.global_step);
-                self.model = optimizer.step(lr, self.model.clone(), grads, &params);
+                let lr = schedule.lr(scheduler_steps);
+                if let Some(scaler) = scaler.as_mut() {
+                    if found_inf {
+                        tracing::warn!(
+                            "step {}: inf / NaN gradients at loss scale {}: optimizer step \
+                             skipped, scale now {}",
+                            self.state.global_step + 1,
+                            scaler.get_scale(),
+                            scaler.get_scale() * self.grad_scaler.backoff_factor
+                        );
+                    }
+                    scaler.update(found_inf);
+                }
+                if !found_inf {
+                    self.model = optimizer.step(lr, self.model.clone(), grads, &params);
+                    scheduler_steps += 1;
+                }
                 self.state.global_step += 1;
                 self.state.epoch = epoch as f64 + (index + 1) as f64 / batches_per_epoch as f64;
                 loss_since_log += step_loss;
@@ -398,7 +453,7 @@ where
                 if args.save_strategy == IntervalStrategy::Steps
                     && step.is_multiple_of(self.state.save_steps)
                 {
-                    self.save_checkpoint(&optimizer)?;
+                    self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref())?;
                 }
                 stop = control.should_training_stop || step >= max_steps;
                 if stop {
@@ -409,7 +464,7 @@ where
                 self.log_train(
                     loss_since_log / steps_since_log as f64,
                     f64::NAN,
-                    schedule.lr(self.state.global_step),
+                    schedule.lr(scheduler_steps),
                 );
                 (loss_since_log, steps_since_log) = (0.0, 0);
             }
@@ -417,10 +472,11 @@ where
                 stop |= self.evaluate_during_training()?.should_training_stop;
             }
             if args.save_strategy == IntervalStrategy::Epoch {
-                self.save_checkpoint(&optimizer)?;
+                self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref())?;
             }
         }
         progress.finish_and_clear();
+        self.scaler = scaler;
         if args.load_best_model_at_end {
             if let Some(best) = self.state.best_model_checkpoint.clone() {
                 tracing::info!(
@@ -557,6 +613,11 @@ where
         prefix: &str,
     ) -> Result<(EvalPrediction, BTreeMap<String, f64>)> {
         let start = Instant::now();
+        // HF evaluates under the same autocast as it trains.
+        let _autocast = self
+            .args
+            .mixed_precision_dtype()
+            .map(ember_kernels::autocast);
         let model = self.model.valid();
         let loader = self.loader(dataset, self.args.per_device_eval_batch_size, false)?;
         let device = self.device.clone();
@@ -609,9 +670,16 @@ where
 
     /// Writes `output_dir/checkpoint-{global_step}/`: the model (`config.json`,
     /// `model.safetensors`), `trainer_state.json`, `training_args.json`, `optimizer.bin`,
-    /// `scheduler.json` and `rng_state.json`. The folder is written under a temporary name and
-    /// renamed into place, so a crash mid-save leaves the previous checkpoints untouched.
-    fn save_checkpoint(&mut self, optimizer: &GroupedAdamW<M, B>) -> Result<()> {
+    /// `scheduler.json` (`last_epoch`: the schedule's step count), `rng_state.json` and, in
+    /// `fp16`, `scaler.json` (the [`GradScaler`]'s `state_dict`). The folder is written under a
+    /// temporary name and renamed into place, so a crash mid-save leaves the previous
+    /// checkpoints untouched.
+    fn save_checkpoint(
+        &mut self,
+        optimizer: &GroupedAdamW<M, B>,
+        scheduler_steps: usize,
+        scaler: Option<&GradScaler>,
+    ) -> Result<()> {
         let dir = self.checkpoint_dir(self.state.global_step);
         let tmp = self.args.output_dir.join(format!(
             ".checkpoint-{}.tmp-{}",
@@ -633,10 +701,13 @@ where
         write("optimizer.bin", &optimizer.to_bytes()?)?;
         write(
             "scheduler.json",
-            serde_json::json!({ "last_epoch": self.state.global_step })
+            serde_json::json!({ "last_epoch": scheduler_steps })
                 .to_string()
                 .as_bytes(),
         )?;
+        if let Some(scaler) = scaler {
+            write("scaler.json", scaler.state_dict().to_string().as_bytes())?;
+        }
         let rng =
             serde_json::json!({ "seed": self.args.seed, "global_step": self.state.global_step });
         write("rng_state.json", rng.to_string().as_bytes())?;
@@ -689,11 +760,14 @@ where
         Ok(())
     }
 
+    /// Restores the model, the optimizer, the trainer state and (with `fp16`) the scaler from
+    /// `checkpoint`; returns the optimizer and the schedule's step count.
     fn resume(
         &mut self,
         checkpoint: &Path,
         optimizer: GroupedAdamW<M, B>,
-    ) -> Result<GroupedAdamW<M, B>> {
+        scaler: Option<&mut GradScaler>,
+    ) -> Result<(GroupedAdamW<M, B>, usize)> {
         let state = TrainerState::load(&checkpoint.join("trainer_state.json"))?;
         self.model = self
             .model
@@ -703,6 +777,42 @@ where
         let path = checkpoint.join("optimizer.bin");
         let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path, source })?;
         let optimizer = optimizer.load_bytes(bytes, &self.device)?;
+        let read_json = |name: &str| -> Result<Option<Value>> {
+            let path = checkpoint.join(name);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| TrainError::File {
+                    path,
+                    message: e.to_string(),
+                })
+        };
+        // A checkpoint without scheduler.json (older Ember) counted every step.
+        let scheduler_steps = match read_json("scheduler.json")? {
+            Some(value) => value["last_epoch"]
+                .as_u64()
+                .ok_or_else(|| TrainError::File {
+                    path: checkpoint.join("scheduler.json"),
+                    message: "`last_epoch` is not a step count".into(),
+                })? as usize,
+            None => state.global_step,
+        };
+        if let Some(scaler) = scaler {
+            let path = checkpoint.join("scaler.json");
+            let value = read_json("scaler.json")?.ok_or_else(|| TrainError::File {
+                path: path.clone(),
+                message: "fp16 training resumes the loss scaler, but the checkpoint has none \
+                          (it was not saved by an fp16 run)"
+                    .into(),
+            })?;
+            scaler.load_state_dict(&value, &path)?;
+        }
         tracing::info!(
             "resuming from {} at step {}",
             checkpoint.display(),
@@ -714,7 +824,7 @@ where
         self.state.best_metric = state.best_metric;
         self.state.best_global_step = state.best_global_step;
         self.state.best_model_checkpoint = state.best_model_checkpoint;
-        Ok(optimizer)
+        Ok((optimizer, scheduler_steps))
     }
 }
 
