@@ -244,6 +244,7 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
     }
     let tokenizer = AutoTokenizer::from_pretrained(&a.model)?;
     let device = default_device();
+    crate::train::set_seed(args.seed);
     let model = if a.from_scratch {
         let path = a.model.join("config.json");
         let config: serde_json::Value = serde_json::from_str(

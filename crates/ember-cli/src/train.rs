@@ -133,6 +133,13 @@ pub struct PredictArgs {
     dtype: crate::dtype::DtypeArgs,
 }
 
+/// HF's `set_seed(args.seed)` before the model is built, as HF's example scripts call it: a
+/// new head, fresh weights and new adapters start alike in every run with the same seed.
+pub(crate) fn set_seed(seed: u64) {
+    use ember::burn::tensor::backend::Backend;
+    TrainBackend::seed(&default_device(), seed);
+}
+
 /// Reads a data file with the builder its extension names.
 pub fn read_data(path: &Path) -> Result<Dataset> {
     let ext = path
@@ -348,6 +355,7 @@ fn train_ner(
             .labels(names.clone())
             .ignore_mismatched_sizes(true),
     );
+    set_seed(args.seed);
     let (model, report) = ember::models::AutoModelForTokenClassification::from_pretrained_with::<
         TrainBackend,
     >(model_dir, &options, &default_device())?;
@@ -573,6 +581,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     );
     let train = tokenize(&train, &tokenizer, text_column, max_length)?;
     let eval = tokenize(&eval, &tokenizer, text_column, max_length)?;
+    set_seed(args.seed);
     let model = if a.from_scratch {
         let mut config = ember::models::read_config(model_dir)?;
         config.set_labels(names);

@@ -388,3 +388,75 @@ fn bad_peft_configs_and_adapter_folders_are_error_lines() {
     );
     assert!(!ok && !err.contains("panicked"), "{err}");
 }
+
+/// `ember train --bf16 | --fp16` with a LoRA adapter: the same run as float32 within half
+/// precision's rounding (which is really applied: the curves are not identical), the loss
+/// falling, and the adapter saved in float32 (mixed precision keeps float32 master weights).
+#[test]
+fn lora_trains_in_bf16_and_fp16_mixed_precision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_folder(tmp.path(), "tiny-llama-gqa", None);
+    let data = tmp.path().join("rows.json");
+    write_alpaca(&data, 16);
+    let args = tmp.path().join("args.json");
+    write_args(&args, json!({"num_train_epochs": 2}));
+    let peft = tmp.path().join("lora.json");
+    std::fs::write(
+        &peft,
+        json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16,
+               "target_modules": ["q_proj", "v_proj"]})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |flag: Option<&str>| {
+        let out = tmp
+            .path()
+            .join(flag.unwrap_or("--float32").trim_start_matches('-'));
+        let mut args = vec![
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--args",
+            args.to_str().unwrap(),
+            "--peft",
+            peft.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+        ];
+        args.extend(flag);
+        let (lines, _) = train(&args);
+        (losses(&lines), out)
+    };
+    let (f32_losses, _) = run(None);
+    for (flag, tolerance) in [("--bf16", 1e-3), ("--fp16", 1e-4)] {
+        let (l, out) = run(Some(flag));
+        assert_eq!(l.len(), f32_losses.len(), "{flag}");
+        assert!(
+            l.last().unwrap() < l.first().unwrap(),
+            "{flag} learns: {l:?}"
+        );
+        let gap = l
+            .iter()
+            .zip(&f32_losses)
+            .map(|(a, b)| (a - b).abs() / b)
+            .fold(0.0, f64::max);
+        eprintln!("{flag}: largest relative loss difference from float32 {gap:.2e}");
+        assert!(
+            gap > 0.0,
+            "{flag}: the losses equal float32's: no rounding happened"
+        );
+        assert!(
+            gap < tolerance,
+            "{flag}: {gap:.2e} from float32: {l:?} vs {f32_losses:?}"
+        );
+        let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in file.tensors() {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{flag}: {name}");
+        }
+    }
+    // Both flags at once are refused by the parser.
+    let (ok, _, stderr) = common::ember(&["train", "--bf16", "--fp16"], "");
+    assert!(!ok && stderr.contains("--fp16"), "{stderr}");
+}
