@@ -32,9 +32,11 @@ def config(vocab, hidden, layers, heads, intermediate):
                       intermediate_size=intermediate)
 
 
-def forward_case(name, cfg, batch, repeats):
+def forward_case(name, cfg, batch, repeats, bf16=False):
     torch.manual_seed(0)
     model = BertModel(cfg).eval()
+    if bf16:
+        model = model.bfloat16()
     ids = torch.randint(0, cfg.vocab_size, (batch, 128))
     mask = torch.ones(batch, 128, dtype=torch.int64)
 
@@ -45,7 +47,7 @@ def forward_case(name, cfg, batch, repeats):
     print(json.dumps({"bench": f"encoders/{name}", "median_s": timed(run, repeats), "items": batch}), flush=True)
 
 
-def train_case(repeats):
+def train_case(repeats, bf16=False):
     torch.manual_seed(0)
     cfg = config(21128, 768, 3, 12, 3072)
     model = BertForSequenceClassification(cfg).train()
@@ -55,12 +57,15 @@ def train_case(repeats):
     labels = torch.randint(0, 2, (32,))
 
     def step():
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # HF's Trainer with bf16=True: the forward pass under CPU autocast.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    print(json.dumps({"bench": "encoders/rbt3_train_step_b32_s128", "median_s": timed(step, repeats), "items": 32}), flush=True)
+    name = "encoders/rbt3_train_step_bf16_b32_s128" if bf16 else "encoders/rbt3_train_step_b32_s128"
+    print(json.dumps({"bench": name, "median_s": timed(step, repeats), "items": 32}), flush=True)
 
 
 def main():
@@ -69,8 +74,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     forward_case("bert_base_forward_b8_s128", config(30522, 768, 12, 12, 3072), 8, a.repeats)
+    forward_case("bert_base_forward_bf16_b8_s128", config(30522, 768, 12, 12, 3072), 8, a.repeats, bf16=True)
     forward_case("minilm_l6_forward_b32_s128", config(30522, 384, 6, 12, 1536), 32, a.repeats)
     train_case(a.repeats)
+    train_case(a.repeats, bf16=True)
 
 
 if __name__ == "__main__":
