@@ -135,22 +135,30 @@ fn merge_writes_a_plain_checkpoint_with_peft_s_merged_logits() {
     }
 }
 
-#[test]
-fn train_with_peft_writes_the_adapter_and_generate_applies_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = model_folder(tmp.path(), "tiny-llama-gqa", None);
-    let data = tmp.path().join("rows.json");
+/// The files of a LoRA run in `dir`: the tiny Llama folder, 16 alpaca rows, arguments for
+/// `epochs` epochs, and a rank-4 LoRA config on `targets`.
+fn lora_run_files(dir: &Path, epochs: usize, targets: &[&str]) -> [PathBuf; 4] {
+    let model = model_folder(dir, "tiny-llama-gqa", None);
+    let data = dir.join("rows.json");
     write_alpaca(&data, 16);
-    let args = tmp.path().join("args.json");
-    write_args(&args, json!({"num_train_epochs": 3}));
-    let peft = tmp.path().join("lora.json");
+    let args = dir.join("args.json");
+    write_args(&args, json!({ "num_train_epochs": epochs }));
+    let peft = dir.join("lora.json");
     std::fs::write(
         &peft,
         json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16,
-               "target_modules": ["q_proj", "v_proj", "down_proj"]})
+               "target_modules": targets})
         .to_string(),
     )
     .unwrap();
+    [model, data, args, peft]
+}
+
+#[test]
+fn train_with_peft_writes_the_adapter_and_generate_applies_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let [model, data, args, peft] =
+        lora_run_files(tmp.path(), 3, &["q_proj", "v_proj", "down_proj"]);
     let out = tmp.path().join("out");
     let (lines, _) = train(&[
         "--model",
@@ -395,19 +403,7 @@ fn bad_peft_configs_and_adapter_folders_are_error_lines() {
 #[test]
 fn lora_trains_in_bf16_and_fp16_mixed_precision() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_folder(tmp.path(), "tiny-llama-gqa", None);
-    let data = tmp.path().join("rows.json");
-    write_alpaca(&data, 16);
-    let args = tmp.path().join("args.json");
-    write_args(&args, json!({"num_train_epochs": 2}));
-    let peft = tmp.path().join("lora.json");
-    std::fs::write(
-        &peft,
-        json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16,
-               "target_modules": ["q_proj", "v_proj"]})
-        .to_string(),
-    )
-    .unwrap();
+    let [model, data, args, peft] = lora_run_files(tmp.path(), 2, &["q_proj", "v_proj"]);
     let run = |flag: Option<&str>| {
         let out = tmp
             .path()
