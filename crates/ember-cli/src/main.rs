@@ -49,8 +49,12 @@ enum Command {
 fn main() -> ExitCode {
     // Before any thread allocates: every command reuses its freed buffers.
     ember::keep_freed_memory();
+    // RUST_LOG when set; otherwise the Trainer's warnings (an fp16 step skipped by the loss
+    // scaler) and every crate's errors.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,ember_train=warn"));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -342,19 +342,18 @@ pub(crate) fn tied_logits<B: Backend>(
     let [batch, seq, hidden] = x.dims();
     let weight = embedding.base.weight.val();
     let vocab = weight.dims()[0];
-    let rows = x.reshape([batch * seq, hidden]);
+    let mut rows = x.reshape([batch * seq, hidden]);
     // The kernel reads the table's rows in place (a half-precision table too); burn's matmul
     // on the transposed view runs about 2x slower than on a contiguous matrix.
-    let transposed = weight.transpose();
+    let mut transposed = weight.transpose();
     if ember_kernels::autocast_dtype().is_some() {
-        // torch.autocast: the head's matmul in half precision.
+        // torch.autocast: the head's matmul in half precision, on rounded operands.
         let round = |t| ember_kernels::autocast_round(ember_kernels::float32(t));
-        let logits = round(rows).matmul(round(transposed));
-        return ember_kernels::autocast_round(logits).reshape([batch, seq, vocab]);
+        (rows, transposed) = (round(rows), round(transposed));
     }
-    ember_kernels::linear(&rows, &transposed, None)
-        .unwrap_or_else(|| rows.matmul(ember_kernels::float32(transposed)))
-        .reshape([batch, seq, vocab])
+    let logits = ember_kernels::linear(&rows, &transposed, None)
+        .unwrap_or_else(|| rows.matmul(ember_kernels::float32(transposed)));
+    ember_kernels::autocast_round(logits).reshape([batch, seq, vocab])
 }
 
 /// One layer's cached keys and values, `[batch, kv_heads, seq, head_dim]` each.
