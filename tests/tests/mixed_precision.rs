@@ -48,11 +48,7 @@ fn arguments(expected: &Value, dir: &Path, bf16: bool, fp16: bool) -> TrainingAr
     args
 }
 
-fn trainer(
-    expected: &Value,
-    args: TrainingArguments,
-) -> Trainer<TrainBackend, Model, DataCollatorWithPadding> {
-    let _ = expected;
+fn trainer(args: TrainingArguments) -> Trainer<TrainBackend, Model, DataCollatorWithPadding> {
     // The examples are the Trainer parity fixture's (the generator imports them from there).
     let path = fixtures().join("train/trainer-expected.json");
     let parity: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -105,7 +101,7 @@ fn bf16_and_fp16_losses_follow_torch_autocast() {
     let torch_f32 = losses(runs["float32"]["steps"].as_array().unwrap());
     for (run, bf16, fp16) in [("bf16", true, false), ("fp16", false, true)] {
         let tmp = tempfile::tempdir().unwrap();
-        let mut trainer = trainer(&expected, arguments(&expected, tmp.path(), bf16, fp16));
+        let mut trainer = trainer(arguments(&expected, tmp.path(), bf16, fp16));
         trainer.train().unwrap();
         let logs = step_logs(&trainer);
         let ours: Vec<f64> = logs.iter().map(|e| e["loss"].as_f64().unwrap()).collect();
@@ -173,8 +169,7 @@ fn fp16_loss_scale_backs_off_and_recovers_as_torch_grad_scaler() {
     let kwargs: GradScalerKwargs = serde_json::from_value(run["grad_scaler"].clone()).unwrap();
     assert_eq!(kwargs.init_scale, 16777216.0);
     let tmp = tempfile::tempdir().unwrap();
-    let mut trainer =
-        trainer(&expected, arguments(&expected, tmp.path(), false, true)).grad_scaler(kwargs);
+    let mut trainer = trainer(arguments(&expected, tmp.path(), false, true)).grad_scaler(kwargs);
     trainer.train().unwrap();
     let logs = step_logs(&trainer);
     // A skipped step's gradient norm is inf / NaN, which the log leaves out.
@@ -226,7 +221,7 @@ fn fp16_resume_restores_the_scaler_step_exactly() {
     let mut args = arguments(&expected, &tmp.path().join("full"), false, true);
     args.save_strategy = IntervalStrategy::Steps;
     args.save_steps = 10.0;
-    let mut full = trainer(&expected, args.clone()).grad_scaler(kwargs.clone());
+    let mut full = trainer(args.clone()).grad_scaler(kwargs.clone());
     full.train().unwrap();
     let checkpoint = tmp.path().join("full/checkpoint-10");
     let state: Value =
@@ -250,7 +245,7 @@ fn fp16_resume_restores_the_scaler_step_exactly() {
     let mut resumed_args = args;
     resumed_args.output_dir = tmp.path().join("resumed");
     resumed_args.resume_from_checkpoint = Some(checkpoint);
-    let mut resumed = trainer(&expected, resumed_args).grad_scaler(kwargs);
+    let mut resumed = trainer(resumed_args).grad_scaler(kwargs);
     resumed.train().unwrap();
     assert_eq!(resumed.scaler(), full.scaler());
     // Every weight, bit for bit: the saved files are equal.

@@ -405,16 +405,16 @@ where
                 let grad_norm = clip_grad_norm::<B>(&mut grads, &params, args.max_grad_norm);
                 let lr = schedule.lr(scheduler_steps);
                 if let Some(scaler) = scaler.as_mut() {
+                    let used = scaler.get_scale();
+                    scaler.update(found_inf);
                     if found_inf {
                         tracing::warn!(
-                            "step {}: inf / NaN gradients at loss scale {}: optimizer step \
+                            "step {}: inf / NaN gradients at loss scale {used}: optimizer step \
                              skipped, scale now {}",
                             self.state.global_step + 1,
-                            scaler.get_scale(),
-                            scaler.get_scale() * self.grad_scaler.backoff_factor
+                            scaler.get_scale()
                         );
                     }
-                    scaler.update(found_inf);
                 }
                 if !found_inf {
                     self.model = optimizer.step(lr, self.model.clone(), grads, &params);
