@@ -26,6 +26,11 @@
 //! operands and results of their linear layers and attention with [`autocast_round`], and
 //! gradients on their way back.
 //!
+//! bf16 products (inside a bf16 [`autocast`] region, forward and backward, and with a
+//! `.bfloat16()` model's weights) run on the CPU's bf16 dot-product instructions where it has
+//! AVX512_BF16 ([`bf16_gemm_available`]): both operands packed as bf16 pairs, the sums in f32,
+//! 1.6-1.8x the f32 GEMM's rate on the 2-core Zen 4 bench machine.
+//!
 //! For decoding, [`linear`] reads a weight whose values are all bf16 (a checkpoint published in
 //! bf16, loaded in f32) from a bf16 copy: half the bytes, the same results.
 //!
@@ -38,6 +43,7 @@
 mod alloc;
 mod attention;
 mod autocast;
+mod bf16_gemm;
 mod bridge;
 mod dropout;
 mod dtype;
@@ -55,6 +61,7 @@ mod tracked;
 pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
 pub use autocast::{autocast, autocast_dtype, autocast_round, round_to, AutocastGuard};
+pub use bf16_gemm::{bf16_gemm_available, BF16_GEMM_VAR};
 pub use dropout::dropout_mask;
 pub use dtype::{float32, to_half};
 pub use frozen::{frozen_linear, FrozenWeight};

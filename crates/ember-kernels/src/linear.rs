@@ -1,5 +1,6 @@
 //! A linear layer as one GEMM that starts from the bias.
 
+use crate::bf16_gemm::{self, Matrix};
 use crate::ptr::{Shared, SharedMut};
 use crate::{bridge, math, packed};
 use burn::tensor::{backend::Backend, DType, Tensor};
@@ -28,11 +29,14 @@ pub fn linear<B: Backend>(
     let wf = match weight.dtype() {
         DType::F32 => bridge::flex(weight)?,
         // A half-precision model's weight: read in place for a few rows (decoding: half the
-        // bytes of float32), widened to float32 for a GEMM.
+        // bytes of float32) and by the bf16 GEMM, widened to float32 elsewhere.
         DType::BF16 | DType::F16 => {
             let wh = bridge::float_primitive::<B, 2, FlexTensor>(weight)?;
             if wh.dtype() == DType::BF16 {
                 if let Some(out) = linear_bf16_few_rows(&xf, &wh, bf.as_ref()) {
+                    return Some(bridge::wrap(out));
+                }
+                if let Some(out) = linear_bf16_weight(&xf, &wh, bf.as_ref()) {
                     return Some(bridge::wrap(out));
                 }
             }
@@ -45,7 +49,45 @@ pub fn linear<B: Backend>(
         &wf,
         bf.as_ref(),
         Weights::Bf16Copies,
+        Products::of_autocast(),
     )?))
+}
+
+/// [`linear`] for a bfloat16 weight through the bf16 GEMM, read where it lies: the input
+/// rounded to bf16 as a `.bfloat16()` model's activations are in torch, the sums and the bias
+/// in f32. `None` for up to [`FEW_ROWS`] rows (read as they are, by the few-rows product or
+/// widened), where the CPU has no bf16 dot products, or where the shapes disagree.
+fn linear_bf16_weight(
+    xf: &FlexTensor,
+    wh: &FlexTensor,
+    bf: Option<&FlexTensor>,
+) -> Option<FlexTensor> {
+    let [m, k] = dims2(xf);
+    let [k2, n] = dims2(wh);
+    let shapes_agree = k == k2 && bf.is_none_or(|b| b.layout().num_elements() == n);
+    if !bf16_gemm::available() || m <= FEW_ROWS || !shapes_agree {
+        return None;
+    }
+    let mut out: Vec<f32> = match bf {
+        Some(b) => bridge::contiguous(b)?.repeat(m),
+        None => vec![0.0; m * n],
+    };
+    let lhs = Matrix {
+        ptr: xf.storage::<f32>()[xf.layout().start_offset()..].as_ptr(),
+        strides: [xf.layout().strides()[0], xf.layout().strides()[1]],
+    };
+    let rhs = Matrix {
+        ptr: bytemuck::cast_slice::<_, u16>(
+            &wh.storage::<burn::tensor::bf16>()[wh.layout().start_offset()..],
+        )
+        .as_ptr(),
+        strides: [wh.layout().strides()[0], wh.layout().strides()[1]],
+    };
+    // SAFETY: the bf16 GEMM is available; the operands address the tensors' own buffers at
+    // their start offsets, whose layouts reach `[m, k]` and `[k, n]` elements; `out` holds
+    // m rows of n initialised values.
+    unsafe { bf16_gemm::gemm(SharedMut::new(out.as_mut_ptr()), n, lhs, rhs, [m, k, n]) };
+    Some(bridge::from_vec(out, &[m, n]))
 }
 
 /// [`linear`] for up to [`FEW_ROWS`] rows of `x` with a bfloat16 weight read where it lies
@@ -106,6 +148,28 @@ pub(crate) enum Weights {
     AsTheyAre,
 }
 
+/// The precision of a GEMM's products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// f32 operands as they are.
+    F32,
+    /// Operands rounded to bf16, products summed in f32 (torch's bf16 matmul): the bf16
+    /// GEMM where the CPU has bf16 dot products, an f32 GEMM elsewhere (where a bf16
+    /// [`crate::autocast`] region has rounded the operands already).
+    Bf16,
+}
+
+impl Products {
+    /// [`Products::Bf16`] inside a bf16 [`crate::autocast`] region, else f32.
+    pub(crate) fn of_autocast() -> Self {
+        if crate::autocast_dtype() == Some(DType::BF16) {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+}
+
 /// [`linear`] on Flex tensors: `x: [rows, d_in]` and `weight: [d_in, d_out]` of any strides,
 /// `bias` contiguous. `None` when the shapes disagree.
 pub(crate) fn linear_flex(
@@ -113,13 +177,14 @@ pub(crate) fn linear_flex(
     wf: &FlexTensor,
     bf: Option<&FlexTensor>,
     weights: Weights,
+    products: Products,
 ) -> Option<FlexTensor> {
     let [m, k] = dims2(xf);
     let [k2, n] = dims2(wf);
     if k != k2 || bf.is_some_and(|b| b.layout().num_elements() != n) {
         return None;
     }
-    let plan = Plan::of(xf, wf, [m, k, n]);
+    let plan = Plan::of(xf, wf, [m, k, n], products);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     if let Some(b) = bf.filter(|_| n > 0) {
         let b = bridge::contiguous(b)?;
@@ -159,6 +224,8 @@ enum Plan {
     SplitColumns,
     /// One `gemm` call on the calling thread.
     Single,
+    /// The bf16 GEMM ([`bf16_gemm::gemm`]) over the threads, added into the output.
+    Bf16,
 }
 
 impl Plan {
@@ -169,7 +236,9 @@ impl Plan {
     /// the whole weight from memory, which one core cannot do at the memory's rate:
     /// [`few_rows`] splits the weight over the threads instead. Other products below the
     /// threshold with a large weight split its columns over the threads.
-    fn of(lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3]) -> Self {
+    ///
+    /// Products in bf16 run the bf16 GEMM wherever `gemm` would, if the CPU has it.
+    fn of(lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3], products: Products) -> Self {
         let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
         let threads = rayon::current_num_threads();
         let lhs_rows = ls[1] == 1 || m == 1;
@@ -180,6 +249,8 @@ impl Plan {
             Self::Nothing
         } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
             Self::FewRows
+        } else if products == Products::Bf16 && bf16_gemm::available() {
+            Self::Bf16
         } else if m * n * k >= PARALLEL_WORK {
             Self::Parallel
         } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
@@ -193,13 +264,13 @@ impl Plan {
     /// `gemm` without a bias overwrites every output value; the other plans add into it or
     /// leave it as it is.
     fn reads_output(self) -> bool {
-        matches!(self, Self::Nothing | Self::FewRows)
+        matches!(self, Self::Nothing | Self::FewRows | Self::Bf16)
     }
 }
 
 /// `lhs · rhs` for 2-D tensors of any strides whose inner dimensions the caller checked agree.
-pub(crate) fn matmul_flex(lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
-    linear_flex(lhs, rhs, None, Weights::AsTheyAre)
+pub(crate) fn matmul_flex(lhs: &FlexTensor, rhs: &FlexTensor, products: Products) -> FlexTensor {
+    linear_flex(lhs, rhs, None, Weights::AsTheyAre, products)
         .expect("the caller checked the inner dimensions")
 }
 
@@ -311,6 +382,24 @@ unsafe fn gemm_into(
                     threads,
                 )
             };
+        }
+        Plan::Bf16 => {
+            let operand = |t: &FlexTensor, ptr: Shared| Matrix {
+                // SAFETY: offset 0 is the tensor's first element.
+                ptr: unsafe { ptr.at(0) },
+                strides: [t.layout().strides()[0], t.layout().strides()[1]],
+            };
+            // SAFETY: the plan chose the bf16 GEMM only where it is available; the operands
+            // are as above; `out` holds m · n initialised values (the plan reads its output).
+            unsafe {
+                bf16_gemm::gemm(
+                    out_ptr,
+                    n,
+                    operand(lhs, lhs_ptr),
+                    operand(rhs, rhs_ptr),
+                    [m, k, n],
+                )
+            }
         }
         Plan::Parallel => run(0..n, gemm::Parallelism::Rayon(0)),
         Plan::SplitColumns => {
@@ -472,9 +561,16 @@ mod tests {
             for rows in [1, 2, 3, 8, 9] {
                 let x =
                     Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+                // Beyond the few rows, where the bf16 GEMM runs, the input is rounded to bf16
+                // as a bf16 model's activations are.
+                let x_read = if rows > FEW_ROWS && bf16_gemm::available() {
+                    crate::round_to(x.clone(), DType::BF16)
+                } else {
+                    x.clone()
+                };
                 for (w, bias) in [(&w, Some(&b)), (&w, None), (&wt, None)] {
                     let got = linear(&x, w, bias).unwrap();
-                    let want = linear(&x, &crate::float32(w.clone()), bias).unwrap();
+                    let want = linear(&x_read, &crate::float32(w.clone()), bias).unwrap();
                     // The same products in the same order where the few-rows path runs.
                     got.into_data()
                         .assert_approx_eq(&want.into_data(), tolerance());
@@ -554,8 +650,8 @@ mod tests {
         ));
         for (weight, extent) in [(w, 300 * 1000), (table.transpose(), 1000 * 300)] {
             let (xf, wf) = (bridge::flex(&x).unwrap(), bridge::flex(&weight).unwrap());
-            let copied = linear_flex(&xf, &wf, None, Weights::Bf16Copies).unwrap();
-            let plain = linear_flex(&xf, &wf, None, Weights::AsTheyAre).unwrap();
+            let copied = linear_flex(&xf, &wf, None, Weights::Bf16Copies, Products::F32).unwrap();
+            let plain = linear_flex(&xf, &wf, None, Weights::AsTheyAre, Products::F32).unwrap();
             assert!(
                 packed::bf16_copy(&wf, extent).is_some(),
                 "the copy was made"

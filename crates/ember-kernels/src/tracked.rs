@@ -127,13 +127,17 @@ pub(crate) fn linear<B: Backend>(
 ) -> Option<Tensor<B, 2>> {
     let (xa, wa, ba) = (ad(x)?, ad(weight)?, optional_ad(bias)?);
     let bias_rows = ba.as_ref().map(|b| bridge::rows(&b.primitive));
+    // Products in bf16 inside a bf16 autocast region, in the backward pass too (torch runs
+    // a bf16 op's backward in bf16 whether or not autocast is still on).
+    let products = dense::Products::of_autocast();
     let out = dense::linear_flex(
         &xa.primitive,
         &wa.primitive,
         bias_rows.as_ref(),
         dense::Weights::AsTheyAre,
+        products,
     )?;
-    let state = (xa.primitive.clone(), wa.primitive.clone());
+    let state = (xa.primitive.clone(), wa.primitive.clone(), products);
     Some(wrap(match &ba {
         Some(b) => record(LinearBackward, [&xa, &wa, b], state, out),
         None => record(LinearBackward, [&xa, &wa], state, out),
@@ -146,18 +150,18 @@ pub(crate) fn linear<B: Backend>(
 struct LinearBackward;
 
 impl<const N: usize> Backward<Flex, N> for LinearBackward {
-    /// The input `x` and the weight `W`.
-    type State = (FlexTensor, FlexTensor);
+    /// The input `x`, the weight `W` and the precision of the forward products.
+    type State = (FlexTensor, FlexTensor, dense::Products);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let ids = wanted(&ops);
         let dy = grads.consume::<Flex>(&ops.node);
-        let (x, w) = ops.state;
+        let (x, w, products) = ops.state;
         give(grads, ids[0], || {
-            dense::matmul_flex(&dy, &w.transpose(0, 1))
+            dense::matmul_flex(&dy, &w.transpose(0, 1), products)
         });
         give(grads, ids[1], || {
-            dense::matmul_flex(&x.transpose(0, 1), &dy)
+            dense::matmul_flex(&x.transpose(0, 1), &dy, products)
         });
         if N > 2 {
             give(grads, ids[N - 1], || {
@@ -562,6 +566,37 @@ mod tests {
             let g_want = (x.clone().matmul(frozen.clone()) * r).sum().backward();
             close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
             assert!(frozen.grad(&g_got).is_none());
+        }
+    }
+
+    /// Under bf16 autocast the forward and both backward GEMMs take bf16 products (the bf16
+    /// GEMM where the CPU has it): the same values as f32 GEMMs over the rounded operands,
+    /// including the rounded output gradient, even when the backward pass runs after the
+    /// region has ended.
+    #[test]
+    fn linear_under_bf16_autocast_multiplies_the_rounded_operands() {
+        use burn::tensor::DType;
+        let bf16 = |t: Tensor<B, 2>| crate::round_to(t, DType::BF16).detach().require_grad();
+        for (rows, d_in, d_out) in [(37, 50, 70), (300, 192, 256)] {
+            let (x, w) = (bf16(random([rows, d_in])), bf16(random([d_in, d_out])));
+            let r_raw = random([rows, d_out]).detach();
+            let r = crate::round_to(r_raw.clone(), DType::BF16);
+            // The bf16 GEMM rounds the output gradient itself (the models round it before).
+            let r_in = if crate::bf16_gemm::available() {
+                r_raw
+            } else {
+                r.clone()
+            };
+            let got = {
+                let _region = crate::autocast(DType::BF16);
+                crate::linear(&x, &w, None).unwrap()
+            };
+            let want = x.clone().matmul(w.clone());
+            close(got.clone().inner(), want.clone().inner());
+            let g_got = (got * r_in).sum().backward();
+            let g_want = (want * r).sum().backward();
+            close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+            close(w.grad(&g_got).unwrap(), w.grad(&g_want).unwrap());
         }
     }
 
