@@ -65,7 +65,7 @@ pub use bf16_gemm::{bf16_gemm_available, BF16_GEMM_VAR};
 pub use dropout::dropout_mask;
 pub use dtype::{float32, to_half};
 pub use frozen::{frozen_linear, FrozenWeight};
-pub use linear::linear;
+pub use linear::{autocast_linear, linear};
 pub use loss::{cross_entropy, IGNORE_INDEX};
 pub use norm::{gelu_erf, layer_norm, rms_norm, silu_mul};
 pub use rotary::rotary;

@@ -170,6 +170,55 @@ impl Products {
     }
 }
 
+/// One linear layer of a bf16 [`crate::autocast`] region, `round(x · W + b)` with bf16
+/// products, as torch's autocast `addmm`: the operands rounded to bf16 as the bf16 GEMM packs
+/// them, the bias rounded, the f32 sums rounded to bf16 in place; under autodiff the
+/// gradients of `x`, `W` and `b` rounded as a bf16 op's are, in the backward pass's own
+/// GEMMs. The same values as rounding each operand and the result with
+/// [`crate::autocast_round`] around [`linear`], without those passes over memory.
+///
+/// `None` outside a bf16 region, where the CPU has no bf16 dot products
+/// ([`crate::bf16_gemm_available`]), for another backend than Flex, or for tensors that are
+/// not f32 (the caller then rounds around [`linear`] or burn's operations).
+pub fn autocast_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    if crate::autocast_dtype() != Some(DType::BF16) || !bf16_gemm::available() {
+        return None;
+    }
+    #[cfg(feature = "autodiff")]
+    if bridge::is_autodiff_flex::<B>() {
+        return crate::tracked::autocast_linear(x, weight, bias);
+    }
+    let (xf, wf) = (bridge::flex(x)?, bridge::flex(weight)?);
+    let bias = bridge::optional_rows(bias)?.map(|b| crate::autocast::round_flex(&b, DType::BF16));
+    Some(bridge::wrap(rounded_linear_flex(&xf, &wf, bias.as_ref())?))
+}
+
+/// `round_bf16(x · w + b)` on Flex tensors with bf16 products (see [`autocast_linear`]);
+/// `None` when the shapes disagree.
+pub(crate) fn rounded_linear_flex(
+    xf: &FlexTensor,
+    wf: &FlexTensor,
+    bf: Option<&FlexTensor>,
+) -> Option<FlexTensor> {
+    let (mut values, shape) = linear_values(xf, wf, bf, Weights::AsTheyAre, Products::Bf16)?;
+    round_in_place(&mut values);
+    Some(bridge::from_vec(values, &shape))
+}
+
+/// Every value rounded to the nearest bf16 (kept in f32), in parallel chunks.
+pub(crate) fn round_in_place(values: &mut [f32]) {
+    use rayon::prelude::*;
+    values.par_chunks_mut(1 << 16).for_each(|chunk| {
+        for v in chunk {
+            *v = f32::from_bits(u32::from(bf16_gemm::round(*v)) << 16);
+        }
+    });
+}
+
 /// [`linear`] on Flex tensors: `x: [rows, d_in]` and `weight: [d_in, d_out]` of any strides,
 /// `bias` contiguous. `None` when the shapes disagree.
 pub(crate) fn linear_flex(
@@ -179,6 +228,18 @@ pub(crate) fn linear_flex(
     weights: Weights,
     products: Products,
 ) -> Option<FlexTensor> {
+    let (values, shape) = linear_values(xf, wf, bf, weights, products)?;
+    Some(bridge::from_vec(values, &shape))
+}
+
+/// The row-major values and shape of [`linear_flex`]'s result.
+fn linear_values(
+    xf: &FlexTensor,
+    wf: &FlexTensor,
+    bf: Option<&FlexTensor>,
+    weights: Weights,
+    products: Products,
+) -> Option<(Vec<f32>, [usize; 2])> {
     let [m, k] = dims2(xf);
     let [k2, n] = dims2(wf);
     if k != k2 || bf.is_some_and(|b| b.layout().num_elements() != n) {
@@ -208,7 +269,7 @@ pub(crate) fn linear_flex(
         );
         out.set_len(m * n);
     }
-    Some(bridge::from_vec(out, &[m, n]))
+    Some((out, [m, n]))
 }
 
 /// How [`gemm_into`] computes a product.
@@ -661,6 +722,35 @@ mod tests {
                 plain.into_data().to_vec::<f32>().unwrap()
             );
         }
+    }
+
+    /// Inference under bf16 autocast (evaluation): the fused layer gives the bits of the
+    /// rounding ops around [`linear`].
+    #[test]
+    fn autocast_linear_equals_rounding_around_linear() {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::random([40, 60], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<Flex, 2>::random([60, 50], Distribution::Normal(0.0, 1.0), &device);
+        let b = Tensor::<Flex, 1>::random([50], Distribution::Normal(0.0, 1.0), &device);
+        let _region = crate::autocast(DType::BF16);
+        let round = crate::autocast_round::<Flex, 2>;
+        let fused = autocast_linear(&x, &w, Some(&b)).unwrap();
+        let composed = round(
+            linear(
+                &round(x.clone()),
+                &round(w.clone()),
+                Some(&crate::autocast_round(b.clone())),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            fused.into_data().to_vec::<f32>().unwrap(),
+            composed.into_data().to_vec::<f32>().unwrap()
+        );
     }
 
     #[test]

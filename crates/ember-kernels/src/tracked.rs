@@ -175,6 +175,58 @@ impl<const N: usize> Backward<Flex, N> for LinearBackward {
     }
 }
 
+/// [`crate::autocast_linear`] under autodiff: `round(x · W + b)` with bf16 products, the
+/// gradients rounded as torch's bf16 `addmm` gives them.
+pub(crate) fn autocast_linear<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    bias: Option<&Tensor<B, 1>>,
+) -> Option<Tensor<B, 2>> {
+    let (xa, wa, ba) = (ad(x)?, ad(weight)?, optional_ad(bias)?);
+    let bias_rows = ba
+        .as_ref()
+        .map(|b| crate::autocast::round_flex(&bridge::rows(&b.primitive), DType::BF16));
+    let out = dense::rounded_linear_flex(&xa.primitive, &wa.primitive, bias_rows.as_ref())?;
+    let state = (xa.primitive.clone(), wa.primitive.clone());
+    Some(wrap(match &ba {
+        Some(b) => record(AutocastLinearBackward, [&xa, &wa, b], state, out),
+        None => record(AutocastLinearBackward, [&xa, &wa], state, out),
+    }))
+}
+
+/// Backward pass of an autocast linear layer: `dx = round(dy · Wᵀ)`, `dW = round(xᵀ · dy)`
+/// with bf16 products (which round `dy`, `x` and `W` as they are packed), and
+/// `db = round(Σ_rows round(dy))`: the gradient of the rounded output, then each rounded
+/// operand's, as torch's `.to(bfloat16)` before and after a bf16 `addmm` gives them.
+#[derive(Debug)]
+struct AutocastLinearBackward;
+
+impl<const N: usize> Backward<Flex, N> for AutocastLinearBackward {
+    /// The input `x` and the weight `W`, as they were given (f32).
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ids = wanted(&ops);
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w) = ops.state;
+        let product = |lhs: &FlexTensor, rhs: &FlexTensor| {
+            dense::rounded_linear_flex(lhs, rhs, None).expect("the shapes agree")
+        };
+        give(grads, ids[0], || product(&dy, &w.transpose(0, 1)));
+        give(grads, ids[1], || product(&x.transpose(0, 1), &dy));
+        if N > 2 {
+            give(grads, ids[N - 1], || {
+                let dy = crate::autocast::round_flex(&dy, DType::BF16);
+                let cols = dims2(&dy)[1];
+                let mut sums =
+                    dense::column_sums(bridge::contiguous(&dy).expect("contiguous"), cols);
+                dense::round_in_place(&mut sums);
+                bridge::from_vec(sums, &[cols])
+            });
+        }
+    }
+}
+
 // --- GELU ------------------------------------------------------------------------------------
 
 /// [`crate::gelu_erf`] under autodiff.
@@ -598,6 +650,61 @@ mod tests {
             close(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
             close(w.grad(&g_got).unwrap(), w.grad(&g_want).unwrap());
         }
+    }
+
+    /// The fused autocast layer gives the bits of the rounding ops composed around
+    /// [`crate::linear`] (which the models run where the CPU has no bf16 dot products),
+    /// forward and backward, with and without a bias.
+    #[test]
+    fn autocast_linear_equals_the_rounding_ops_around_linear() {
+        use burn::tensor::DType;
+        if !crate::bf16_gemm::available() {
+            eprintln!("skipped: this CPU has no AVX512_BF16");
+            return;
+        }
+        let bits = |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let (x, w, b) = (random([70, 50]), random([50, 90]), random([90]));
+        let r = random([70, 90]).detach();
+        for bias in [Some(&b), None] {
+            let _region = crate::autocast(DType::BF16);
+            let fused = crate::autocast_linear(&x, &w, bias).unwrap();
+            let round = crate::autocast_round::<B, 2>;
+            let composed = round(
+                crate::linear(
+                    &round(x.clone()),
+                    &round(w.clone()),
+                    bias.map(|b| crate::autocast_round(b.clone())).as_ref(),
+                )
+                .unwrap(),
+            );
+            assert_eq!(bits(fused.clone().inner()), bits(composed.clone().inner()));
+            let g_fused = (fused * r.clone()).sum().backward();
+            let g_composed = (composed * r.clone()).sum().backward();
+            assert_eq!(
+                bits(x.grad(&g_fused).unwrap()),
+                bits(x.grad(&g_composed).unwrap())
+            );
+            assert_eq!(
+                bits(w.grad(&g_fused).unwrap()),
+                bits(w.grad(&g_composed).unwrap())
+            );
+            if let Some(b) = bias {
+                assert_eq!(
+                    b.grad(&g_fused)
+                        .unwrap()
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap(),
+                    b.grad(&g_composed)
+                        .unwrap()
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap()
+                );
+            }
+        }
+        // Outside a bf16 region it does not apply.
+        assert!(crate::autocast_linear(&x, &w, None).is_none());
     }
 
     #[test]

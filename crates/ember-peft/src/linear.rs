@@ -159,7 +159,13 @@ pub(crate) fn dense<B: Backend>(
 ) -> Tensor<B, 2> {
     if ember_kernels::autocast_dtype().is_some() {
         // torch.autocast: `addmm` in half precision, its three operands rounded to the half
-        // dtype, its f32-accumulated result rounded again.
+        // dtype, its f32-accumulated result rounded again. In bf16 on a CPU with bf16 dot
+        // products, one fused operation does all of that.
+        let w32 = ember_kernels::float32(w.clone());
+        let b32 = b.map(|b| ember_kernels::float32(b.clone()));
+        if let Some(y) = ember_kernels::autocast_linear(x, &w32, b32.as_ref()) {
+            return y;
+        }
         let round = |t: Tensor<B, 2>| ember_kernels::autocast_round(ember_kernels::float32(t));
         let b = b.map(|b| ember_kernels::autocast_round(ember_kernels::float32(b.clone())));
         let y = dense_f32(&round(x.clone()), &round(w.clone()), b.as_ref());
