@@ -43,7 +43,8 @@ pub fn bf16_gemm_available() -> bool {
 }
 
 /// Whether this CPU runs [`gemm`]: AVX-512 with its bf16 instructions (`avx512_bf16` in
-/// `/proc/cpuinfo`), unless [`BF16_GEMM_VAR`] is `0`. Read once.
+/// `/proc/cpuinfo`), unless [`BF16_GEMM_VAR`] is `0` or `EMBER_NO_AVX512` is set (the AVX2
+/// build of the other kernels). Read once.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -53,6 +54,7 @@ pub(crate) fn available() -> bool {
             std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
                 && std::env::var(BF16_GEMM_VAR).map_or(true, |v| v != "0")
+                && std::env::var_os("EMBER_NO_AVX512").is_none()
         })
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -298,7 +298,7 @@ impl Plan {
     /// [`few_rows`] splits the weight over the threads instead. Other products below the
     /// threshold with a large weight split its columns over the threads.
     ///
-    /// Products in bf16 run the bf16 GEMM wherever `gemm` would, if the CPU has it.
+    /// Products in bf16 run the bf16 GEMM whenever the CPU has it.
     fn of(lhs: &FlexTensor, rhs: &FlexTensor, [m, k, n]: [usize; 3], products: Products) -> Self {
         let (ls, rs) = (lhs.layout().strides(), rhs.layout().strides());
         let threads = rayon::current_num_threads();
@@ -308,10 +308,12 @@ impl Plan {
         let few_rows_layout = rs[1] == 1 || (rs[0] == 1 && m <= 2);
         if m * k * n == 0 {
             Self::Nothing
+        } else if products == Products::Bf16 && bf16_gemm::available() {
+            // Before the few-rows product, which reads its operands as they are: a bf16
+            // product rounds them however few rows there are (a classifier on `[CLS]` rows).
+            Self::Bf16
         } else if m <= FEW_ROWS && lhs_rows && few_rows_layout {
             Self::FewRows
-        } else if products == Products::Bf16 && bf16_gemm::available() {
-            Self::Bf16
         } else if m * n * k >= PARALLEL_WORK {
             Self::Parallel
         } else if threads > 1 && k * n >= SPLIT_WEIGHT && n >= 2 * threads {
@@ -733,24 +735,27 @@ mod tests {
             return;
         }
         let device = Default::default();
-        let x = Tensor::<Flex, 2>::random([40, 60], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<Flex, 2>::random([60, 50], Distribution::Normal(0.0, 1.0), &device);
         let b = Tensor::<Flex, 1>::random([50], Distribution::Normal(0.0, 1.0), &device);
         let _region = crate::autocast(DType::BF16);
         let round = crate::autocast_round::<Flex, 2>;
-        let fused = autocast_linear(&x, &w, Some(&b)).unwrap();
-        let composed = round(
-            linear(
-                &round(x.clone()),
-                &round(w.clone()),
-                Some(&crate::autocast_round(b.clone())),
-            )
-            .unwrap(),
-        );
-        assert_eq!(
-            fused.into_data().to_vec::<f32>().unwrap(),
-            composed.into_data().to_vec::<f32>().unwrap()
-        );
+        // Many rows, and few (a classifier on `[CLS]` rows), which round all the same.
+        for rows in [40, 3] {
+            let x = Tensor::<Flex, 2>::random([rows, 60], Distribution::Normal(0.0, 1.0), &device);
+            let fused = autocast_linear(&x, &w, Some(&b)).unwrap();
+            let composed = round(
+                linear(
+                    &round(x.clone()),
+                    &round(w.clone()),
+                    Some(&crate::autocast_round(b.clone())),
+                )
+                .unwrap(),
+            );
+            assert_eq!(
+                fused.into_data().to_vec::<f32>().unwrap(),
+                composed.into_data().to_vec::<f32>().unwrap()
+            );
+        }
     }
 
     #[test]

@@ -663,48 +663,45 @@ mod tests {
             return;
         }
         let bits = |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap();
-        let (x, w, b) = (random([70, 50]), random([50, 90]), random([90]));
-        let r = random([70, 90]).detach();
-        for bias in [Some(&b), None] {
+        // Separate leaves for each side, so that the two graphs share no node.
+        let twin = |t: &Tensor<B, 2>| t.clone().detach().require_grad();
+        // Many rows, and few (which the bf16 product rounds all the same); with and without a
+        // bias.
+        for (rows, with_bias) in [(70, true), (70, false), (3, true)] {
+            let (x, w, r) = (
+                random([rows, 50]),
+                random([50, 90]),
+                random([rows, 90]).detach(),
+            );
+            let (x2, w2) = (twin(&x), twin(&w));
+            let b = random([90]);
+            let b2 = b.clone().detach().require_grad();
             let _region = crate::autocast(DType::BF16);
-            let fused = crate::autocast_linear(&x, &w, bias).unwrap();
+            let fused = crate::autocast_linear(&x, &w, with_bias.then_some(&b)).unwrap();
             let round = crate::autocast_round::<B, 2>;
             let composed = round(
                 crate::linear(
-                    &round(x.clone()),
-                    &round(w.clone()),
-                    bias.map(|b| crate::autocast_round(b.clone())).as_ref(),
+                    &round(x2.clone()),
+                    &round(w2.clone()),
+                    with_bias
+                        .then(|| crate::autocast_round(b2.clone()))
+                        .as_ref(),
                 )
                 .unwrap(),
             );
             assert_eq!(bits(fused.clone().inner()), bits(composed.clone().inner()));
             let g_fused = (fused * r.clone()).sum().backward();
-            let g_composed = (composed * r.clone()).sum().backward();
-            assert_eq!(
-                bits(x.grad(&g_fused).unwrap()),
-                bits(x.grad(&g_composed).unwrap())
-            );
-            assert_eq!(
-                bits(w.grad(&g_fused).unwrap()),
-                bits(w.grad(&g_composed).unwrap())
-            );
-            if let Some(b) = bias {
-                assert_eq!(
-                    b.grad(&g_fused)
-                        .unwrap()
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap(),
-                    b.grad(&g_composed)
-                        .unwrap()
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap()
-                );
+            let g_composed = (composed * r).sum().backward();
+            let grad = |t: &Tensor<B, 2>, g| bits(t.grad(g).unwrap());
+            assert_eq!(grad(&x, &g_fused), grad(&x2, &g_composed), "{rows} rows");
+            assert_eq!(grad(&w, &g_fused), grad(&w2, &g_composed), "{rows} rows");
+            if with_bias {
+                let grad = |t: &Tensor<B, 1>, g| t.grad(g).unwrap().into_data().to_vec::<f32>();
+                assert_eq!(grad(&b, &g_fused).unwrap(), grad(&b2, &g_composed).unwrap());
             }
         }
         // Outside a bf16 region it does not apply.
-        assert!(crate::autocast_linear(&x, &w, None).is_none());
+        assert!(crate::autocast_linear(&random([3, 50]), &random([50, 90]), None).is_none());
     }
 
     #[test]
