@@ -53,6 +53,15 @@ pub fn linear<B: Backend>(
     )?))
 }
 
+/// What a product adds into: `m` copies of the bias row, or zeros. `None` for a bias that is
+/// not contiguous.
+fn starting_rows(bf: Option<&FlexTensor>, m: usize, n: usize) -> Option<Vec<f32>> {
+    Some(match bf {
+        Some(b) => bridge::contiguous(b)?.repeat(m),
+        None => vec![0.0; m * n],
+    })
+}
+
 /// [`linear`] for a bfloat16 weight through the bf16 GEMM, read where it lies: the input
 /// rounded to bf16 as a `.bfloat16()` model's activations are in torch, the sums and the bias
 /// in f32. `None` for up to [`FEW_ROWS`] rows (read as they are, by the few-rows product or
@@ -68,10 +77,7 @@ fn linear_bf16_weight(
     if !bf16_gemm::available() || m <= FEW_ROWS || !shapes_agree {
         return None;
     }
-    let mut out: Vec<f32> = match bf {
-        Some(b) => bridge::contiguous(b)?.repeat(m),
-        None => vec![0.0; m * n],
-    };
+    let mut out = starting_rows(bf, m, n)?;
     let lhs = Matrix {
         ptr: xf.storage::<f32>()[xf.layout().start_offset()..].as_ptr(),
         strides: [xf.layout().strides()[0], xf.layout().strides()[1]],
@@ -109,10 +115,7 @@ fn linear_bf16_few_rows(
     if bf.is_some_and(|b| b.layout().num_elements() != n) {
         return None;
     }
-    let mut out: Vec<f32> = match bf {
-        Some(b) => bridge::contiguous(b)?.repeat(m),
-        None => vec![0.0; m * n],
-    };
+    let mut out = starting_rows(bf, m, n)?;
     let extent = if rs[1] == 1 {
         (k - 1) * rs[0] as usize + n
     } else {
