@@ -79,13 +79,22 @@ fn contiguous<E: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> FlexT
 pub(crate) fn map_values<E, T>(t: &FlexTensor, f: impl Fn(E) -> T + Sync) -> Vec<T>
 where
     E: burn::tensor::Element + bytemuck::Pod + Sync,
-    T: Copy + Default + Send,
+    T: Copy + Send,
 {
     let src = t.as_slice::<E>().expect("a contiguous tensor of E");
-    let mut out = vec![T::default(); src.len()];
-    out.par_chunks_mut(CHUNK)
+    // Written once into uninitialised memory: zeroing it first would be a second pass over
+    // as many bytes (a bf16 model widens its weights this way on every forward pass).
+    let mut out: Vec<T> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &s)| *o = f(s)));
+        .for_each(|(o, s)| {
+            o.iter_mut().zip(s).for_each(|(o, &s)| {
+                o.write(f(s));
+            })
+        });
+    // SAFETY: every one of the `src.len()` values was written just above.
+    unsafe { out.set_len(src.len()) };
     out
 }
 
