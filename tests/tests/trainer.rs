@@ -2,40 +2,18 @@
 //! checkpoints with HF's files and rotation, `predict`, and resuming after a run stopped
 //! between checkpoints, which must end with the same weights as an uninterrupted run.
 
+mod support;
+
 use ember::datasets::{DataCollatorWithPadding, Dataset};
 use ember::models::{BertConfig, BertForSequenceClassification};
 use ember::prelude::*;
 use ember::train::{
     metrics, Control, IntervalStrategy, Trainer, TrainerCallback, TrainerState, TrainingArguments,
 };
-use serde_json::json;
 use std::path::Path;
 
-/// 64 sequences of 4-10 ids; the label says whether id 5 occurs (a learnable rule).
 fn dataset() -> Dataset {
-    let mut state = 7u64;
-    let mut next = move |n: u64| {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) % n
-    };
-    let rows: Vec<_> = (0..64)
-        .map(|_| {
-            let len = 4 + next(7) as usize;
-            let ids: Vec<u64> = (0..len)
-                .map(|i| if i == 0 { 2 } else { 6 + next(24) })
-                .collect();
-            let mut ids = ids;
-            if next(2) == 1 {
-                let at = 1 + next(len as u64 - 1) as usize;
-                ids[at] = 5;
-            }
-            let label = ids.contains(&5) as u64;
-            json!({"input_ids": ids, "attention_mask": vec![1; len], "label": label})
-        })
-        .collect();
-    Dataset::from_json_rows(&rows).unwrap()
+    support::contains_five(7)
 }
 
 fn config() -> BertConfig {

@@ -52,22 +52,57 @@ fn cargo(args: &[&str]) -> Command {
 
 /// fmt, clippy and tests. Clippy runs with the `cuda` feature so the GPU path is linted and
 /// type-checked; tests run on the default CPU backend. Both use the dev profile.
+///
+/// Where the system has MPI (`.ci/run` installs OpenMPI), clippy and the tests also turn on
+/// `ember-distributed/mpi`, so that the MPI process group is linted and its multi-process tests
+/// run; elsewhere they are left out, and the rest runs with the Rust toolchain alone.
 fn ci() -> Result<()> {
+    let mpi = has_mpi();
+    let clippy_features = match mpi {
+        true => "ember/cuda,ember-distributed/mpi",
+        false => "ember/cuda",
+    };
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
     run(&mut cargo(&[
         "clippy",
         "--workspace",
         "--all-targets",
         "--features",
-        "ember/cuda",
+        clippy_features,
         "--",
         "-D",
         "warnings",
     ]))?;
-    run(&mut cargo(&["test", "--workspace"]))?;
+    let mut test = cargo(&["test", "--workspace"]);
+    if mpi {
+        test.args(["--features", "ember-distributed/mpi"]);
+    }
+    run(&mut test)?;
     // Benches once each in test mode: they must build and run, timing is `cargo xtask bench`'s.
-    run(&mut cargo(&["test", "--workspace", "--benches"]))?;
+    // The same features as the tests, so that nothing is built twice.
+    let mut benches = cargo(&["test", "--workspace", "--benches"]);
+    if mpi {
+        benches.args(["--features", "ember-distributed/mpi"]);
+    }
+    run(&mut benches)?;
     Ok(())
+}
+
+/// Whether an MPI implementation is installed (OpenMPI's `mpicc --showme:version`, which the
+/// `mpi` crate's build also asks), saying so either way.
+fn has_mpi() -> bool {
+    let found = Command::new("mpicc")
+        .arg("--showme:version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    match found {
+        true => eprintln!("MPI found: building and testing with ember-distributed/mpi"),
+        false => eprintln!(
+            "no MPI (mpicc) found: ember-distributed's `mpi` feature and its tests are left out \
+             (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev pkg-config)"
+        ),
+    }
+    found
 }
 
 /// The reference Python: `EMBER_PYTHON`, else the venv `../shared/tools/pyref-venv` makes

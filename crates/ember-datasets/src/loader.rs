@@ -58,6 +58,8 @@ pub struct DataLoader<C> {
     drop_last: bool,
     num_workers: usize,
     prefetch_factor: usize,
+    /// `(num_replicas, rank)` of a [`DataLoader::distributed`] loader.
+    shard: Option<(usize, usize)>,
 }
 
 impl<C: Collator + 'static> DataLoader<C> {
@@ -87,7 +89,63 @@ impl<C: Collator + 'static> DataLoader<C> {
             drop_last: false,
             num_workers: 0,
             prefetch_factor: 2,
+            shard: None,
         })
+    }
+
+    /// Makes this loader rank `rank`'s of `num_replicas`, as torch's `DistributedSampler`
+    /// under it: each epoch's order (the same permutation on every rank) is padded by
+    /// repeating its first rows to a multiple of `num_replicas`, or, with `drop_last`, cut to
+    /// one; rank `r` then takes positions `r, r + num_replicas, ...` and batches them. So the
+    /// ranks' batches `k` together hold the rows of batch `k` of a loader of
+    /// `num_replicas · batch_size` on one process (when the length divides evenly).
+    ///
+    /// Errors: [`DatasetError::InvalidArgument`] for `num_replicas` of 0 or a `rank` not below
+    /// it.
+    pub fn distributed(mut self, num_replicas: usize, rank: usize) -> Result<Self> {
+        if num_replicas == 0 || rank >= num_replicas {
+            return Err(DatasetError::InvalidArgument {
+                name: "rank",
+                value: rank.to_string(),
+                message: format!("must be below num_replicas ({num_replicas})"),
+            });
+        }
+        self.shard = (num_replicas > 1).then_some((num_replicas, rank));
+        Ok(self)
+    }
+
+    /// The rows of `epoch` this loader reads, in order: the whole (shuffled) dataset, or this
+    /// rank's share of it ([`DataLoader::distributed`]).
+    fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let n = self.examples.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.shuffle {
+            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
+        }
+        let Some((replicas, rank)) = self.shard else {
+            return order;
+        };
+        // torch's DistributedSampler: total_size = num_samples · num_replicas.
+        let per_rank = self.rows_per_epoch();
+        let total = per_rank * replicas;
+        if total > n && n > 0 {
+            let padding: Vec<usize> = order.iter().copied().cycle().take(total - n).collect();
+            order.extend(padding);
+        }
+        order.truncate(total);
+        order.into_iter().skip(rank).step_by(replicas).collect()
+    }
+
+    /// The number of rows an epoch reads (this rank's share for a distributed loader).
+    fn rows_per_epoch(&self) -> usize {
+        let n = self.examples.len();
+        match self.shard {
+            None => n,
+            Some((replicas, _)) if self.drop_last && !n.is_multiple_of(replicas) => {
+                n.saturating_sub(replicas).div_ceil(replicas)
+            }
+            Some((replicas, _)) => n.div_ceil(replicas),
+        }
     }
 
     /// Sets `shuffle`: a new random order each epoch (default false: dataset order).
@@ -124,7 +182,7 @@ impl<C: Collator + 'static> DataLoader<C> {
 
     /// `len(dataloader)`: the number of batches per epoch.
     pub fn len(&self) -> usize {
-        let n = self.examples.len();
+        let n = self.rows_per_epoch();
         if self.drop_last {
             n / self.batch_size
         } else {
@@ -154,11 +212,7 @@ impl<C: Collator + 'static> DataLoader<C> {
 
     /// The row indices of each batch of `epoch`, in order: what torch's `BatchSampler` yields.
     pub fn batch_indices(&self, epoch: u64) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        if self.shuffle {
-            order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(epoch)));
-        }
-        order
+        self.epoch_order(epoch)
             .chunks(self.batch_size)
             .filter(|c| !self.drop_last || c.len() == self.batch_size)
             .map(<[usize]>::to_vec)

@@ -567,3 +567,72 @@ fn burn_dataset_and_batcher_traits_serve_burn_train() {
         Batcher::<burn::backend::Flex, _, _>::batch(&batcher, items, &Default::default()).unwrap();
     assert_eq!(batch.input_ids.dims(), [2, 3]);
 }
+
+#[test]
+fn distributed_shards_pad_or_drop_as_torchs_distributed_sampler() {
+    // torch 2.x `list(DistributedSampler(range(10), num_replicas=3, rank=r, shuffle=False,
+    // drop_last=d))` for r in 0..3, and the same over range(2).
+    let shards = |n: usize, drop_last: bool, batch: usize| -> Vec<Vec<Vec<usize>>> {
+        let ds = classification_rows(n);
+        (0..3)
+            .map(|rank| {
+                DataLoader::new(&ds, DataCollatorWithPadding::new(0), batch)
+                    .unwrap()
+                    .drop_last(drop_last)
+                    .distributed(3, rank)
+                    .unwrap()
+                    .batch_indices(0)
+            })
+            .collect()
+    };
+    let torch_keep = [vec![0, 3, 6, 9], vec![1, 4, 7, 0], vec![2, 5, 8, 1]];
+    let torch_drop = [vec![0, 3, 6], vec![1, 4, 7], vec![2, 5, 8]];
+    for (rank, rows) in shards(10, false, 100).iter().enumerate() {
+        assert_eq!(rows.concat(), torch_keep[rank]);
+    }
+    for (rank, rows) in shards(10, true, 3).iter().enumerate() {
+        assert_eq!(rows.concat(), torch_drop[rank]);
+    }
+    assert_eq!(
+        shards(2, false, 1),
+        [vec![vec![0]], vec![vec![1]], vec![vec![0]]]
+    );
+    // Batches of 2 from the shard of 4 (padded) and of 3 (the short last batch dropped).
+    assert_eq!(shards(10, false, 2)[1], [vec![1, 4], vec![7, 0]]);
+    assert_eq!(shards(10, true, 2)[1], [vec![1, 4]]);
+    let ds = classification_rows(10);
+    let loader = DataLoader::new(&ds, DataCollatorWithPadding::new(0), 2).unwrap();
+    assert!(loader.clone().distributed(3, 3).is_err());
+    assert_eq!(loader.distributed(3, 2).unwrap().len(), 2);
+}
+
+#[test]
+fn distributed_batches_together_hold_the_single_process_batch() {
+    let ds = classification_rows(40);
+    let single = DataLoader::new(&ds, DataCollatorWithPadding::new(0), 8)
+        .unwrap()
+        .shuffle(true)
+        .seed(3);
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            DataLoader::new(&ds, DataCollatorWithPadding::new(0), 4)
+                .unwrap()
+                .shuffle(true)
+                .seed(3)
+                .distributed(2, rank)
+                .unwrap()
+        })
+        .collect();
+    for epoch in 0..2 {
+        let whole = single.batch_indices(epoch);
+        let (a, b) = (ranks[0].batch_indices(epoch), ranks[1].batch_indices(epoch));
+        assert_eq!(whole.len(), a.len());
+        for k in 0..whole.len() {
+            let mut joined = [a[k].clone(), b[k].clone()].concat();
+            let mut expected = whole[k].clone();
+            joined.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(joined, expected, "epoch {epoch}, batch {k}");
+        }
+    }
+}

@@ -1,4 +1,32 @@
-//! Distributed training for burn.
+//! Distributed training for burn, in torch.distributed's terms.
 //!
-//! This crate will hold process groups, data / tensor / pipeline parallelism, the 3D device mesh
-//! and the launcher. It is filled by a later milestone and exports nothing yet.
+//! * [`ProcessGroup`]: rank, size and the collective operations (all-reduce, broadcast,
+//!   all-gather, reduce-scatter, send / recv, barrier, split) that every strategy is built
+//!   from. [`ThreadGroup`] runs one rank per thread of one process (tests, and data parallel
+//!   on one machine with the Rust toolchain alone); `MpiGroup` (feature `mpi`) runs one rank
+//!   per process under `mpirun` / `srun`; [`SingleProcess`] is the group of one.
+//! * [`DataParallel`]: torch DDP over a burn module: rank 0's weights broadcast, gradients
+//!   averaged in buckets.
+//!
+//! A failed or missing rank makes the others' operations return a [`DistributedError`] within
+//! the group's timeout: a job never hangs silently.
+//!
+//! ```
+//! use ember_distributed::{ProcessGroup, ReduceOp, ThreadGroup};
+//! let gathered = ThreadGroup::run(2, |group| group.all_gather(&[group.rank() as f32]).unwrap());
+//! assert_eq!(gathered, vec![vec![0.0, 1.0], vec![0.0, 1.0]]);
+//! ```
+
+mod ddp;
+mod error;
+mod group;
+#[cfg(feature = "mpi")]
+mod mpi_group;
+mod threads;
+
+pub use ddp::{DataParallel, DEFAULT_BUCKET_CAP_MB};
+pub use error::{DistributedError, Result};
+pub use group::{ProcessGroup, ReduceOp, SingleProcess};
+#[cfg(feature = "mpi")]
+pub use mpi_group::MpiGroup;
+pub use threads::{ThreadGroup, DEFAULT_TIMEOUT};

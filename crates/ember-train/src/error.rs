@@ -37,6 +37,10 @@ pub enum TrainError {
     /// The model, the data or the optimizer failed during a step.
     #[error("training failed: {0}")]
     Step(String),
+    /// A collective operation of data-parallel training failed (a rank died, timed out, or
+    /// the ranks disagree).
+    #[error("data parallel: {0}")]
+    Distributed(#[from] ember_distributed::DistributedError),
 }
 
 /// This crate's result type.

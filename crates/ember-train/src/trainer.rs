@@ -14,6 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use ember_datasets::{Batch, BatchLabels, Collator, DataLoader, Dataset};
+use ember_distributed::{DataParallel, ProcessGroup, ReduceOp};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -184,6 +185,7 @@ where
     shuffle: bool,
     grad_scaler: GradScalerKwargs,
     scaler: Option<GradScaler>,
+    data_parallel: Option<DataParallel>,
 }
 
 impl<B, M, C> Trainer<B, M, C>
@@ -209,7 +211,28 @@ where
             shuffle: true,
             grad_scaler: GradScalerKwargs::default(),
             scaler: None,
+            data_parallel: None,
         })
+    }
+
+    /// Trains data parallel over `group`, as HF's Trainer under `torchrun` / accelerate (DDP):
+    /// this rank reads its shard of each epoch ([`DataLoader::distributed`]: the same
+    /// permutation on every rank, padded as torch's `DistributedSampler`), starts from rank
+    /// 0's weights, and averages the gradients over ranks once per optimizer step (none on
+    /// the micro-steps of gradient accumulation), in buckets ([`DataParallel`]). So every rank
+    /// takes the same steps, as one process on `size` times the per-device batch would. The
+    /// logged loss is the mean over ranks; only rank 0 writes checkpoints (the others wait
+    /// for it); each rank draws its own dropout masks.
+    pub fn data_parallel(mut self, group: std::sync::Arc<dyn ProcessGroup>) -> Self {
+        self.data_parallel = (group.size() > 1).then(|| DataParallel::new(group));
+        self
+    }
+
+    /// `(rank, world size)`: `(0, 1)` unless training is [`data_parallel`](Self::data_parallel).
+    pub fn process_index(&self) -> (usize, usize) {
+        self.data_parallel
+            .as_ref()
+            .map_or((0, 1), |dp| (dp.group().rank(), dp.group().size()))
     }
 
     /// The tokenized training set (`train_dataset=`).
@@ -288,7 +311,14 @@ where
             .clone()
             .ok_or_else(|| TrainError::Step("no train_dataset".into()))?;
         let args = self.args.clone();
-        let loader = self.loader(&dataset, args.per_device_train_batch_size, self.shuffle)?;
+        let (rank, world) = self.process_index();
+        let mut loader = self.loader(&dataset, args.per_device_train_batch_size, self.shuffle)?;
+        if let Some(dp) = &self.data_parallel {
+            loader = loader
+                .distributed(world, rank)
+                .map_err(|e| TrainError::Step(format!("sharding the training set: {e}")))?;
+            self.model = dp.broadcast_parameters(self.model.clone())?;
+        }
         let batches_per_epoch = loader.len();
         if batches_per_epoch == 0 {
             return Err(TrainError::Step("the training set is empty".into()));
@@ -322,8 +352,8 @@ where
             save_steps: args.steps_from(args.save_steps, max_steps),
             train_batch_size: args.train_batch_size(),
             num_train_epochs: num_epochs,
-            is_local_process_zero: true,
-            is_world_process_zero: true,
+            is_local_process_zero: rank == 0,
+            is_world_process_zero: rank == 0,
             ..TrainerState::default()
         };
         let mut scaler = match args.fp16 {
@@ -368,7 +398,8 @@ where
                     &self.device,
                     args.seed
                         .wrapping_mul(1_000_003)
-                        .wrapping_add((epoch * batches_per_epoch + index) as u64),
+                        .wrapping_add((epoch * batches_per_epoch + index) as u64)
+                        .wrapping_add((rank as u64) << 40),
                 );
                 let ModelOutput { loss, .. } =
                     self.model.forward_batch(batch).map_err(TrainError::Step)?;
@@ -399,6 +430,12 @@ where
                     continue;
                 }
                 let mut grads = accumulator.grads();
+                if let Some(dp) = &self.data_parallel {
+                    grads = dp.all_reduce_gradients(&self.model, grads)?;
+                    let mut mean = [step_loss as f32];
+                    dp.group().all_reduce(&mut mean, ReduceOp::Avg)?;
+                    step_loss = f64::from(mean[0]);
+                }
                 let found_inf = scaler
                     .as_ref()
                     .is_some_and(|s| s.unscale::<B>(&mut grads, &params));
@@ -510,7 +547,7 @@ where
     }
 
     fn progress_bar(&self, max_steps: usize, position: usize) -> indicatif::ProgressBar {
-        if self.args.disable_tqdm {
+        if self.args.disable_tqdm || self.process_index().0 != 0 {
             return indicatif::ProgressBar::hidden();
         }
         let bar = indicatif::ProgressBar::with_draw_target(
@@ -674,7 +711,27 @@ where
     /// `fp16`, `scaler.json` (the [`GradScaler`]'s `state_dict`). The folder is written under a
     /// temporary name and renamed into place, so a crash mid-save leaves the previous
     /// checkpoints untouched.
+    ///
+    /// In data-parallel training only rank 0 writes (every rank holds the same weights and
+    /// optimizer state); the others wait until it has.
     fn save_checkpoint(
+        &mut self,
+        optimizer: &GroupedAdamW<M, B>,
+        scheduler_steps: usize,
+        scaler: Option<&GradScaler>,
+    ) -> Result<()> {
+        let Some(dp) = self.data_parallel.clone() else {
+            return self.write_checkpoint(optimizer, scheduler_steps, scaler);
+        };
+        let written = match dp.group().rank() {
+            0 => self.write_checkpoint(optimizer, scheduler_steps, scaler),
+            _ => Ok(()),
+        };
+        dp.group().barrier()?;
+        written
+    }
+
+    fn write_checkpoint(
         &mut self,
         optimizer: &GroupedAdamW<M, B>,
         scheduler_steps: usize,

@@ -1,0 +1,142 @@
+//! Data-parallel training through the `Trainer` on ranks that are threads
+//! ([`ThreadGroup`]): two ranks on half the per-device batch end with the weights of one
+//! process on the whole batch, with and without gradient accumulation.
+
+mod support;
+
+use ember::datasets::{DataCollatorWithPadding, Dataset};
+use ember::distributed::{ProcessGroup, ThreadGroup};
+use ember::models::{BertConfig, BertForSequenceClassification};
+use ember::prelude::*;
+use ember::train::{Trainer, TrainingArguments};
+use std::path::Path;
+use std::sync::Arc;
+
+fn dataset() -> Dataset {
+    support::contains_five(11)
+}
+
+type Model = BertForSequenceClassification<TrainBackend>;
+
+/// A tiny BERT without dropout, so that the ranks' runs are deterministic.
+fn model() -> Model {
+    let config = BertConfig {
+        vocab_size: 30,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 32,
+        max_position_embeddings: 32,
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        ..BertConfig::default()
+    };
+    Model::new(&config, &default_device())
+}
+
+fn args(dir: &Path, batch: usize, accumulation: usize) -> TrainingArguments {
+    let mut args = TrainingArguments::new(dir);
+    args.per_device_train_batch_size = batch;
+    args.gradient_accumulation_steps = accumulation;
+    args.max_steps = 20;
+    args.learning_rate = 2e-3;
+    args.warmup_steps = 2;
+    args.logging_steps = 1.0;
+    args.save_steps = 10.0;
+    args.disable_tqdm = true;
+    args
+}
+
+type Weights = std::collections::BTreeMap<String, Vec<f32>>;
+
+fn weights(model: &Model) -> Weights {
+    model
+        .state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, (_, v))| (k, v))
+        .collect()
+}
+
+fn losses(t: &Trainer<TrainBackend, Model, DataCollatorWithPadding>) -> Vec<f64> {
+    t.state
+        .log_history
+        .iter()
+        .filter_map(|e| e.get("loss")?.as_f64())
+        .collect()
+}
+
+/// Trains on one process with `batch`, then on two ranks with half of it, from the same
+/// initial weights (saved once; rank 1 starts from other weights, which DDP's broadcast must
+/// replace), and compares.
+fn two_ranks_equal_one_process(batch: usize, accumulation: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init");
+    model().save_pretrained(&init).unwrap();
+    let initial = || Model::from_pretrained(&init, &default_device()).unwrap();
+    let trainer = |args: TrainingArguments, model: Model| {
+        Trainer::new(
+            args,
+            model,
+            DataCollatorWithPadding::new(0),
+            default_device(),
+        )
+        .unwrap()
+        .train_dataset(dataset())
+    };
+    let mut single = trainer(
+        args(&tmp.path().join("one"), batch, accumulation),
+        initial(),
+    );
+    single.train().unwrap();
+
+    let ranks = ThreadGroup::run(2, |group| {
+        let rank = group.rank();
+        let start = if rank == 0 { initial() } else { model() };
+        let mut t = trainer(
+            args(&tmp.path().join("two"), batch / 2, accumulation),
+            start,
+        )
+        .data_parallel(Arc::new(group));
+        t.train().unwrap();
+        assert_eq!(t.process_index(), (rank, 2));
+        assert_eq!(t.state.is_world_process_zero, rank == 0);
+        (weights(&t.model), losses(&t))
+    });
+    let expected = weights(&single.model);
+    for (rank, (weights, rank_losses)) in ranks.iter().enumerate() {
+        for (key, values) in &expected {
+            let worst = values
+                .iter()
+                .zip(&weights[key])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "rank {rank}: {key} differs by {worst}");
+        }
+        // The logged loss is the mean over ranks: the single process's, to f32 rounding.
+        let single_losses = losses(&single);
+        assert_eq!(rank_losses.len(), single_losses.len());
+        for (a, b) in rank_losses.iter().zip(&single_losses) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} against {b}");
+        }
+    }
+    // Only rank 0 wrote checkpoints, with the same files as one process.
+    assert!(tmp
+        .path()
+        .join("two/checkpoint-10/model.safetensors")
+        .is_file());
+    assert!(tmp
+        .path()
+        .join("two/checkpoint-20/trainer_state.json")
+        .is_file());
+}
+
+#[test]
+fn two_ranks_on_half_the_batch_train_as_one_process() {
+    two_ranks_equal_one_process(8, 1);
+}
+
+#[test]
+fn two_ranks_with_gradient_accumulation_train_as_one_process() {
+    two_ranks_equal_one_process(4, 2);
+}
