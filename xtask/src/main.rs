@@ -54,12 +54,13 @@ fn cargo(args: &[&str]) -> Command {
 /// type-checked; tests run on the default CPU backend. Both use the dev profile.
 ///
 /// Where the system has MPI (`.ci/run` installs OpenMPI), clippy and the tests also turn on
-/// `ember-distributed/mpi`, so that the MPI process group is linted and its multi-process tests
+/// `ember-cli/mpi` (and with it `ember-distributed/mpi`), so that the MPI process group and
+/// `ember launch` are linted and their multi-process tests
 /// run; elsewhere they are left out, and the rest runs with the Rust toolchain alone.
 fn ci() -> Result<()> {
     let mpi = has_mpi();
     let clippy_features = match mpi {
-        true => "ember/cuda,ember-distributed/mpi",
+        true => "ember/cuda,ember-cli/mpi",
         false => "ember/cuda",
     };
     run(&mut cargo(&["fmt", "--all", "--", "--check"]))?;
@@ -75,14 +76,14 @@ fn ci() -> Result<()> {
     ]))?;
     let mut test = cargo(&["test", "--workspace"]);
     if mpi {
-        test.args(["--features", "ember-distributed/mpi"]);
+        test.args(["--features", "ember-cli/mpi"]);
     }
     run(&mut test)?;
     // Benches once each in test mode: they must build and run, timing is `cargo xtask bench`'s.
     // The same features as the tests, so that nothing is built twice.
     let mut benches = cargo(&["test", "--workspace", "--benches"]);
     if mpi {
-        benches.args(["--features", "ember-distributed/mpi"]);
+        benches.args(["--features", "ember-cli/mpi"]);
     }
     run(&mut benches)?;
     Ok(())
@@ -96,7 +97,9 @@ fn has_mpi() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     match found {
-        true => eprintln!("MPI found: building and testing with ember-distributed/mpi"),
+        true => {
+            eprintln!("MPI found: building and testing with ember-cli/mpi (ember-distributed/mpi)")
+        }
         false => eprintln!(
             "no MPI (mpicc) found: ember-distributed's `mpi` feature and its tests are left out \
              (Debian: apt-get install libopenmpi-dev openmpi-bin libclang-dev pkg-config)"

@@ -187,7 +187,14 @@ where
     if let Some(eval) = &eval {
         trainer = trainer.eval_dataset(eval.clone());
     }
+    if let Some(group) = crate::launch::launched_group()? {
+        trainer = trainer.data_parallel(group);
+    }
     let mut metrics = trainer.train()?;
+    if !trainer.state.is_world_process_zero {
+        // Every rank holds the same weights: rank 0 evaluates, writes them and reports.
+        return Ok(metrics);
+    }
     if let Some(eval) = &eval {
         let loss = eval_loss(&trainer.model.valid(), eval, collator, eval_batch_size)?;
         eprintln!("eval_loss {loss:.4}  perplexity {:.2}", loss.exp());
@@ -321,6 +328,8 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
             .with_context(|| format!("reading `{}`", generation.display()))?;
         ember::tokenizers::write_atomic(&output_dir.join("generation_config.json"), &bytes)?;
     }
-    println!("{}", serde_json::to_string(&metrics)?);
+    if crate::launch::is_main_process() {
+        println!("{}", serde_json::to_string(&metrics)?);
+    }
     Ok(())
 }

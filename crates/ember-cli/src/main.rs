@@ -8,6 +8,7 @@ mod demo;
 mod dtype;
 mod embed;
 mod generate;
+mod launch;
 mod peft;
 mod quantize;
 mod tokenize;
@@ -44,6 +45,9 @@ enum Command {
     /// Quantize a checkpoint with bitsandbytes' int8 or 4-bit formats and save it as
     /// transformers does (`from_pretrained(..., quantization_config)` + `save_pretrained`).
     Quantize(quantize::QuantizeArgs),
+    /// Run an ember subcommand on several processes under mpirun (accelerate launch /
+    /// torchrun): `ember launch --nproc-per-node 2 -- train ...` trains data parallel.
+    Launch(launch::LaunchArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => peft::run_inspect(args),
         Command::Merge(args) => peft::run_merge(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Launch(args) => launch::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -292,8 +292,15 @@ where
         .eval_dataset(eval.clone())
         .compute_metrics(metrics_fn)
         .callback(PrintLogs { json });
+    if let Some(group) = crate::launch::launched_group()? {
+        trainer = trainer.data_parallel(group);
+    }
     let summary = trainer.train()?;
     let metrics = trainer.evaluate(&eval)?;
+    if !trainer.state.is_world_process_zero {
+        // Every rank holds the same weights: rank 0 writes them and reports.
+        return Ok(metrics);
+    }
     trainer
         .model
         .save_pretrained(&output_dir)
@@ -372,7 +379,9 @@ fn train_ner(
         a.json,
         ner_metrics(names),
     )?);
-    println!("{}", serde_json::to_string(&metrics)?);
+    if crate::launch::is_main_process() {
+        println!("{}", serde_json::to_string(&metrics)?);
+    }
     Ok(())
 }
 
@@ -455,6 +464,9 @@ impl ember::train::TrainerCallback for PrintLogs {
         state: &ember::train::TrainerState,
         logs: &serde_json::Map<String, serde_json::Value>,
     ) {
+        if !state.is_world_process_zero {
+            return;
+        }
         if self.json {
             println!("{}", serde_json::Value::Object(logs.clone()));
             return;
@@ -616,7 +628,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             compute_metrics,
         )?
     });
-    println!("{}", serde_json::to_string(&metrics)?);
+    if crate::launch::is_main_process() {
+        println!("{}", serde_json::to_string(&metrics)?);
+    }
     Ok(())
 }
 
