@@ -91,7 +91,7 @@ impl DataParallel {
         }
         let mut flatten = Flatten::<B> {
             grads: &mut grads,
-            flat: Vec::new(),
+            flat: Vec::with_capacity(module.num_params()),
             entries: Vec::new(),
             error: None,
             _backend: std::marker::PhantomData,
@@ -101,12 +101,15 @@ impl DataParallel {
             return Err(e);
         }
         let (mut flat, entries) = (flatten.flat, flatten.entries);
+        // Summed here and divided by the group size as the buffer is copied back: one pass
+        // over the gradients fewer than an average.
         for bucket in flat.chunks_mut(self.bucket_values) {
-            self.group.all_reduce(bucket, ReduceOp::Avg)?;
+            self.group.all_reduce(bucket, ReduceOp::Sum)?;
         }
         let mut restore = Restore::<B> {
             grads: &mut grads,
             flat: &flat,
+            scale: 1.0 / self.group.size() as f32,
             entries: entries.into_iter(),
             _backend: std::marker::PhantomData,
         };
@@ -191,6 +194,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
 struct Restore<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: &'a [f32],
+    /// `1 / size`: the flat buffer holds sums.
+    scale: f32,
     entries: std::vec::IntoIter<Entry>,
     _backend: std::marker::PhantomData<B>,
 }
@@ -205,7 +210,10 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
             .next()
             .expect("the same parameters are visited as when flattening");
         let len: usize = entry.shape.iter().product();
-        let values = self.flat[entry.start..entry.start + len].to_vec();
+        let values: Vec<f32> = self.flat[entry.start..entry.start + len]
+            .iter()
+            .map(|v| v * self.scale)
+            .collect();
         let device = param.device();
         let grad =
             Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, entry.shape), &device);

@@ -5,6 +5,7 @@ use crate::error::{DistributedError, Result};
 use crate::group::{check_rank, ProcessGroup, ReduceOp};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
+use mpi::raw::AsRaw;
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
@@ -42,8 +43,8 @@ impl std::fmt::Debug for MpiGroup {
     }
 }
 
-/// A communicator moved between threads.
-struct Comm(SimpleCommunicator);
+/// A communicator moved between threads, with the send buffer its all-reduces reuse.
+struct Comm(SimpleCommunicator, Vec<f32>);
 
 // SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), and the
 // communicator is only used under `MpiGroup::comm`'s mutex, so no two threads call MPI on it
@@ -76,7 +77,7 @@ impl MpiGroup {
     fn new(comm: SimpleCommunicator, universe: Arc<Universe>) -> Self {
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         MpiGroup {
-            comm: Mutex::new(Comm(comm)),
+            comm: Mutex::new(Comm(comm, Vec::new())),
             rank,
             size,
             universe,
@@ -107,6 +108,24 @@ impl MpiGroup {
     }
 }
 
+/// MPI_IN_PLACE, which rsmpi does not expose and whose value the MPI standard leaves to each
+/// implementation: `(void *) 1` in Open MPI, `(void *) -1` in MPICH and its derivatives, read
+/// from the library's version string; `None` (copy the input instead) for any other.
+fn in_place() -> Option<*const std::ffi::c_void> {
+    static SENTINEL: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let value = *SENTINEL.get_or_init(|| {
+        let version = mpi::environment::library_version().ok()?;
+        if version.contains("Open MPI") {
+            Some(1)
+        } else if version.contains("MPICH") {
+            Some(usize::MAX)
+        } else {
+            None
+        }
+    });
+    value.map(|v| v as *const std::ffi::c_void)
+}
+
 fn system_op(op: ReduceOp) -> SystemOperation {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => SystemOperation::sum(),
@@ -124,14 +143,32 @@ impl ProcessGroup for MpiGroup {
     }
 
     fn all_reduce(&self, values: &mut [f32], op: ReduceOp) -> Result<()> {
-        let comm = self.lock();
+        let mut comm = self.lock();
         self.same_length(&comm.0, "all_reduce", values.len())?;
-        // rsmpi has no MPI_IN_PLACE: the input is copied, a piece at a time.
-        let mut send = Vec::with_capacity(values.len().min(MAX_COUNT));
+        let Comm(world, send) = &mut *comm;
         for piece in values.chunks_mut(MAX_COUNT) {
-            send.clear();
-            send.extend_from_slice(piece);
-            comm.0.all_reduce_into(&send[..], piece, system_op(op));
+            match in_place() {
+                // SAFETY: `in_place` is this MPI's own MPI_IN_PLACE; `piece` holds `len` f32
+                // values (len ≤ MAX_COUNT fits a C int), read and written by the call alone;
+                // the datatype, operation and communicator are valid handles.
+                Some(in_place) => unsafe {
+                    mpi::ffi::MPI_Allreduce(
+                        in_place,
+                        piece.as_mut_ptr().cast(),
+                        piece.len() as i32,
+                        mpi::ffi::RSMPI_FLOAT,
+                        system_op(op).as_raw(),
+                        world.as_raw(),
+                    );
+                },
+                // Elsewhere the input is copied into a buffer kept from call to call, so that
+                // the copy does not fault fresh pages in every time.
+                None => {
+                    send.clear();
+                    send.extend_from_slice(piece);
+                    world.all_reduce_into(&send[..], piece, system_op(op));
+                }
+            }
         }
         op.finish(values, self.size);
         Ok(())
