@@ -27,6 +27,20 @@ fn demo(dir: &Path) -> Vec<Value> {
     json_lines(&stdout)
 }
 
+/// `ember train --model ember-demo --data reviews.csv EXTRA --args ARGS.json`.
+fn train_demo_on_reviews(extra: &[&str], args: &str) -> Vec<String> {
+    ["train", "--model", "ember-demo", "--data", "reviews.csv"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .chain(["--args".to_string(), format!("{args}.json")])
+        .collect()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A small labelled CSV in the demo's domain.
 fn write_csv(path: &Path, rows: usize) {
     let good = ["was clean", "was lovely", "was excellent", "was perfect"];
@@ -165,25 +179,10 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
         }
         std::fs::write(tmp.path().join(format!("{dir}.json")), a.to_string()).unwrap();
     };
-    let train = |dir: &str| {
-        [
-            "train",
-            "--model",
-            "ember-demo",
-            "--data",
-            "reviews.csv",
-            "--args",
-            &format!("{dir}.json"),
-        ]
-        .map(String::from)
-    };
+    let train = |dir: &str| train_demo_on_reviews(&[], dir);
 
     args("whole", None);
-    let (ok, _, stderr) = ember(
-        &train("whole").each_ref().map(String::as_str),
-        tmp.path(),
-        "",
-    );
+    let (ok, _, stderr) = ember(&strs(&train("whole")), tmp.path(), "");
     assert!(ok, "{stderr}");
 
     // Start the same run and kill it as soon as its first checkpoint is on disk.
@@ -224,11 +223,7 @@ fn a_killed_run_resumes_to_the_uninterrupted_weights() {
         .max()
         .unwrap();
     args("killed", Some(&format!("killed/checkpoint-{newest}")));
-    let (ok, _, stderr) = ember(
-        &train("killed").each_ref().map(String::as_str),
-        tmp.path(),
-        "",
-    );
+    let (ok, _, stderr) = ember(&strs(&train("killed")), tmp.path(), "");
     assert!(ok, "{stderr}");
     let whole = std::fs::read(tmp.path().join("whole/model.safetensors")).unwrap();
     let resumed = std::fs::read(tmp.path().join("killed/model.safetensors")).unwrap();
@@ -333,40 +328,16 @@ fn launch_on_two_processes_trains_as_one_process_on_twice_the_batch() {
         });
         std::fs::write(tmp.path().join(format!("{name}.json")), args.to_string()).unwrap();
     }
-    let train = |name: &str| {
-        [
-            "train",
-            "--model",
-            "ember-demo",
-            "--data",
-            "reviews.csv",
-            "--test-size",
-            "0.25",
-            "--json",
-            "--args",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("{name}.json")])
-        .collect::<Vec<_>>()
-    };
+    let train = |name: &str| train_demo_on_reviews(&["--test-size", "0.25", "--json"], name);
     let one = train("one");
-    let (ok, one_stdout, stderr) = ember(
-        &one.iter().map(String::as_str).collect::<Vec<_>>(),
-        tmp.path(),
-        "",
-    );
+    let (ok, one_stdout, stderr) = ember(&strs(&one), tmp.path(), "");
     assert!(ok, "{stderr}");
     let launch: Vec<String> = ["launch", "--nproc-per-node", "2", "--timeout", "300", "--"]
         .iter()
         .map(|s| s.to_string())
         .chain(train("two"))
         .collect();
-    let (ok, stdout, stderr) = ember(
-        &launch.iter().map(String::as_str).collect::<Vec<_>>(),
-        tmp.path(),
-        "",
-    );
+    let (ok, stdout, stderr) = ember(&strs(&launch), tmp.path(), "");
     assert!(ok, "{stderr}");
     // Rank 0 alone reports: as many lines as one process prints.
     assert_eq!(

@@ -92,7 +92,6 @@ impl DataParallel {
         let mut flatten = Flatten::<B> {
             grads: &mut grads,
             flat: Vec::with_capacity(module.num_params()),
-            entries: Vec::new(),
             error: None,
             _backend: std::marker::PhantomData,
         };
@@ -100,7 +99,7 @@ impl DataParallel {
         if let Some(e) = flatten.error {
             return Err(e);
         }
-        let (mut flat, entries) = (flatten.flat, flatten.entries);
+        let mut flat = flatten.flat;
         // Summed here and divided by the group size as the buffer is copied back: one pass
         // over the gradients fewer than an average.
         for bucket in flat.chunks_mut(self.bucket_values) {
@@ -110,11 +109,10 @@ impl DataParallel {
             grads: &mut grads,
             flat: &flat,
             scale: 1.0 / self.group.size() as f32,
-            entries: entries.into_iter(),
+            offset: 0,
             _backend: std::marker::PhantomData,
         };
         module.visit(&mut restore);
-        flat.clear();
         Ok(grads)
     }
 }
@@ -155,17 +153,10 @@ impl<B: Backend> ModuleMapper<B> for Broadcast<'_> {
     }
 }
 
-/// Where one parameter's gradient lies in the flat buffer.
-struct Entry {
-    start: usize,
-    shape: Vec<usize>,
-}
-
 /// Copies the trainable parameters' gradients (zeros where there is none) into one buffer.
 struct Flatten<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Vec<f32>,
-    entries: Vec<Entry>,
     error: Option<DistributedError>,
     _backend: std::marker::PhantomData<B>,
 }
@@ -175,28 +166,26 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
         if !param.is_require_grad() || self.error.is_some() {
             return;
         }
-        let shape = param.shape().to_vec();
         let start = self.flat.len();
         match self.grads.remove::<B::InnerBackend, D>(param.id) {
             Some(grad) => match f32_values(grad.into_data(), "a gradient") {
                 Ok(values) => self.flat.extend_from_slice(&values),
                 Err(e) => self.error = Some(e),
             },
-            None => self
-                .flat
-                .resize(start + shape.iter().product::<usize>(), 0.0),
+            None => self.flat.resize(start + param.shape().num_elements(), 0.0),
         }
-        self.entries.push(Entry { start, shape });
     }
 }
 
-/// Registers each trainable parameter's averaged gradient from the flat buffer.
+/// Registers each trainable parameter's averaged gradient from the flat buffer, visiting the
+/// parameters in the order [`Flatten`] laid them out.
 struct Restore<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: &'a [f32],
     /// `1 / size`: the flat buffer holds sums.
     scale: f32,
-    entries: std::vec::IntoIter<Entry>,
+    /// Where the next parameter's gradient starts.
+    offset: usize,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -205,18 +194,17 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
         if !param.is_require_grad() {
             return;
         }
-        let entry = self
-            .entries
-            .next()
-            .expect("the same parameters are visited as when flattening");
-        let len: usize = entry.shape.iter().product();
-        let values: Vec<f32> = self.flat[entry.start..entry.start + len]
+        let shape = param.shape();
+        let end = self.offset + shape.num_elements();
+        let values: Vec<f32> = self.flat[self.offset..end]
             .iter()
             .map(|v| v * self.scale)
             .collect();
-        let device = param.device();
-        let grad =
-            Tensor::<B::InnerBackend, D>::from_data(TensorData::new(values, entry.shape), &device);
+        self.offset = end;
+        let grad = Tensor::<B::InnerBackend, D>::from_data(
+            TensorData::new(values, shape),
+            &param.device(),
+        );
         self.grads.register::<B::InnerBackend, D>(param.id, grad);
     }
 }
