@@ -7,6 +7,8 @@
 //!   per process under `mpirun` / `srun`; [`SingleProcess`] is the group of one.
 //! * [`DataParallel`]: torch DDP over a burn module: rank 0's weights broadcast, gradients
 //!   averaged in buckets.
+//! * [`TensorParallel`], [`ColumnParallelLinear`], [`RowParallelLinear`]: Megatron's split of
+//!   a layer's parameters over ranks, forward and backward.
 //!
 //! A failed or missing rank makes the others' operations return a [`DistributedError`] within
 //! the group's timeout: a job never hangs silently.
@@ -22,6 +24,7 @@ mod error;
 mod group;
 #[cfg(feature = "mpi")]
 mod mpi_group;
+mod tensor_parallel;
 mod threads;
 
 pub use ddp::{DataParallel, DEFAULT_BUCKET_CAP_MB};
@@ -29,4 +32,5 @@ pub use error::{DistributedError, Result};
 pub use group::{ProcessGroup, ReduceOp, SingleProcess};
 #[cfg(feature = "mpi")]
 pub use mpi_group::MpiGroup;
+pub use tensor_parallel::{ColumnParallelLinear, RowParallelLinear, TensorParallel};
 pub use threads::{ThreadGroup, DEFAULT_TIMEOUT};

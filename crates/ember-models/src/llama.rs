@@ -405,13 +405,15 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         }
     }
 
-    fn forward(
+    /// The layer on hidden states `x` `[batch, seq, hidden]`, with the rotary tables, the
+    /// padding mask and the layer's cache: the new hidden states and the extended cache.
+    pub(crate) fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: (&Tensor<B, 4>, &Tensor<B, 4>),
         mask: Option<&Tensor<B, 4, Bool>>,
         past: Option<LayerKv<B>>,
-    ) -> (Tensor<B, 3>, LayerKv<B>) {
+    ) -> Result<(Tensor<B, 3>, LayerKv<B>)> {
         let normed = apply_rms_norm(&self.input_layernorm, x.clone());
         let (attended, kv) = self.self_attn.forward(normed, rope, mask, past);
         let x = x + attended;
@@ -421,7 +423,7 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         let up = m.up_proj.forward(normed);
         let gated = ember_kernels::silu_mul(&gate, &up)
             .unwrap_or_else(|| Activation::Silu.forward(gate) * up);
-        (x + m.down_proj.forward(gated), kv)
+        Ok((x + m.down_proj.forward(gated), kv))
     }
 }
 
@@ -502,7 +504,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let mut x = x;
         for layer in &self.model.layers {
             let layer_past = past_layers.as_mut().and_then(Iterator::next);
-            let (out, kv) = layer.forward(x, (&cos, &sin), mask.as_ref(), layer_past);
+            let (out, kv) = layer.forward(x, (&cos, &sin), mask.as_ref(), layer_past)?;
             x = out;
             cache.push(kv);
         }
