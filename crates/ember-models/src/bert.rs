@@ -11,11 +11,13 @@ use crate::params::{
     apply_dropout, init_embedding, init_layer_norm, init_linear, join, layer_norm, ParamVisitor,
     VisitParams,
 };
+use crate::tensor_parallel::{gather_projection, heads_per_rank, slice_projection, Split};
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNorm};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{activation, backend::Backend, Bool, ElementConversion, Int, Tensor};
+use ember_distributed::TensorParallel;
 use ember_peft::{Projection, TokenEmbedding, VirtualPrompt};
 
 /// The feed-forward activation named by `hidden_act`.
@@ -308,6 +310,10 @@ pub struct BertLayer<B: Backend> {
     /// `hidden_act`.
     #[module(skip)]
     pub activation: Activation,
+    /// The tensor-parallel group this layer's attention heads and intermediate units are
+    /// split over (see [`BertModel::tensor_parallel`]); `None`: the whole layer.
+    #[module(skip)]
+    pub tensor_parallel: Option<TensorParallel>,
 }
 
 /// The padding mask of a batch, prepared once for every layer.
@@ -355,9 +361,26 @@ impl<B: Backend> BertOutput<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = apply_dropout(&self.dropout, self.dense.forward(x));
-        layer_norm(&self.layer_norm, self.layer_norm_eps, x, Some(residual))
+    /// The block's output from `x`; split tensor parallel, `x` is this rank's slice and the
+    /// partial products are summed over the group (Megatron's `g`) before the bias-free rest.
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        residual: Tensor<B, 3>,
+        tp: Option<&TensorParallel>,
+    ) -> Result<Tensor<B, 3>> {
+        let x = self.dense.forward(x);
+        let x = match tp {
+            Some(tp) => tp.reduce_from_region(x)?,
+            None => x,
+        };
+        let x = apply_dropout(&self.dropout, x);
+        Ok(layer_norm(
+            &self.layer_norm,
+            self.layer_norm_eps,
+            x,
+            Some(residual),
+        ))
     }
 }
 
@@ -384,6 +407,7 @@ impl<B: Backend> BertLayer<B> {
             intermediate: init_linear(h, c.intermediate_size, std, device),
             output: BertOutput::new(c.intermediate_size, c, device),
             activation: Activation::from_hf(&c.hidden_act),
+            tensor_parallel: None,
         }
     }
 
@@ -394,17 +418,30 @@ impl<B: Backend> BertLayer<B> {
         mask: Option<&AttentionMask<B>>,
         prefix: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
         want_probs: bool,
-    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
+    ) -> Result<(Tensor<B, 3>, Option<Tensor<B, 4>>)> {
         let a = &self.attention_self;
-        let [batch, seq, hidden] = x.dims();
+        let [batch, seq, _] = x.dims();
+        // Split tensor parallel, the input's gradient is summed over the ranks (`f`), and
+        // the projections give this rank's heads only.
+        let x_heads = match &self.tensor_parallel {
+            Some(tp) => tp.copy_to_region(x.clone())?,
+            None => x.clone(),
+        };
         let heads = a.num_heads;
-        let d = hidden / heads;
         // Prefix tuning: learned keys and values before the input's, as a cache would hold.
         let seq_k = seq + prefix.map_or(0, |(k, _)| k.dims()[2]);
         let with_prefix = |t: Tensor<B, 4>, i: usize| match prefix {
             Some(p) => Tensor::cat(vec![if i == 0 { p.0.clone() } else { p.1.clone() }, t], 2),
             None => t,
         };
+        let (q, k, v) = (
+            a.query.forward(x_heads.clone()),
+            a.key.forward(x_heads.clone()),
+            a.value.forward(x_heads),
+        );
+        // The width of this rank's heads (the hidden size, unsplit).
+        let width = q.dims()[2];
+        let d = width / heads;
         // Heads as contiguous `[batch, heads, seq, d]`: the fused attention runs twice as fast
         // on contiguous inputs as on the permuted view, copy included (reshaping a permuted
         // tensor copies it).
@@ -414,11 +451,6 @@ impl<B: Backend> BertLayer<B> {
                 .reshape([batch * heads, seq, d])
                 .reshape([batch, heads, seq, d])
         };
-        let (q, k, v) = (
-            a.query.forward(x.clone()),
-            a.key.forward(x.clone()),
-            a.value.forward(x.clone()),
-        );
         let dropout_active = a.dropout.prob > 0.0 && B::ad_enabled(&x.device());
         // In training, the fused kernel takes the dropout on the weights as a mask.
         // (Drawn only where the kernel runs: with `want_probs`, burn's path below draws its own.)
@@ -447,7 +479,7 @@ impl<B: Backend> BertLayer<B> {
                 &with_prefix(heads_view(&v), 1),
                 kernel_mask,
             ) {
-                let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+                let context = context.swap_dims(1, 2).reshape([batch, seq, width]);
                 return self.finish(context, x, None);
             }
         }
@@ -473,7 +505,7 @@ impl<B: Backend> BertLayer<B> {
                 None,
             )
         };
-        let context = context.swap_dims(1, 2).reshape([batch, seq, hidden]);
+        let context = context.swap_dims(1, 2).reshape([batch, seq, width]);
         self.finish(context, x, probs)
     }
 
@@ -484,12 +516,15 @@ impl<B: Backend> BertLayer<B> {
         context: Tensor<B, 3>,
         x: Tensor<B, 3>,
         probs: Option<Tensor<B, 4>>,
-    ) -> (Tensor<B, 3>, Option<Tensor<B, 4>>) {
-        let attended = self.attention_output.forward(context, x);
-        let inner = self
-            .activation
-            .forward(self.intermediate.forward(attended.clone()));
-        (self.output.forward(inner, attended), probs)
+    ) -> Result<(Tensor<B, 3>, Option<Tensor<B, 4>>)> {
+        let tp = self.tensor_parallel.as_ref();
+        let attended = self.attention_output.forward(context, x, tp)?;
+        let inner = match tp {
+            Some(tp) => tp.copy_to_region(attended.clone())?,
+            None => attended.clone(),
+        };
+        let inner = self.activation.forward(self.intermediate.forward(inner));
+        Ok((self.output.forward(inner, attended, tp)?, probs))
     }
 }
 
@@ -649,7 +684,90 @@ impl<B: Backend> BertModel<B> {
         input: EncoderInput<B>,
         options: OutputOptions,
     ) -> Result<BaseModelOutput<B>> {
+        if self.is_tensor_parallel() {
+            // Not on a pool worker: ranks on threads of one process wait for each other in
+            // the collectives, and a worker blocked there would starve the others' loops.
+            return self.forward_inner(input, options);
+        }
         ember_kernels::on_worker::<B, _>(|| self.forward_inner(input, options))
+    }
+
+    /// This rank's slice of the encoder for tensor parallel over `tp` (Megatron's split):
+    /// every layer keeps `num_attention_heads / size` heads (`query`, `key`, `value` by
+    /// output features, `attention.output.dense` by input features) and
+    /// `intermediate_size / size` units (`intermediate.dense` by output features,
+    /// `output.dense` by input features). Embeddings, LayerNorms and the pooler stay whole on
+    /// every rank. Every rank passes the same model; the forward and backward passes then
+    /// equal the whole model's. For a task model, split its encoder:
+    /// `model.bert = model.bert.tensor_parallel(tp)?`.
+    ///
+    /// The group must divide the head count and the intermediate size. Adapters (LoRA,
+    /// prompts) and quantized layers are not split. Dropout after the summed outputs is drawn
+    /// by each rank: train with `hidden_dropout_prob = 0`, or give the group's ranks one seed.
+    pub fn tensor_parallel(mut self, tp: TensorParallel) -> Result<Self> {
+        let c = &self.config;
+        let heads = heads_per_rank(c.num_attention_heads, &tp, "num_attention_heads")?;
+        heads_per_rank(c.intermediate_size, &tp, "intermediate_size")?;
+        let layers = std::mem::take(&mut self.layers);
+        for (i, mut layer) in layers.into_iter().enumerate() {
+            if layer.tensor_parallel.is_some() {
+                return Err(ModelError::Input(format!(
+                    "encoder.layer.{i} is already split tensor parallel"
+                )));
+            }
+            let key = |name: &str| format!("encoder.layer.{i}.{name}");
+            let a = layer.attention_self;
+            layer.attention_self = BertSelfAttention {
+                query: slice_projection(a.query, &tp, Split::Column, &key("attention.self.query"))?,
+                key: slice_projection(a.key, &tp, Split::Column, &key("attention.self.key"))?,
+                value: slice_projection(a.value, &tp, Split::Column, &key("attention.self.value"))?,
+                dropout: a.dropout,
+                num_heads: heads,
+            };
+            let dense = layer.attention_output.dense;
+            layer.attention_output.dense =
+                slice_projection(dense, &tp, Split::Row, &key("attention.output.dense"))?;
+            let inter = layer.intermediate;
+            layer.intermediate =
+                slice_projection(inter, &tp, Split::Column, &key("intermediate.dense"))?;
+            let dense = layer.output.dense;
+            layer.output.dense = slice_projection(dense, &tp, Split::Row, &key("output.dense"))?;
+            layer.tensor_parallel = Some(tp.clone());
+            self.layers.push(layer);
+        }
+        Ok(self)
+    }
+
+    /// Whether the encoder is a tensor-parallel slice ([`Self::tensor_parallel`]).
+    pub fn is_tensor_parallel(&self) -> bool {
+        self.layers.iter().any(|l| l.tensor_parallel.is_some())
+    }
+
+    /// The whole encoder, gathered from every rank's slice (every rank of the group calls it
+    /// and gets the whole model: save it from one rank). A whole encoder is returned as it is.
+    pub fn gather_tensor_parallel(mut self) -> Result<Self> {
+        let heads = self.config.num_attention_heads;
+        let layers = std::mem::take(&mut self.layers);
+        for mut layer in layers {
+            if let Some(tp) = layer.tensor_parallel.take() {
+                let a = layer.attention_self;
+                layer.attention_self = BertSelfAttention {
+                    query: gather_projection(a.query, &tp, Split::Column, true)?,
+                    key: gather_projection(a.key, &tp, Split::Column, true)?,
+                    value: gather_projection(a.value, &tp, Split::Column, true)?,
+                    dropout: a.dropout,
+                    num_heads: heads,
+                };
+                let o = layer.attention_output.dense;
+                layer.attention_output.dense = gather_projection(o, &tp, Split::Row, true)?;
+                let inter = layer.intermediate;
+                layer.intermediate = gather_projection(inter, &tp, Split::Column, true)?;
+                let o = layer.output.dense;
+                layer.output.dense = gather_projection(o, &tp, Split::Row, true)?;
+            }
+            self.layers.push(layer);
+        }
+        Ok(self)
     }
 
     /// [`Self::forward`], on the calling thread.
@@ -692,7 +810,7 @@ impl<B: Backend> BertModel<B> {
         let mut attentions = options.attentions.then(Vec::new);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_prefix = prefix.map(|p| &p[i]);
-            let (out, probs) = layer.forward(x, mask.as_ref(), layer_prefix, options.attentions);
+            let (out, probs) = layer.forward(x, mask.as_ref(), layer_prefix, options.attentions)?;
             x = out;
             if let Some(states) = hidden_states.as_mut() {
                 states.push(x.clone());

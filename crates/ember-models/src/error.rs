@@ -87,6 +87,10 @@ pub enum ModelError {
     /// An input the model cannot take (ids beyond the vocabulary, a sequence too long).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A collective operation of a tensor-parallel model failed, or the model does not split
+    /// over the group (heads the group does not divide).
+    #[error(transparent)]
+    Distributed(#[from] ember_distributed::DistributedError),
 }
 
 /// This crate's result type.

@@ -63,6 +63,7 @@ pub mod pooling;
 mod pretrained;
 pub mod quantize;
 pub mod rope;
+mod tensor_parallel;
 #[cfg(feature = "train")]
 mod train;
 mod weights;

@@ -13,12 +13,14 @@ use crate::config::config_io;
 use crate::error::{ModelError, Result};
 use crate::params::{apply_rms_norm, init_embedding, init_linear, join, ParamVisitor, VisitParams};
 use crate::rope::{self, RopeParameters};
+use crate::tensor_parallel::{gather_projection, heads_per_rank, slice_projection, Split};
 use crate::Activation;
 use burn::module::Module;
 use burn::nn::{RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, ElementConversion, Tensor};
+use ember_distributed::TensorParallel;
 use ember_peft::{Projection, TokenEmbedding};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -246,6 +248,10 @@ pub struct LlamaDecoderLayer<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     /// `post_attention_layernorm`.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// The tensor-parallel group this layer's attention heads and MLP units are split over
+    /// (see [`LlamaForCausalLM::tensor_parallel`]); `None`: the whole layer.
+    #[module(skip)]
+    pub tensor_parallel: Option<TensorParallel>,
 }
 
 /// `LlamaModel` (`model.`): embeddings, decoder layers, final norm.
@@ -402,6 +408,7 @@ impl<B: Backend> LlamaDecoderLayer<B> {
             },
             input_layernorm: rms_norm(c, device),
             post_attention_layernorm: rms_norm(c, device),
+            tensor_parallel: None,
         }
     }
 
@@ -414,16 +421,27 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         mask: Option<&Tensor<B, 4, Bool>>,
         past: Option<LayerKv<B>>,
     ) -> Result<(Tensor<B, 3>, LayerKv<B>)> {
-        let normed = apply_rms_norm(&self.input_layernorm, x.clone());
+        // Split over a group, each block runs on this rank's heads / units between Megatron's
+        // `f` (its input's gradient summed over the ranks) and `g` (its output summed).
+        let tp = self.tensor_parallel.as_ref();
+        let enter = |x: Tensor<B, 3>| match tp {
+            Some(tp) => tp.copy_to_region(x),
+            None => Ok(x),
+        };
+        let leave = |x: Tensor<B, 3>| match tp {
+            Some(tp) => tp.reduce_from_region(x),
+            None => Ok(x),
+        };
+        let normed = enter(apply_rms_norm(&self.input_layernorm, x.clone()))?;
         let (attended, kv) = self.self_attn.forward(normed, rope, mask, past);
-        let x = x + attended;
-        let normed = apply_rms_norm(&self.post_attention_layernorm, x.clone());
+        let x = x + leave(attended)?;
+        let normed = enter(apply_rms_norm(&self.post_attention_layernorm, x.clone()))?;
         let m = &self.mlp;
         let gate = m.gate_proj.forward(normed.clone());
         let up = m.up_proj.forward(normed);
         let gated = ember_kernels::silu_mul(&gate, &up)
             .unwrap_or_else(|| Activation::Silu.forward(gate) * up);
-        Ok((x + m.down_proj.forward(gated), kv))
+        Ok((x + leave(m.down_proj.forward(gated))?, kv))
     }
 }
 
@@ -465,7 +483,103 @@ impl<B: Backend> LlamaForCausalLM<B> {
     /// One forward pass: logits for every new position, the loss when labels are given, and
     /// the cache extended by the new positions.
     pub fn forward(&self, input: CausalLmInput<B>) -> Result<CausalLmOutput<B>> {
+        if self.is_tensor_parallel() {
+            // Not on a pool worker: ranks on threads of one process wait for each other in
+            // the collectives, and a worker blocked there would starve the others' loops.
+            return self.forward_inner(input);
+        }
         ember_kernels::on_worker::<B, _>(|| self.forward_inner(input))
+    }
+
+    /// This rank's slice of the model for tensor parallel over `tp` (Megatron's split):
+    /// every decoder layer keeps `num_attention_heads / size` query heads and
+    /// `num_key_value_heads / size` key / value heads (`q_proj`, `k_proj`, `v_proj` by
+    /// output features, `o_proj` by input features) and `intermediate_size / size` MLP units
+    /// (`gate_proj`, `up_proj` by output features, `down_proj` by input features). The
+    /// embeddings, norms and `lm_head` stay whole on every rank. Every rank passes the same
+    /// model; the forward and backward passes then equal the whole model's, the replicated
+    /// parameters getting the same gradient on every rank.
+    ///
+    /// The group must divide both head counts and the intermediate size; adapters and
+    /// quantized layers are not split (add adapters to the whole model after gathering).
+    /// Dropout is not used by Llama, so ranks need no shared random state.
+    pub fn tensor_parallel(mut self, tp: TensorParallel) -> Result<Self> {
+        let c = &self.config;
+        let heads = heads_per_rank(c.num_attention_heads, &tp, "num_attention_heads")?;
+        let kv_heads = heads_per_rank(c.num_key_value_heads(), &tp, "num_key_value_heads")?;
+        heads_per_rank(c.intermediate_size, &tp, "intermediate_size")?;
+        let layers = std::mem::take(&mut self.model.layers);
+        for (i, mut layer) in layers.into_iter().enumerate() {
+            if layer.tensor_parallel.is_some() {
+                return Err(ModelError::Input(format!(
+                    "model.layers.{i} is already split tensor parallel"
+                )));
+            }
+            let key = |name: &str| format!("model.layers.{i}.{name}");
+            let a = layer.self_attn;
+            layer.self_attn = LlamaAttention {
+                q_proj: slice_projection(a.q_proj, &tp, Split::Column, &key("self_attn.q_proj"))?,
+                k_proj: slice_projection(a.k_proj, &tp, Split::Column, &key("self_attn.k_proj"))?,
+                v_proj: slice_projection(a.v_proj, &tp, Split::Column, &key("self_attn.v_proj"))?,
+                o_proj: slice_projection(a.o_proj, &tp, Split::Row, &key("self_attn.o_proj"))?,
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: a.head_dim,
+            };
+            let m = layer.mlp;
+            layer.mlp = LlamaMlp {
+                gate_proj: slice_projection(
+                    m.gate_proj,
+                    &tp,
+                    Split::Column,
+                    &key("mlp.gate_proj"),
+                )?,
+                up_proj: slice_projection(m.up_proj, &tp, Split::Column, &key("mlp.up_proj"))?,
+                down_proj: slice_projection(m.down_proj, &tp, Split::Row, &key("mlp.down_proj"))?,
+            };
+            layer.tensor_parallel = Some(tp.clone());
+            self.model.layers.push(layer);
+        }
+        Ok(self)
+    }
+
+    /// Whether the model is a tensor-parallel slice ([`Self::tensor_parallel`]).
+    pub fn is_tensor_parallel(&self) -> bool {
+        self.model
+            .layers
+            .iter()
+            .any(|l| l.tensor_parallel.is_some())
+    }
+
+    /// The whole model, gathered from every rank's slice (every rank of the group calls it
+    /// and gets the whole model: save it from one rank). A whole model is returned as it is.
+    pub fn gather_tensor_parallel(mut self) -> Result<Self> {
+        let c = &self.config;
+        let (bias, mlp_bias) = (c.attention_bias, c.mlp_bias);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads());
+        let layers = std::mem::take(&mut self.model.layers);
+        for mut layer in layers {
+            if let Some(tp) = layer.tensor_parallel.take() {
+                let a = layer.self_attn;
+                layer.self_attn = LlamaAttention {
+                    q_proj: gather_projection(a.q_proj, &tp, Split::Column, bias)?,
+                    k_proj: gather_projection(a.k_proj, &tp, Split::Column, bias)?,
+                    v_proj: gather_projection(a.v_proj, &tp, Split::Column, bias)?,
+                    o_proj: gather_projection(a.o_proj, &tp, Split::Row, bias)?,
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    head_dim: a.head_dim,
+                };
+                let m = layer.mlp;
+                layer.mlp = LlamaMlp {
+                    gate_proj: gather_projection(m.gate_proj, &tp, Split::Column, mlp_bias)?,
+                    up_proj: gather_projection(m.up_proj, &tp, Split::Column, mlp_bias)?,
+                    down_proj: gather_projection(m.down_proj, &tp, Split::Row, mlp_bias)?,
+                };
+            }
+            self.model.layers.push(layer);
+        }
+        Ok(self)
     }
 
     /// [`Self::forward`], on the calling thread.
@@ -473,7 +587,12 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let c = &self.config;
         let shape = ModelShape {
             layers: c.num_hidden_layers,
-            kv_heads: c.num_key_value_heads(),
+            // A tensor-parallel slice caches its own key / value heads.
+            kv_heads: self
+                .model
+                .layers
+                .first()
+                .map_or(c.num_key_value_heads(), |l| l.self_attn.num_kv_heads),
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
             hidden: c.hidden_size,
