@@ -19,9 +19,10 @@ pub const DEFAULT_BUCKET_CAP_MB: f64 = 25.0;
 ///
 /// * [`broadcast_parameters`](Self::broadcast_parameters): rank 0's weights everywhere, once,
 ///   before training (DDP's constructor).
-/// * [`all_reduce_gradients`](Self::all_reduce_gradients): the mean gradient, copied into one
-///   flat buffer in the module's parameter order and reduced `bucket_cap_mb` at a time, so
-///   that a model of many small tensors costs a few large messages rather than one per tensor.
+/// * [`all_reduce_gradients`](Self::all_reduce_gradients): the mean gradient. Large gradients
+///   are summed in place in messages of at most `bucket_cap_mb`; small ones share buckets of
+///   that size, so that a model of many small tensors costs a few large messages rather than
+///   one per tensor.
 ///   A trainable parameter without a gradient on a rank (unused in its forward pass) counts
 ///   as zeros there, as DDP's `find_unused_parameters` does.
 ///
@@ -81,6 +82,13 @@ impl DataParallel {
     }
 
     /// `grads` (of `module`'s trainable parameters) replaced by their mean over ranks.
+    ///
+    /// Each gradient is taken out of `grads` as its own buffer (without a copy where the
+    /// backend allows: Flex hands over a gradient it holds alone) and summed in place: a
+    /// gradient of [`IN_PLACE_MIN_VALUES`] values or more is its own message (cut at
+    /// `bucket_cap_mb`), smaller ones are copied into one shared bucket so that a model of many
+    /// small tensors still costs a few messages. Then every value is divided by the group
+    /// size, and the buffers go back into `grads` as tensors, again without a copy.
     pub fn all_reduce_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
         &self,
         module: &M,
@@ -89,33 +97,76 @@ impl DataParallel {
         if self.group.size() == 1 {
             return Ok(grads);
         }
-        let mut flatten = Flatten::<B> {
+        let mut take = Take::<B> {
             grads: &mut grads,
-            flat: Vec::with_capacity(module.num_params()),
+            taken: Vec::new(),
             error: None,
             _backend: std::marker::PhantomData,
         };
-        module.visit(&mut flatten);
-        if let Some(e) = flatten.error {
+        module.visit(&mut take);
+        if let Some(e) = take.error {
             return Err(e);
         }
-        let mut flat = flatten.flat;
-        // Summed here and divided by the group size as the buffer is copied back: one pass
-        // over the gradients fewer than an average.
-        for bucket in flat.chunks_mut(self.bucket_values) {
-            self.group.all_reduce(bucket, ReduceOp::Sum)?;
-        }
-        let mut restore = Restore::<B> {
+        let mut taken = take.taken;
+        self.sum_then_scale(&mut taken)?;
+        let mut put_back = PutBack::<B, _> {
             grads: &mut grads,
-            flat: &flat,
-            scale: 1.0 / self.group.size() as f32,
-            offset: 0,
+            taken: taken.into_iter(),
             _backend: std::marker::PhantomData,
         };
-        module.visit(&mut restore);
+        module.visit(&mut put_back);
         Ok(grads)
     }
+
+    /// Sums every buffer over the ranks (large ones in place, small ones through a shared
+    /// bucket) and divides it by the group size. Every rank passes buffers of the same sizes
+    /// in the same order.
+    fn sum_then_scale(&self, buffers: &mut [Vec<f32>]) -> Result<()> {
+        let scale = 1.0 / self.group.size() as f32;
+        let mut bucket: Vec<f32> = Vec::new();
+        // The buffers whose values are in the bucket, in order.
+        let mut waiting: Vec<usize> = Vec::new();
+        let flush = |bucket: &mut Vec<f32>, waiting: &mut Vec<usize>, buffers: &mut [Vec<f32>]| {
+            if bucket.is_empty() {
+                return Ok(());
+            }
+            self.group.all_reduce(bucket, ReduceOp::Sum)?;
+            let mut offset = 0;
+            for &i in waiting.iter() {
+                let values = &mut buffers[i];
+                for (v, sum) in values.iter_mut().zip(&bucket[offset..]) {
+                    *v = sum * scale;
+                }
+                offset += values.len();
+            }
+            bucket.clear();
+            waiting.clear();
+            Ok::<(), DistributedError>(())
+        };
+        for i in 0..buffers.len() {
+            let len = buffers[i].len();
+            if len >= IN_PLACE_MIN_VALUES {
+                for chunk in buffers[i].chunks_mut(self.bucket_values) {
+                    self.group.all_reduce(chunk, ReduceOp::Sum)?;
+                }
+                buffers[i].iter_mut().for_each(|v| *v *= scale);
+                continue;
+            }
+            if !bucket.is_empty() && bucket.len() + len > self.bucket_values {
+                flush(&mut bucket, &mut waiting, buffers)?;
+            }
+            bucket.extend_from_slice(&buffers[i]);
+            waiting.push(i);
+        }
+        flush(&mut bucket, &mut waiting, buffers)
+    }
 }
+
+/// Gradients of at least this many values (256 KiB of f32) are all-reduced in place as
+/// messages of their own; smaller ones share a bucket. At this size a message's fixed cost
+/// (microseconds in shared memory) is small beside moving its bytes, while the copies into
+/// and out of a bucket would cost a pass over the bytes each.
+pub const IN_PLACE_MIN_VALUES: usize = 64 * 1024;
 
 fn bucket_values(megabytes: f64) -> usize {
     ((megabytes * 1024.0 * 1024.0 / 4.0) as usize).max(1)
@@ -153,58 +204,57 @@ impl<B: Backend> ModuleMapper<B> for Broadcast<'_> {
     }
 }
 
-/// Copies the trainable parameters' gradients (zeros where there is none) into one buffer.
-struct Flatten<'a, B: AutodiffBackend> {
+/// Takes each trainable parameter's gradient out of `grads` as f32 values (zeros where there
+/// is none), in the module's parameter order.
+struct Take<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    flat: Vec<f32>,
+    taken: Vec<Vec<f32>>,
     error: Option<DistributedError>,
     _backend: std::marker::PhantomData<B>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !param.is_require_grad() || self.error.is_some() {
             return;
         }
-        let start = self.flat.len();
-        match self.grads.remove::<B::InnerBackend, D>(param.id) {
+        let values = match self.grads.remove::<B::InnerBackend, D>(param.id) {
+            // `into_data` and `into_vec` move the buffer when the tensor holds it alone.
             Some(grad) => match f32_values(grad.into_data(), "a gradient") {
-                Ok(values) => self.flat.extend_from_slice(&values),
-                Err(e) => self.error = Some(e),
+                Ok(values) => values,
+                Err(e) => {
+                    self.error = Some(e);
+                    return;
+                }
             },
-            None => self.flat.resize(start + param.shape().num_elements(), 0.0),
-        }
+            None => vec![0.0; param.shape().num_elements()],
+        };
+        self.taken.push(values);
     }
 }
 
-/// Registers each trainable parameter's averaged gradient from the flat buffer, visiting the
-/// parameters in the order [`Flatten`] laid them out.
-struct Restore<'a, B: AutodiffBackend> {
+/// Registers each trainable parameter's averaged gradient, visiting the parameters in the
+/// order [`Take`] took them, in the parameter's dtype.
+struct PutBack<'a, B: AutodiffBackend, I: Iterator<Item = Vec<f32>>> {
     grads: &'a mut GradientsParams,
-    flat: &'a [f32],
-    /// `1 / size`: the flat buffer holds sums.
-    scale: f32,
-    /// Where the next parameter's gradient starts.
-    offset: usize,
+    taken: I,
     _backend: std::marker::PhantomData<B>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Restore<'_, B> {
+impl<B: AutodiffBackend, I: Iterator<Item = Vec<f32>>> ModuleVisitor<B> for PutBack<'_, B, I> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if !param.is_require_grad() {
             return;
         }
-        let shape = param.shape();
-        let end = self.offset + shape.num_elements();
-        let values: Vec<f32> = self.flat[self.offset..end]
-            .iter()
-            .map(|v| v * self.scale)
-            .collect();
-        self.offset = end;
+        let Some(values) = self.taken.next() else {
+            return;
+        };
+        let value = param.val();
         let grad = Tensor::<B::InnerBackend, D>::from_data(
-            TensorData::new(values, shape),
-            &param.device(),
-        );
+            TensorData::new(values, param.shape()),
+            &value.device(),
+        )
+        .cast(value.dtype());
         self.grads.register::<B::InnerBackend, D>(param.id, grad);
     }
 }
@@ -234,6 +284,39 @@ mod tests {
     fn grad_values(model: &Linear<B>, grads: &GradientsParams) -> Vec<f32> {
         let w = grads.get::<Flex, 2>(model.weight.id).unwrap();
         w.into_data().into_vec::<f32>().unwrap()
+    }
+
+    /// A gradient large enough to be summed in place (cut into several messages by a small
+    /// cap) next to a small one summed through the bucket.
+    #[test]
+    fn large_gradients_in_place_and_small_ones_in_buckets_average_alike() {
+        let device = Default::default();
+        let model: Linear<B> = LinearConfig::new(256, 300).init(&device);
+        assert!(256 * 300 >= IN_PLACE_MIN_VALUES);
+        let x = Tensor::<B, 2>::random([4, 256], Distribution::Normal(0.0, 1.0), &device);
+        let whole = loss_grads(&model, x.clone());
+        let bias = |g: &GradientsParams| {
+            let b = g.get::<Flex, 1>(model.bias.as_ref().unwrap().id).unwrap();
+            b.into_data().into_vec::<f32>().unwrap()
+        };
+        let (whole_w, whole_b) = (grad_values(&model, &whole), bias(&whole));
+        let per_rank = ThreadGroup::run(2, |group| {
+            let rank = group.rank();
+            let ddp = DataParallel::new(Arc::new(group)).bucket_cap_mb(0.1);
+            let shard = x.clone().slice([2 * rank..2 * rank + 2, 0..256]);
+            let grads = ddp
+                .all_reduce_gradients(&model, loss_grads(&model, shard))
+                .unwrap();
+            (grad_values(&model, &grads), bias(&grads))
+        });
+        for (w, b) in per_rank {
+            for (got, want) in [(w, &whole_w), (b, &whole_b)] {
+                assert_eq!(got.len(), want.len());
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() <= 1e-6, "{a} against {b}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ mod mpi_group;
 mod tensor_parallel;
 mod threads;
 
-pub use ddp::{DataParallel, DEFAULT_BUCKET_CAP_MB};
+pub use ddp::{DataParallel, DEFAULT_BUCKET_CAP_MB, IN_PLACE_MIN_VALUES};
 pub use error::{DistributedError, Result};
 pub use group::{ProcessGroup, ReduceOp, SingleProcess};
 #[cfg(feature = "mpi")]
