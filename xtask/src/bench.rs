@@ -89,7 +89,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         match (flag.as_str(), rest.next()) {
             ("--rounds", Some(n)) => rounds = n.parse().context("--rounds takes a number")?,
             ("--only", Some(name)) => only = Some(name.clone()),
-            _ => anyhow::bail!("usage: cargo xtask bench [--rounds N] [--only BENCH | memory]"),
+            _ => anyhow::bail!(
+                "usage: cargo xtask bench [--rounds N] [--only BENCH | memory | distributed]"
+            ),
         }
     }
     let pairs: Vec<&Pair> = PAIRS
@@ -97,9 +99,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .filter(|p| only.as_deref().is_none_or(|o| o == p.bench))
         .collect();
     let with_memory = only.as_deref().is_none_or(|o| o == "memory");
+    let with_distributed = only.as_deref().is_none_or(|o| o == "distributed");
     anyhow::ensure!(
-        !pairs.is_empty() || with_memory,
-        "no bench named {} (nor `memory`)",
+        !pairs.is_empty() || with_memory || with_distributed,
+        "no bench named {} (nor `memory`, `distributed`)",
         only.unwrap_or_default()
     );
     let shared = root.join("../shared");
@@ -118,6 +121,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 round + 1
             );
             measure_memory(root, python.as_deref(), &shared, &mut memory)?;
+        }
+        if with_distributed {
+            eprintln!(
+                "round {}/{rounds}: data-parallel training step on {DDP_PROCESSES} processes",
+                round + 1
+            );
+            measure_distributed(root, python.as_deref(), &shared, &mut results)?;
         }
         for pair in &pairs {
             eprintln!(
@@ -184,6 +194,102 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let path = root.join("target/bench-report.md");
     std::fs::write(&path, &report)?;
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Processes of the `distributed` row: one thread each, as many as this 2-core machine has.
+const DDP_PROCESSES: usize = 2;
+
+/// The `distributed` row: ember-models' `ddp_step` example under mpirun beside
+/// `xtask/bench/ddp_bench.py` (PyTorch DDP over gloo), [`DDP_PROCESSES`] processes of one
+/// thread each. Skipped, saying why, where OpenMPI's `mpirun` is missing.
+fn measure_distributed(
+    root: &Path,
+    python: Option<&Path>,
+    shared: &Path,
+    results: &mut Results,
+) -> Result<()> {
+    let has_mpirun = Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_mpirun {
+        eprintln!("no mpirun (OpenMPI): the distributed row is left out");
+        return Ok(());
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_command(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "ember-models",
+        "--features",
+        "mpi",
+        "--example",
+        "ddp_step",
+    ]))?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+    let mut ember = Command::new("mpirun");
+    // On one machine: shared memory and loopback only, as `ember launch` runs.
+    ember
+        .args(["--allow-run-as-root", "--bind-to", "none"])
+        .args([
+            "--mca",
+            "btl",
+            "self,vader",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+        ])
+        .args([
+            "-x",
+            "RAYON_NUM_THREADS=1",
+            "-n",
+            &DDP_PROCESSES.to_string(),
+        ])
+        .arg(target.join("release/examples/ddp_step"));
+    record_rows(ember, "ddp_step", "samples", results, false)?;
+    if let Some(py) = python {
+        let mut reference = Command::new(py);
+        reference
+            .arg(root.join("xtask/bench/ddp_bench.py"))
+            .arg(shared)
+            .args(["--nproc", &DDP_PROCESSES.to_string()]);
+        record_rows(reference, "ddp_bench.py", "samples", results, true)?;
+    }
+    Ok(())
+}
+
+/// Runs `command` and adds each `{"bench", "median_s", "items"}` line it prints to Ember's or
+/// (`reference`) the reference's column of `results`.
+fn record_rows(
+    mut command: Command,
+    what: &str,
+    unit: &'static str,
+    results: &mut Results,
+    reference: bool,
+) -> Result<()> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
+        let name = v["bench"].as_str().unwrap_or_default().to_owned();
+        let e = results
+            .entry(name)
+            .or_insert((Vec::new(), Vec::new(), 0, unit));
+        let seconds = v["median_s"].as_f64().unwrap_or(f64::NAN);
+        if reference { &mut e.1 } else { &mut e.0 }.push(seconds);
+        e.2 = v["items"].as_u64().unwrap_or(e.2);
+    }
     Ok(())
 }
 
