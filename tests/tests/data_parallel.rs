@@ -140,3 +140,54 @@ fn two_ranks_on_half_the_batch_train_as_one_process() {
 fn two_ranks_with_gradient_accumulation_train_as_one_process() {
     two_ranks_equal_one_process(4, 2);
 }
+
+/// Evaluation under data parallel: the evaluation set (11 rows, batches of 2: the ranks' last
+/// batches are padded with repeats) is sharded over two ranks and gathered, and every rank
+/// reports exactly the metrics, predictions and labels of one process.
+#[test]
+fn two_ranks_evaluate_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tmp.path().join("init");
+    model().save_pretrained(&init).unwrap();
+    let eval = support::contains_five(3)
+        .select(&(0..11).collect::<Vec<_>>())
+        .unwrap();
+    let trainer = |dir: &str, model: Model| {
+        let mut args = args(&tmp.path().join(dir), 4, 1);
+        args.per_device_eval_batch_size = 2;
+        Trainer::new(
+            args,
+            model,
+            DataCollatorWithPadding::new(0),
+            default_device(),
+        )
+        .unwrap()
+        .train_dataset(dataset())
+        .compute_metrics(|p| {
+            let (predictions, labels) = p.sequence_classes();
+            ember::train::metrics::classification_metrics(&predictions, &labels)
+        })
+    };
+    let initial = || Model::from_pretrained(&init, &default_device()).unwrap();
+    let mut single = trainer("one", initial());
+    let expected = single.evaluate(&eval).unwrap();
+    let expected_predictions = single.predict(&eval).unwrap().predictions;
+    assert_eq!(expected_predictions.label_ids.len(), 11);
+    let ranks = ThreadGroup::run(2, |group| {
+        let mut t = trainer("two", initial()).data_parallel(Arc::new(group));
+        (
+            t.evaluate(&eval).unwrap(),
+            t.predict(&eval).unwrap().predictions,
+        )
+    });
+    let timing = |name: &String| name.ends_with("_runtime") || name.ends_with("_per_second");
+    for (metrics, predictions) in ranks {
+        for (name, value) in &expected {
+            if !timing(name) {
+                assert_eq!(metrics[name], *value, "{name}");
+            }
+        }
+        assert_eq!(metrics.len(), expected.len());
+        assert_eq!(predictions, expected_predictions);
+    }
+}

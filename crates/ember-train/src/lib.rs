@@ -9,8 +9,11 @@
 //! - Mixed precision (`bf16` / `fp16`): torch's autocast through `ember_kernels::autocast`,
 //!   and for float16 dynamic loss scaling with [`GradScaler`].
 //! - [`metrics`]: accuracy, precision / recall / F1 and seqeval's entity-level scores.
+//! - [`Accelerator`]: accelerate's `Accelerator` for a hand-written burn loop (data parallel,
+//!   gradient accumulation, `gather_for_metrics`, `save_state` / `load_state`).
 //! - [`TrainableModel`]: what a model provides; `ember-models` implements it (feature `train`).
 
+mod accelerator;
 mod args;
 mod error;
 pub mod metrics;
@@ -21,6 +24,10 @@ mod schedule;
 mod state;
 mod trainer;
 
+pub use accelerator::{
+    random_states_file, Accelerator, DataLoaderShard, DataLoaderShardIter, Reduction, MODEL_FILE,
+    OPTIMIZER_FILE,
+};
 pub use args::{IntervalStrategy, SchedulerType, TrainingArguments};
 pub use error::{Result, TrainError};
 pub use model::{ModelOutput, TrainableModel, TrainableParam};

@@ -222,7 +222,10 @@ where
     /// the micro-steps of gradient accumulation), in buckets ([`DataParallel`]). So every rank
     /// takes the same steps, as one process on `size` times the per-device batch would. The
     /// logged loss is the mean over ranks; only rank 0 writes checkpoints (the others wait
-    /// for it); each rank draws its own dropout masks.
+    /// for it); each rank draws its own dropout masks. Evaluation (`evaluate`, `predict`, and
+    /// during training) deals the evaluation batches over the ranks as accelerate does and
+    /// gathers the results without the shards' repeated rows, so every rank reports exactly
+    /// the metrics of one process.
     pub fn data_parallel(mut self, group: std::sync::Arc<dyn ProcessGroup>) -> Self {
         self.data_parallel = (group.size() > 1).then(|| DataParallel::new(group));
         self
@@ -658,20 +661,38 @@ where
         let model = self.model.valid();
         let loader = self.loader(dataset, self.args.per_device_eval_batch_size, false)?;
         let device = self.device.clone();
-        let mut out = EvalPrediction::default();
-        let (mut loss_sum, mut counted, mut batches) = (0.0f64, 0usize, 0usize);
-        for batch in loader.iter::<B::InnerBackend>(0, &device) {
-            let batch =
-                batch.map_err(|e| TrainError::Step(format!("evaluation batch {batches}: {e}")))?;
+        let evaluate_batch = |batch: Batch<B::InnerBackend>| -> Result<EvalBatch> {
             let size = batch.batch_size();
             let labels = batch.labels.clone();
             let ModelOutput { loss, logits } =
                 model.forward_batch(batch).map_err(TrainError::Step)?;
-            let loss: f64 = loss.into_scalar().elem();
-            loss_sum += loss * size as f64;
-            counted += size;
-            batches += 1;
-            collect(&mut out, logits, labels)?;
+            let mut part = EvalPrediction::default();
+            collect(&mut part, logits, labels)?;
+            Ok(EvalBatch::new(loss.into_scalar().elem(), size, part))
+        };
+        let mut results = Vec::new();
+        match &self.data_parallel {
+            None => {
+                for batch in loader.iter::<B::InnerBackend>(0, &device) {
+                    let batch = batch.map_err(|e| {
+                        TrainError::Step(format!("evaluation batch {}: {e}", results.len()))
+                    })?;
+                    results.push(evaluate_batch(batch)?);
+                }
+            }
+            Some(dp) => {
+                results =
+                    gathered_evaluation(dp.group().as_ref(), &loader, &device, evaluate_batch)?
+            }
+        }
+        let mut out = EvalPrediction::default();
+        let (mut loss_sum, mut counted, batches) = (0.0f64, 0usize, results.len());
+        // Summed in the order of one process's batches: every rank, and one process, add the
+        // same f64 terms in the same order, so the metrics agree to the last bit.
+        for result in results {
+            loss_sum += f64::from_bits(result.loss) * result.size as f64;
+            counted += result.size;
+            result.append_to(&mut out);
         }
         let runtime = start.elapsed().as_secs_f64();
         let mut metrics = BTreeMap::new();
@@ -934,4 +955,123 @@ pub fn require_labels<B: Backend>(
     batch.labels.as_ref().ok_or_else(|| {
         "the batch has no labels (the dataset needs a `labels` / `label` column)".to_owned()
     })
+}
+
+/// One evaluation batch's results, as ranks exchange them: floats as their bits, so that the
+/// gathered values are exactly those computed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EvalBatch {
+    /// The batch's mean loss (`f64` bits).
+    loss: u64,
+    /// The rows of the batch.
+    size: usize,
+    num_classes: usize,
+    /// Each row's logits (`f32` bits).
+    logits: Vec<Vec<u32>>,
+    predictions: Vec<Vec<usize>>,
+    label_ids: Vec<Vec<i64>>,
+}
+
+impl EvalBatch {
+    fn new(loss: f64, size: usize, part: EvalPrediction) -> Self {
+        Self {
+            loss: loss.to_bits(),
+            size,
+            num_classes: part.num_classes,
+            logits: part
+                .logits
+                .into_iter()
+                .map(|row| row.into_iter().map(f32::to_bits).collect())
+                .collect(),
+            predictions: part.predictions,
+            label_ids: part.label_ids,
+        }
+    }
+
+    fn append_to(self, out: &mut EvalPrediction) {
+        out.num_classes = self.num_classes;
+        out.logits.extend(
+            self.logits
+                .into_iter()
+                .map(|row| row.into_iter().map(f32::from_bits).collect()),
+        );
+        out.predictions.extend(self.predictions);
+        out.label_ids.extend(self.label_ids);
+    }
+}
+
+/// Data-parallel evaluation, as HF's Trainer does it through accelerate: the evaluation set's
+/// batches are dealt over the ranks (accelerate's `BatchSamplerShard`), each rank evaluates
+/// its own, and the results are gathered and put back in the order of one process's batches,
+/// without the rows the shards repeat to give every rank as many batches
+/// (`gather_for_metrics`). The repeats are left out before the forward pass rather than after
+/// the gather: each batch then holds the rows of one process's batch (padded alike), so the
+/// loss and the logits are one process's exactly, where HF's `eval_loss` would also average in
+/// the repeated rows of the last batch.
+fn gathered_evaluation<B: Backend, C: Collator + 'static>(
+    group: &dyn ProcessGroup,
+    loader: &DataLoader<C>,
+    device: &B::Device,
+    evaluate_batch: impl Fn(Batch<B>) -> Result<EvalBatch>,
+) -> Result<Vec<EvalBatch>> {
+    let (rank, world) = (group.rank(), group.size());
+    let shard = crate::accelerator::shard_batches(
+        &loader.batch_indices(0),
+        loader.batch_size(),
+        world,
+        rank,
+        false,
+    );
+    let mut own = Vec::with_capacity(shard.len());
+    let mut failure = None;
+    for (step, slots) in shard.iter().enumerate() {
+        let rows: Vec<usize> = slots.iter().filter(|s| !s.padding).map(|s| s.row).collect();
+        if rows.is_empty() {
+            own.push(None);
+            continue;
+        }
+        let batch = loader
+            .examples()
+            .examples(&rows)
+            .and_then(|rows| loader.collator().collate::<B>(&rows, device))
+            .map_err(|e| {
+                TrainError::Step(format!("evaluation batch {}: {e}", step * world + rank))
+            });
+        match batch.and_then(&evaluate_batch) {
+            Ok(result) => own.push(Some(result)),
+            Err(e) => {
+                // Still join the gather below, so that the other ranks fail rather than wait.
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let bytes = match &failure {
+        Some(_) => Vec::new(),
+        None => serde_json::to_vec(&own)
+            .map_err(|e| TrainError::Step(format!("sending evaluation results: {e}")))?,
+    };
+    let parts = crate::accelerator::gather_bytes(group, bytes)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut per_rank = Vec::with_capacity(world);
+    for (r, part) in parts.iter().enumerate() {
+        if part.is_empty() {
+            return Err(TrainError::Step(format!("evaluation failed on rank {r}")));
+        }
+        let batches: Vec<Option<EvalBatch>> = serde_json::from_slice(part)
+            .map_err(|e| TrainError::Step(format!("reading rank {r}'s evaluation results: {e}")))?;
+        per_rank.push(batches.into_iter());
+    }
+    // Rank r's batch s is batch s · world + r of one process.
+    let mut ordered = Vec::new();
+    for _ in 0..shard.len() {
+        for batches in per_rank.iter_mut() {
+            if let Some(Some(result)) = batches.next() {
+                ordered.push(result);
+            }
+        }
+    }
+    Ok(ordered)
 }
