@@ -36,6 +36,16 @@ pub enum DistributedError {
     /// A gradient or parameter that could not be read or written (a dtype other than float).
     #[error("{0}")]
     Tensor(String),
+    /// A pipeline stage's own forward pass failed (a model rejected its micro-batch): which
+    /// stage, and the stage's error, kept whole so that callers can downcast it.
+    #[error("pipeline stage {stage}: {source}")]
+    Stage {
+        /// The stage (rank in the pipeline group) whose forward pass failed.
+        stage: usize,
+        /// The error the stage returned.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 /// `Result` with [`DistributedError`].

@@ -11,6 +11,8 @@
 //! * [`TensorParallel`], [`ColumnParallelLinear`], [`RowParallelLinear`]: Megatron's split of
 //!   a layer's parameters over ranks, forward and backward.
 //! * [`DeviceMesh`]: the ranks as `data × pipeline × tensor` parallel, a group per axis.
+//! * [`PipelineParallel`]: GPipe and 1F1B pipeline parallel: ranks hold consecutive stages of
+//!   a model ([`PipelineStage`]), micro-batches' activations and gradients pass between them.
 //!
 //! A failed or missing rank makes the others' operations return a [`DistributedError`] within
 //! the group's timeout: a job never hangs silently.
@@ -29,6 +31,7 @@ mod mesh;
 mod mpi_group;
 #[cfg(feature = "nccl")]
 mod nccl_group;
+mod pipeline;
 mod tensor_parallel;
 mod threads;
 
@@ -40,5 +43,8 @@ pub use mesh::{DeviceMesh, MeshCoords, MeshShape};
 pub use mpi_group::MpiGroup;
 #[cfg(feature = "nccl")]
 pub use nccl_group::NcclGroup;
+pub use pipeline::{
+    PipelineParallel, PipelineStage, PipelineStep, PipelineStepOutput, Schedule, StageOutput,
+};
 pub use tensor_parallel::{ColumnParallelLinear, RowParallelLinear, TensorParallel};
 pub use threads::{ThreadGroup, DEFAULT_TIMEOUT};

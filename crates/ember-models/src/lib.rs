@@ -20,6 +20,8 @@
 //!   `query_key_value`) and [`GPT2LMHeadModel`] (Conv1D layout) through
 //!   [`AutoModelForCausalLM`], with a key / value cache ([`KvCache`], also a learned prefix)
 //!   and the shifted-label loss ([`causal`]).
+//! - [`LlamaPipelineStage`]: a Llama cut into pipeline-parallel stages for
+//!   `ember_distributed::PipelineParallel` (GPipe / 1F1B).
 //! - [`generation`]: HF's `generate` with a `GenerationConfig` (greedy, sampling with
 //!   temperature / top-k / top-p, repetition penalty, EOS ids and stop strings, left-padded
 //!   batches, streaming).
@@ -56,6 +58,7 @@ pub mod generation;
 mod gpt2;
 mod heads;
 mod llama;
+mod llama_pipeline;
 pub mod loss;
 mod params;
 mod peft;
@@ -92,6 +95,7 @@ pub use heads::{
 pub use llama::{
     LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel,
 };
+pub use llama_pipeline::{LlamaMicroBatch, LlamaPipelineStage};
 pub use params::{NamedParam, StateDict};
 pub use pretrained::{
     read_config, AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForQuestionAnswering,
