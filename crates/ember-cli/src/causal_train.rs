@@ -39,6 +39,8 @@ pub struct CausalLmArgs {
     pub args: Option<PathBuf>,
     /// Overrides `output_dir` of `args`.
     pub output_dir: Option<PathBuf>,
+    /// `--resume-from-checkpoint`: a checkpoint folder, or `latest`.
+    pub resume_from_checkpoint: Option<PathBuf>,
     /// Truncate each example to this many tokens (also capped at the model's positions).
     pub max_length: usize,
     /// One JSON line per log entry on stdout.
@@ -242,6 +244,7 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
     if let Some(dir) = &a.output_dir {
         args.output_dir = dir.clone();
     }
+    crate::train::resume_from(&mut args, a.resume_from_checkpoint.as_deref())?;
     a.precision.apply(&mut args);
     if args.eval_strategy != IntervalStrategy::No && a.eval_data.is_none() {
         bail!(

@@ -111,7 +111,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
     })?;
     match status.code() {
         Some(0) => Ok(()),
-        Some(code) => bail!("the job ended with status {code} (mpirun)"),
+        // mpirun has already printed which rank ended how; this line says what to do next.
+        Some(code) => bail!(
+            "the job ended with status {code} (mpirun): a rank failed or was killed, and mpirun \
+             ended the others (see its message above); `ember train --resume-from-checkpoint \
+             latest` continues from the last checkpoint"
+        ),
         None => bail!("mpirun was killed ({status})"),
     }
 }

@@ -51,6 +51,11 @@ pub struct TrainArgs {
     /// Where checkpoints and the final model go (overrides `output_dir` of --args).
     #[arg(long)]
     output_dir: Option<PathBuf>,
+    /// Resume from a checkpoint folder (`output_dir/checkpoint-N`), or from the newest one in
+    /// the output folder with `latest` (HF's `resume_from_checkpoint=True`). Overrides
+    /// `resume_from_checkpoint` of --args.
+    #[arg(long, value_name = "CHECKPOINT|latest")]
+    resume_from_checkpoint: Option<PathBuf>,
     /// Truncate each text to this many tokens [default: 128; 256 with --task causal-lm].
     #[arg(long)]
     max_length: Option<usize>,
@@ -532,6 +537,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             text_column: a.text_column.clone(),
             args: a.args.clone(),
             output_dir: a.output_dir.clone(),
+            resume_from_checkpoint: a.resume_from_checkpoint.clone(),
             max_length: a
                 .max_length
                 .unwrap_or(crate::causal_train::DEFAULT_MAX_LENGTH),
@@ -560,6 +566,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.output_dir {
         args.output_dir = dir.clone();
     }
+    resume_from(&mut args, a.resume_from_checkpoint.as_deref())?;
     a.precision.apply(&mut args);
     if a.task == "ner" {
         return train_ner(&a, model_dir, data, args, max_length);
@@ -631,6 +638,33 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     if crate::launch::is_main_process() {
         println!("{}", serde_json::to_string(&metrics)?);
     }
+    Ok(())
+}
+
+/// `--resume-from-checkpoint`: a checkpoint folder, or `latest` for the newest one of
+/// `output_dir` (an error when there is none, as HF's `resume_from_checkpoint=True`).
+pub(crate) fn resume_from(args: &mut TrainingArguments, checkpoint: Option<&Path>) -> Result<()> {
+    let Some(checkpoint) = checkpoint else {
+        return Ok(());
+    };
+    if checkpoint != Path::new("latest") {
+        if !checkpoint.is_dir() {
+            bail!(
+                "--resume-from-checkpoint `{}` is not a checkpoint folder",
+                checkpoint.display()
+            );
+        }
+        args.resume_from_checkpoint = Some(checkpoint.to_owned());
+        return Ok(());
+    }
+    let newest = ember::train::get_last_checkpoint(&args.output_dir)?.with_context(|| {
+        format!(
+            "--resume-from-checkpoint latest: no checkpoint-N folder in `{}`",
+            args.output_dir.display()
+        )
+    })?;
+    eprintln!("resuming from {}", newest.display());
+    args.resume_from_checkpoint = Some(newest);
     Ok(())
 }
 

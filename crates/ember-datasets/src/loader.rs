@@ -200,6 +200,12 @@ impl<C: Collator + 'static> DataLoader<C> {
         self.batch_size
     }
 
+    /// torch's `dataloader.drop_last`: whether an epoch leaves out its last, smaller batch
+    /// (set with [`DataLoader::drop_last`], whose name the builder already takes).
+    pub fn drops_last(&self) -> bool {
+        self.drop_last
+    }
+
     /// The rows.
     pub fn examples(&self) -> &ExampleDataset {
         &self.examples

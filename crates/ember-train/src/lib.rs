@@ -19,6 +19,7 @@ mod error;
 pub mod metrics;
 mod model;
 mod optim;
+mod rng_state;
 mod scaler;
 mod schedule;
 mod state;
@@ -32,10 +33,11 @@ pub use args::{IntervalStrategy, SchedulerType, TrainingArguments};
 pub use error::{Result, TrainError};
 pub use model::{ModelOutput, TrainableModel, TrainableParam};
 pub use optim::{clip_grad_norm, decays, GroupedAdamW};
+pub use rng_state::rng_state_file;
 pub use scaler::{GradScaler, GradScalerKwargs};
 pub use schedule::LrSchedule;
 pub use state::TrainerState;
 pub use trainer::{
-    require_labels, ComputeMetrics, Control, EarlyStoppingCallback, EvalPrediction,
+    get_last_checkpoint, require_labels, ComputeMetrics, Control, EarlyStoppingCallback, EvalPrediction,
     PredictionOutput, Trainer, TrainerCallback,
 };

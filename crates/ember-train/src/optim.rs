@@ -7,7 +7,7 @@ use crate::model::TrainableParam;
 use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use std::collections::HashSet;
@@ -75,17 +75,23 @@ impl<M: AutodiffModule<B>, B: AutodiffBackend> GroupedAdamW<M, B> {
         self.plain.step(lr, model, plain)
     }
 
-    /// The state of both groups, as bytes (burn's binary record format).
+    /// The state of both groups, as bytes (burn's named MessagePack record, as the
+    /// [`Accelerator`](crate::Accelerator)'s `optimizer.bin`).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        // MessagePack rather than burn's bincode record: reading a truncated bincode record
+        // panics inside burn, reading a truncated MessagePack one returns an error.
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
         let record = (self.decayed.to_record(), self.plain.to_record());
         Recorder::<B>::record(&recorder, record, ())
             .map_err(|e| TrainError::Step(format!("saving the optimizer state: {e}")))
     }
 
     /// Restores the state written by [`Self::to_bytes`].
+    ///
+    /// Errors: [`TrainError::Step`] when `bytes` are not such a state (truncated, of another
+    /// model); never a panic.
     pub fn load_bytes(self, bytes: Vec<u8>, device: &B::Device) -> Result<Self> {
-        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
         type Rec<M, B> = <OptimizerAdaptor<AdamW, M, B> as Optimizer<M, B>>::Record;
         let (decayed, plain): (Rec<M, B>, Rec<M, B>) =
             Recorder::<B>::load(&recorder, bytes, device)

@@ -6,6 +6,7 @@ use crate::args::{IntervalStrategy, TrainingArguments};
 use crate::error::{Result, TrainError};
 use crate::model::{ModelOutput, TrainableModel};
 use crate::optim::{clip_grad_norm, GroupedAdamW};
+use crate::rng_state::{dropout_seed, rng_state_file, RngState};
 use crate::scaler::{GradScaler, GradScalerKwargs};
 use crate::schedule::LrSchedule;
 use crate::state::TrainerState;
@@ -221,9 +222,10 @@ where
     /// 0's weights, and averages the gradients over ranks once per optimizer step (none on
     /// the micro-steps of gradient accumulation), in buckets ([`DataParallel`]). So every rank
     /// takes the same steps, as one process on `size` times the per-device batch would. The
-    /// logged loss is the mean over ranks; only rank 0 writes checkpoints (the others wait
-    /// for it); each rank draws its own dropout masks. Evaluation (`evaluate`, `predict`, and
-    /// during training) deals the evaluation batches over the ranks as accelerate does and
+    /// logged loss is the mean over ranks; rank 0 writes checkpoints, to which every rank adds
+    /// its own random state (`rng_state_{rank}.json`, restored on resuming); each rank draws
+    /// its own dropout masks. Evaluation (`evaluate`, `predict`, and during training) deals
+    /// the evaluation batches over the ranks as accelerate does and
     /// gathers the results without the shards' repeated rows, so every rank reports exactly
     /// the metrics of one process.
     pub fn data_parallel(mut self, group: std::sync::Arc<dyn ProcessGroup>) -> Self {
@@ -365,8 +367,20 @@ where
         };
         // Optimizer steps taken, which the schedule counts: a skipped step does not advance it.
         let mut scheduler_steps = 0;
+        // The seed of the dropout masks: `args.seed`, or on resuming the checkpoint's own.
+        let mut rng_seed = args.seed;
+        let mut saved_next_batch = None;
         if let Some(checkpoint) = args.resume_from_checkpoint.clone() {
-            (optimizer, scheduler_steps) = self.resume(&checkpoint, optimizer, scaler.as_mut())?;
+            let resumed = self.resume(&checkpoint, optimizer, scaler.as_mut());
+            // Every rank leaves together: one that cannot resume (its random state missing)
+            // would otherwise leave the others waiting in the first gradient exchange.
+            let resumed = match &self.data_parallel {
+                Some(dp) => agree(dp.group().as_ref(), "resuming", resumed)?,
+                None => resumed?,
+            };
+            let rng;
+            (optimizer, scheduler_steps, rng) = resumed;
+            (rng_seed, saved_next_batch) = (rng.seed, rng.next_batch);
         }
         let start = Instant::now();
         let start_step = self.state.global_step;
@@ -374,6 +388,15 @@ where
             start_step / steps_per_epoch,
             (start_step % steps_per_epoch) * ga,
         );
+        // The position in the run of the next batch, which the random state records.
+        let mut next_batch = first_epoch * batches_per_epoch + skip_batches;
+        if let Some(saved) = saved_next_batch.filter(|&saved| saved != next_batch) {
+            tracing::warn!(
+                "the checkpoint's random state continues at batch {saved} of the run, this run \
+                 at batch {next_batch} (the batch size, the number of processes or the \
+                 gradient accumulation changed): dropout will not repeat the interrupted run's"
+            );
+        }
         let progress = self.progress_bar(max_steps, start_step);
         let (mut loss_since_log, mut steps_since_log, mut loss_total) = (0.0f64, 0usize, 0.0f64);
         let mut stop = self.state.global_step >= max_steps;
@@ -397,13 +420,9 @@ where
                     .map_err(|e| TrainError::Step(format!("epoch {epoch}, batch {index}: {e}")))?;
                 // Dropout masks depend only on the seed and the position in the run, so that a
                 // resumed run draws the same ones as an uninterrupted run.
-                B::seed(
-                    &self.device,
-                    args.seed
-                        .wrapping_mul(1_000_003)
-                        .wrapping_add((epoch * batches_per_epoch + index) as u64)
-                        .wrapping_add((rank as u64) << 40),
-                );
+                let position = epoch * batches_per_epoch + index;
+                B::seed(&self.device, dropout_seed(rng_seed, position, rank));
+                next_batch = position + 1;
                 let ModelOutput { loss, .. } =
                     self.model.forward_batch(batch).map_err(TrainError::Step)?;
                 let loss = if ga > 1 {
@@ -493,7 +512,8 @@ where
                 if args.save_strategy == IntervalStrategy::Steps
                     && step.is_multiple_of(self.state.save_steps)
                 {
-                    self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref())?;
+                    let rng = self.rng_state(rng_seed, next_batch);
+                    self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref(), &rng)?;
                 }
                 stop = control.should_training_stop || step >= max_steps;
                 if stop {
@@ -512,7 +532,8 @@ where
                 stop |= self.evaluate_during_training()?.should_training_stop;
             }
             if args.save_strategy == IntervalStrategy::Epoch {
-                self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref())?;
+                let rng = self.rng_state(rng_seed, next_batch);
+                self.save_checkpoint(&optimizer, scheduler_steps, scaler.as_ref(), &rng)?;
             }
         }
         progress.finish_and_clear();
@@ -726,51 +747,89 @@ where
         self.args.output_dir.join(format!("checkpoint-{step}"))
     }
 
+    /// This rank's random state, to be saved with a checkpoint: the dropout seed and the
+    /// position of the next batch.
+    fn rng_state(&self, seed: u64, next_batch: usize) -> RngState {
+        let (process_index, num_processes) = self.process_index();
+        RngState {
+            seed,
+            global_step: self.state.global_step,
+            process_index,
+            num_processes,
+            next_batch: Some(next_batch),
+        }
+    }
+
     /// Writes `output_dir/checkpoint-{global_step}/`: the model (`config.json`,
     /// `model.safetensors`), `trainer_state.json`, `training_args.json`, `optimizer.bin`,
-    /// `scheduler.json` (`last_epoch`: the schedule's step count), `rng_state.json` and, in
+    /// `scheduler.json` (`last_epoch`: the schedule's step count), the random state and, in
     /// `fp16`, `scaler.json` (the [`GradScaler`]'s `state_dict`). The folder is written under a
     /// temporary name and renamed into place, so a crash mid-save leaves the previous
-    /// checkpoints untouched.
+    /// checkpoints untouched and no half checkpoint.
     ///
-    /// In data-parallel training only rank 0 writes (every rank holds the same weights and
-    /// optimizer state); the others wait until it has.
+    /// The random state is `rng_state.json` for one process. In data-parallel training rank 0
+    /// writes every other file (every rank holds the same weights and optimizer state), then
+    /// each rank writes its own `rng_state_{rank}.json` into the temporary folder (itself
+    /// under a temporary name, then renamed), and rank 0 renames the folder into place once
+    /// all have: every rank returns after that, with an error on every rank when any failed.
     fn save_checkpoint(
         &mut self,
         optimizer: &GroupedAdamW<M, B>,
         scheduler_steps: usize,
         scaler: Option<&GradScaler>,
+        rng: &RngState,
     ) -> Result<()> {
+        let step = self.state.global_step;
         let Some(dp) = self.data_parallel.clone() else {
-            return self.write_checkpoint(optimizer, scheduler_steps, scaler);
+            let tmp = self
+                .args
+                .output_dir
+                .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
+            self.write_checkpoint_files(&tmp, optimizer, scheduler_steps, scaler)?;
+            let path = tmp.join(rng_state_file(0, 1));
+            std::fs::write(&path, rng.to_json())
+                .map_err(|source| TrainError::Io { path, source })?;
+            return self.publish_checkpoint(&tmp);
         };
-        let written = match dp.group().rank() {
-            0 => self.write_checkpoint(optimizer, scheduler_steps, scaler),
+        let group = dp.group().as_ref();
+        let (rank, world) = (group.rank(), group.size());
+        // Every rank must find the folder: its name is fixed rather than rank 0's process id.
+        let tmp = self.args.output_dir.join(format!(".checkpoint-{step}.tmp"));
+        let what = format!("saving checkpoint-{step}");
+        let shared = match rank {
+            0 => self.write_checkpoint_files(&tmp, optimizer, scheduler_steps, scaler),
             _ => Ok(()),
         };
-        dp.group().barrier()?;
-        written
+        agree(group, &what, shared)?;
+        let own = crate::accelerator::write_atomic(
+            &tmp.join(rng_state_file(rank, world)),
+            &rng.to_json(),
+            rank,
+        );
+        agree(group, &what, own)?;
+        let published = match rank {
+            0 => self.publish_checkpoint(&tmp),
+            _ => Ok(()),
+        };
+        agree(group, &what, published)
     }
 
-    fn write_checkpoint(
-        &mut self,
+    /// Writes a checkpoint's files but the random state into the fresh folder `tmp`.
+    fn write_checkpoint_files(
+        &self,
+        tmp: &Path,
         optimizer: &GroupedAdamW<M, B>,
         scheduler_steps: usize,
         scaler: Option<&GradScaler>,
     ) -> Result<()> {
-        let dir = self.checkpoint_dir(self.state.global_step);
-        let tmp = self.args.output_dir.join(format!(
-            ".checkpoint-{}.tmp-{}",
-            self.state.global_step,
-            std::process::id()
-        ));
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| TrainError::Io { path, source }
         };
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        self.model.save_pretrained(&tmp).map_err(TrainError::Step)?;
+        // A folder left by a crash in the middle of an earlier save of this step.
+        let _ = std::fs::remove_dir_all(tmp);
+        std::fs::create_dir_all(tmp).map_err(io(tmp))?;
+        self.model.save_pretrained(tmp).map_err(TrainError::Step)?;
         let write = |name: &str, bytes: &[u8]| {
             std::fs::write(tmp.join(name), bytes).map_err(io(&tmp.join(name)))
         };
@@ -786,13 +845,19 @@ where
         if let Some(scaler) = scaler {
             write("scaler.json", scaler.state_dict().to_string().as_bytes())?;
         }
-        let rng =
-            serde_json::json!({ "seed": self.args.seed, "global_step": self.state.global_step });
-        write("rng_state.json", rng.to_string().as_bytes())?;
+        Ok(())
+    }
+
+    /// Renames the complete folder `tmp` to `checkpoint-{global_step}` and rotates.
+    fn publish_checkpoint(&self, tmp: &Path) -> Result<()> {
+        let dir = self.checkpoint_dir(self.state.global_step);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            std::fs::remove_dir_all(&dir).map_err(|source| TrainError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         }
-        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        std::fs::rename(tmp, &dir).map_err(|source| TrainError::Io { path: dir, source })?;
         self.rotate_checkpoints()
     }
 
@@ -838,14 +903,18 @@ where
         Ok(())
     }
 
-    /// Restores the model, the optimizer, the trainer state and (with `fp16`) the scaler from
-    /// `checkpoint`; returns the optimizer and the schedule's step count.
+    /// Restores the model, the optimizer, the trainer state, (with `fp16`) the scaler and this
+    /// rank's random state from `checkpoint`; returns the optimizer, the schedule's step count
+    /// and the random state.
+    ///
+    /// Errors name the file at fault: [`TrainError::Io`] for a missing one (the random state
+    /// of this rank included), [`TrainError::File`] for a corrupt or truncated one.
     fn resume(
         &mut self,
         checkpoint: &Path,
         optimizer: GroupedAdamW<M, B>,
         scaler: Option<&mut GradScaler>,
-    ) -> Result<(GroupedAdamW<M, B>, usize)> {
+    ) -> Result<(GroupedAdamW<M, B>, usize, RngState)> {
         let state = TrainerState::load(&checkpoint.join("trainer_state.json"))?;
         self.model = self
             .model
@@ -853,8 +922,19 @@ where
             .load_weights(checkpoint)
             .map_err(TrainError::Step)?;
         let path = checkpoint.join("optimizer.bin");
-        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io { path, source })?;
-        let optimizer = optimizer.load_bytes(bytes, &self.device)?;
+        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let optimizer =
+            optimizer
+                .load_bytes(bytes, &self.device)
+                .map_err(|e| TrainError::File {
+                    path,
+                    message: e.to_string(),
+                })?;
+        let (rank, world) = self.process_index();
+        let rng = RngState::read(checkpoint, rank, world)?;
         let read_json = |name: &str| -> Result<Option<Value>> {
             let path = checkpoint.join(name);
             if !path.exists() {
@@ -902,7 +982,46 @@ where
         self.state.best_metric = state.best_metric;
         self.state.best_global_step = state.best_global_step;
         self.state.best_model_checkpoint = state.best_model_checkpoint;
-        Ok((optimizer, scheduler_steps))
+        Ok((optimizer, scheduler_steps, rng))
+    }
+}
+
+/// HF's `get_last_checkpoint(folder)`: the `checkpoint-{step}` folder of `output_dir` with the
+/// highest step, or `None` when there is none. Folders still under a temporary name (a save
+/// that a crash interrupted) are not checkpoints.
+///
+/// Errors: [`TrainError::Io`] naming `output_dir` when it cannot be listed.
+pub fn get_last_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    let entries = std::fs::read_dir(output_dir).map_err(|source| TrainError::Io {
+        path: output_dir.to_owned(),
+        source,
+    })?;
+    let newest = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let step: usize = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            e.path().is_dir().then_some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step);
+    Ok(newest.map(|(_, path)| path))
+}
+
+/// `result` on every rank of `group` when it is `Ok` on all: a rank's own error, or on the
+/// others an error naming the rank that failed `what`. A collective: every rank calls it, so a
+/// failure on one rank ends the operation on all rather than leaving them waiting.
+fn agree<T>(group: &dyn ProcessGroup, what: &str, result: Result<T>) -> Result<T> {
+    let flags = group.all_gather(&[f32::from(u8::from(result.is_err()))])?;
+    let value = result?;
+    match flags.iter().position(|f| *f != 0.0) {
+        Some(rank) => Err(TrainError::Step(format!(
+            "{what}: rank {rank} failed (see its error)"
+        ))),
+        None => Ok(value),
     }
 }
 
