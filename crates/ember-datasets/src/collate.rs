@@ -1,9 +1,11 @@
-//! Data collators: HF `DataCollatorWithPadding`, `DataCollatorForTokenClassification` and
-//! `DataCollatorForLanguageModeling(mlm=False)`, the [`Example`] rows they take (read from a
-//! tokenized [`Dataset`] by [`ExampleDataset`]) and the padded [`Batch`] of burn tensors they make.
+//! Data collators: HF `DataCollatorWithPadding` and `DataCollatorForTokenClassification` (the
+//! language-modeling one is in `language_modeling.rs`), the [`Example`] rows they take (read from
+//! a tokenized [`Dataset`] by [`ExampleDataset`]) and the padded [`Batch`] of burn tensors they
+//! make.
 
 use crate::dataset::Dataset;
 use crate::error::{DatasetError, Result};
+use crate::language_modeling::DataCollatorForLanguageModeling;
 use arrow::array::{Array, AsArray, Int64Array, ListArray};
 use arrow::compute;
 use arrow::datatypes::{DataType, Field, Int64Type};
@@ -43,6 +45,10 @@ pub struct Example {
     pub token_type_ids: Option<Vec<i64>>,
     /// The label(s), if any.
     pub labels: Option<Label>,
+    /// 1 for special tokens (`[CLS]`, `[SEP]`, ...), 0 for the others, as long as `input_ids`:
+    /// what the tokenizer writes with `return_special_tokens_mask=True`. Only the masked-LM
+    /// collator reads it (positions with 1 are never masked); the others ignore it.
+    pub special_tokens_mask: Option<Vec<i64>>,
 }
 
 impl Example {
@@ -77,6 +83,12 @@ impl Example {
         self.labels = Some(Label::Tokens(labels));
         self
     }
+
+    /// Sets `special_tokens_mask`.
+    pub fn with_special_tokens_mask(mut self, special_tokens_mask: Vec<i64>) -> Self {
+        self.special_tokens_mask = Some(special_tokens_mask);
+        self
+    }
 }
 
 /// The label column of an [`ExampleDataset`].
@@ -90,16 +102,16 @@ enum LabelColumn {
 /// (no copy of the table): what `torch.utils.data.Dataset.__getitem__` returns for a HF dataset
 /// after `set_format("torch")`.
 ///
-/// Columns read: `input_ids` (list of integers, required), `attention_mask` and `token_type_ids`
-/// (lists of integers, optional), and the first of `labels`, `label`, `label_ids` that exists
+/// Columns read: `input_ids` (list of integers, required), `attention_mask`, `token_type_ids`
+/// and `special_tokens_mask` (lists of integers, optional), and the first of `labels`, `label`, `label_ids` that exists
 /// (HF collators rename `label` and `label_ids` to `labels`): an integer column gives
 /// [`Label::Sequence`], a list column [`Label::Tokens`]. Other columns (`text`, ...) are ignored.
 /// Lists may hold any integer type (Int32, Int64, ...) and be `List`, `LargeList` or
 /// `FixedSizeList`.
 ///
 /// Every row is checked once in [`ExampleDataset::new`], so [`ExampleDataset::get`] cannot fail
-/// on a row in range. A null `attention_mask`, `token_type_ids` or label in a row means that row
-/// has none.
+/// on a row in range. A null `attention_mask`, `token_type_ids`, `special_tokens_mask` or label in
+/// a row means that row has none.
 ///
 /// ```
 /// use ember_datasets::{Dataset, ExampleDataset, Example};
@@ -114,6 +126,7 @@ pub struct ExampleDataset {
     input_ids: ListArray,
     attention_mask: Option<ListArray>,
     token_type_ids: Option<ListArray>,
+    special_tokens_mask: Option<ListArray>,
     labels: Option<(String, LabelColumn)>,
 }
 
@@ -126,7 +139,8 @@ impl ExampleDataset {
     /// Errors: [`DatasetError::MissingColumn`] without `input_ids`; [`DatasetError::ColumnType`]
     /// when a column is not a list of integers (or, for the label, an integer); and
     /// [`DatasetError::Shape`] for a null `input_ids` row, a null inside a list, or an
-    /// `attention_mask` / `token_type_ids` of another length than its `input_ids`.
+    /// `attention_mask` / `token_type_ids` / `special_tokens_mask` of another length than its
+    /// `input_ids`.
     pub fn new(dataset: &Dataset) -> Result<Self> {
         let input_ids = int_lists(dataset, "input_ids")?;
         let names = dataset.column_names();
@@ -139,6 +153,7 @@ impl ExampleDataset {
         };
         let attention_mask = optional("attention_mask")?;
         let token_type_ids = optional("token_type_ids")?;
+        let special_tokens_mask = optional("special_tokens_mask")?;
         let labels = match LABEL_COLUMNS.iter().find(|c| names.iter().any(|n| n == *c)) {
             None => None,
             Some(&name) => Some((name.to_owned(), label_column(dataset, name)?)),
@@ -155,6 +170,7 @@ impl ExampleDataset {
             for (name, column) in [
                 ("attention_mask", &attention_mask),
                 ("token_type_ids", &token_type_ids),
+                ("special_tokens_mask", &special_tokens_mask),
             ] {
                 let Some(column) = column else { continue };
                 if column.is_null(row) {
@@ -178,6 +194,7 @@ impl ExampleDataset {
             input_ids,
             attention_mask,
             token_type_ids,
+            special_tokens_mask,
             labels,
         })
     }
@@ -223,6 +240,7 @@ impl ExampleDataset {
             attention_mask: optional(&self.attention_mask),
             token_type_ids: optional(&self.token_type_ids),
             labels,
+            special_tokens_mask: optional(&self.special_tokens_mask),
         })
     }
 
@@ -445,7 +463,7 @@ impl<C: Collator + ?Sized> Collator for Arc<C> {
 }
 
 /// Pads `values` to `len` with `pad` on `side`.
-fn pad_to(values: &[i64], len: usize, pad: i64, side: PaddingSide, out: &mut Vec<i64>) {
+pub(crate) fn pad_to(values: &[i64], len: usize, pad: i64, side: PaddingSide, out: &mut Vec<i64>) {
     let fill = len.saturating_sub(values.len());
     match side {
         PaddingSide::Right => {
@@ -461,7 +479,7 @@ fn pad_to(values: &[i64], len: usize, pad: i64, side: PaddingSide, out: &mut Vec
 
 /// HF `tokenizer.pad(features, padding="longest", pad_to_multiple_of=...)`: the inputs of a
 /// batch padded to its longest sequence, without labels.
-fn pad_inputs(
+pub(crate) fn pad_inputs(
     rows: &[Example],
     pad_token_id: i64,
     side: PaddingSide,
@@ -705,67 +723,6 @@ impl Collator for DataCollatorForTokenClassification {
             }
             batch.labels = Some(PaddedLabels::Tokens(values));
         }
-        Ok(batch)
-    }
-}
-
-/// HF `DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=...)`, for
-/// causal language models: the inputs padded as [`DataCollatorWithPadding`] does, and `labels`
-/// a copy of the padded `input_ids` with -100 wherever the id equals `pad_token_id`.
-///
-/// Exactly as HF, the -100 goes on every position whose id is `pad_token_id`, not only on
-/// padding: when the pad token is also the end-of-text token (GPT-2's usual `pad_token =
-/// eos_token`), real end-of-text tokens get no loss either. The model shifts the labels itself;
-/// labels the examples carry are replaced.
-///
-/// ```
-/// use ember_datasets::{Collator, DataCollatorForLanguageModeling, Example, PaddedLabels};
-/// let collator = DataCollatorForLanguageModeling::new(50256);
-/// let batch = collator.pad(&[Example::new(vec![15, 16, 17]), Example::new(vec![15])])?;
-/// assert_eq!(batch.labels, Some(PaddedLabels::Tokens(vec![15, 16, 17, 15, -100, -100])));
-/// # Ok::<(), ember_datasets::DatasetError>(())
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataCollatorForLanguageModeling {
-    /// The id padding is written with (`tokenizer.pad_token_id`); its positions get label -100.
-    pub pad_token_id: i64,
-    /// Which side to pad on (`tokenizer.padding_side`); default right.
-    pub padding_side: PaddingSide,
-    /// Round the padded length up to a multiple of this.
-    pub pad_to_multiple_of: Option<usize>,
-}
-
-impl DataCollatorForLanguageModeling {
-    /// A causal-LM collator (`mlm=False`) padding on the right with `pad_token_id`.
-    pub fn new(pad_token_id: i64) -> Self {
-        Self {
-            pad_token_id,
-            padding_side: PaddingSide::Right,
-            pad_to_multiple_of: None,
-        }
-    }
-}
-
-impl Collator for DataCollatorForLanguageModeling {
-    fn pad(&self, rows: &[Example]) -> Result<PaddedBatch> {
-        let mut batch = pad_inputs(
-            rows,
-            self.pad_token_id,
-            self.padding_side,
-            self.pad_to_multiple_of,
-        )?;
-        let labels = batch
-            .input_ids
-            .iter()
-            .map(|&id| {
-                if id == self.pad_token_id {
-                    IGNORE_INDEX
-                } else {
-                    id
-                }
-            })
-            .collect();
-        batch.labels = Some(PaddedLabels::Tokens(labels));
         Ok(batch)
     }
 }

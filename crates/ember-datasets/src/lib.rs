@@ -29,6 +29,7 @@ mod dict;
 mod error;
 mod features;
 mod io;
+mod language_modeling;
 mod load;
 mod loader;
 mod ner;
@@ -37,15 +38,15 @@ mod progress;
 pub use arrow;
 pub use burn_traits::BurnBatcher;
 pub use collate::{
-    Batch, BatchLabels, Collator, DataCollatorForLanguageModeling,
-    DataCollatorForTokenClassification, DataCollatorWithPadding, Example, ExampleDataset, Label,
-    PaddedBatch, PaddedLabels, PaddingSide, IGNORE_INDEX,
+    Batch, BatchLabels, Collator, DataCollatorForTokenClassification, DataCollatorWithPadding,
+    Example, ExampleDataset, Label, PaddedBatch, PaddedLabels, PaddingSide, IGNORE_INDEX,
 };
 pub use dataset::Dataset;
 pub use dict::{DatasetDict, SplitOptions, SplitSize};
 pub use error::{DatasetError, Result};
 pub use features::{Feature, Features};
 pub use io::{read_csv, read_json, read_parquet, write_atomic};
+pub use language_modeling::{DataCollatorForLanguageModeling, MlmConfig};
 pub use load::{load_dataset, load_dataset_split, Builder, DataFiles};
 pub use loader::{DataLoader, DataLoaderIter};
 pub use ner::{read_conll, read_conll_with_labels};
