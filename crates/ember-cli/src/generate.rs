@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use ember::models::generation::{
-    generate, GenerateOptions, GenerationConfig, Prompt, StopStrings, Streamer,
+    generate, EarlyStopping, GenerateOptions, GenerationConfig, Prompt, StopStrings, Streamer,
 };
 use ember::models::AutoModelForCausalLM;
 use ember::tokenizers::{AutoTokenizer, ChatMessage, ChatTemplateOptions};
@@ -34,6 +34,35 @@ pub struct GenerateArgs {
     /// HF's repetition penalty (1.0: none).
     #[arg(long)]
     repetition_penalty: Option<f64>,
+    /// Beam search with this many beams (1: greedy or sampling). The text is printed at the
+    /// end, not streamed.
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Sequences to return per prompt (at most --num-beams; with sampling, independent draws).
+    #[arg(long)]
+    num_return_sequences: Option<usize>,
+    /// Beam search: a finished beam's score is divided by (new tokens) ** this.
+    #[arg(long, allow_hyphen_values = true)]
+    length_penalty: Option<f64>,
+    /// Beam search: `true`, `false` or `never` (HF's `early_stopping`).
+    #[arg(long)]
+    early_stopping: Option<EarlyStopping>,
+    /// No n-gram of this size occurs twice.
+    #[arg(long)]
+    no_repeat_ngram_size: Option<usize>,
+    /// No EOS before this many new tokens.
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// Sampling: typical decoding with this probability mass, in (0, 1].
+    #[arg(long)]
+    typical_p: Option<f64>,
+    /// Sampling: drop tokens less likely than this, in [0, 1).
+    #[arg(long)]
+    epsilon_cutoff: Option<f64>,
+    /// Token ids never generated, comma-separated for a sequence (repeatable: `--bad-words-ids
+    /// 5 --bad-words-ids 7,8`).
+    #[arg(long)]
+    bad_words_ids: Vec<String>,
     /// Stop once the output ends with this text (repeatable).
     #[arg(long = "stop")]
     stop_strings: Vec<String>,
@@ -134,6 +163,33 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     config.top_p = a.top_p.unwrap_or(config.top_p);
     config.top_k = a.top_k.unwrap_or(config.top_k);
     config.repetition_penalty = a.repetition_penalty.unwrap_or(config.repetition_penalty);
+    if a.typical_p.is_some() || a.epsilon_cutoff.is_some() {
+        config.do_sample = true;
+    }
+    config.typical_p = a.typical_p.unwrap_or(config.typical_p);
+    config.epsilon_cutoff = a.epsilon_cutoff.unwrap_or(config.epsilon_cutoff);
+    config.num_beams = a.num_beams.unwrap_or(config.num_beams);
+    config.num_return_sequences = a
+        .num_return_sequences
+        .unwrap_or(config.num_return_sequences);
+    config.length_penalty = a.length_penalty.unwrap_or(config.length_penalty);
+    config.early_stopping = a.early_stopping.unwrap_or(config.early_stopping);
+    config.no_repeat_ngram_size = a
+        .no_repeat_ngram_size
+        .unwrap_or(config.no_repeat_ngram_size);
+    config.min_new_tokens = a.min_new_tokens.unwrap_or(config.min_new_tokens);
+    if !a.bad_words_ids.is_empty() {
+        let parse = |seq: &String| -> Result<Vec<u32>> {
+            seq.split(',')
+                .map(|t| {
+                    t.trim().parse::<u32>().with_context(|| {
+                        format!("--bad-words-ids `{seq}`: `{t}` is not a token id")
+                    })
+                })
+                .collect()
+        };
+        config.bad_words_ids = Some(a.bad_words_ids.iter().map(parse).collect::<Result<_>>()?);
+    }
     let mut stops = config.stop_string_list().map_err(anyhow::Error::msg)?;
     stops.extend(a.stop_strings.iter().cloned());
     config.validate().map_err(anyhow::Error::msg)?;
@@ -170,9 +226,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         error: None,
     };
     let eos = config.eos_ids().map_err(anyhow::Error::msg)?;
+    // One streamed row only: beam search decides its rows at the end, and several returned
+    // sequences would interleave.
+    let stream = !a.json && config.num_beams == 1 && config.num_return_sequences == 1;
     let options = GenerateOptions {
         seed: Some(a.seed),
-        streamer: (!a.json).then_some(&mut streamer as &mut dyn Streamer),
+        streamer: stream.then_some(&mut streamer as &mut dyn Streamer),
         stopping: vec![&mut stop],
     };
     let prompt = Prompt::single(ids.clone());
@@ -180,20 +239,38 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(e) = streamer.error.take() {
         return Err(e).context("writing to stdout");
     }
+    let finish = |new: &[u32]| match new.last() {
+        Some(t) if eos.contains(t) => "eos",
+        _ if new.len() >= config.max_new_tokens.unwrap_or(usize::MAX) => "length",
+        _ => "stop",
+    };
     if a.json {
         let new = &out.new_tokens[0];
-        let finish = match new.last() {
-            Some(t) if eos.contains(t) => "eos",
-            _ if new.len() >= config.max_new_tokens.unwrap_or(usize::MAX) => "length",
-            _ => "stop",
-        };
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "text": tokenizer.decode(new, true)?,
             "prompt_ids": ids,
             "generated_ids": new,
-            "finish_reason": finish,
+            "finish_reason": finish(new),
         });
+        if out.new_tokens.len() > 1 || out.sequences_scores.is_some() {
+            // Every returned sequence, best first; the top-level fields are the first one.
+            let mut all = Vec::new();
+            for (i, new) in out.new_tokens.iter().enumerate() {
+                all.push(serde_json::json!({
+                    "text": tokenizer.decode(new, true)?,
+                    "generated_ids": new,
+                    "finish_reason": finish(new),
+                    "score": out.sequences_scores.as_ref().map(|s| s[i]),
+                }));
+            }
+            value["sequences"] = all.into();
+        }
         println!("{value}");
+    } else if !stream {
+        let mut stdout = std::io::stdout().lock();
+        for new in &out.new_tokens {
+            writeln!(stdout, "{}", tokenizer.decode(new, true)?).context("writing to stdout")?;
+        }
     }
     Ok(())
 }
