@@ -200,7 +200,11 @@ fn rank(
         for (a, b) in pairs {
             let d: f32 = (a - b).abs().max().into_scalar();
             // A NaN (a run that diverged) must not read as agreement.
-            worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
+            worst = if d.is_nan() {
+                f32::INFINITY
+            } else {
+                worst.max(d)
+            };
         }
     }
     Ok((worst, losses))
@@ -217,7 +221,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => return Err("usage: mesh [DATA PIPELINE TENSOR]".into()),
     };
     let size = shape.0 * shape.1 * shape.2;
-    if LAYERS % shape.1 != 0 || INNER % shape.2 != 0 || BATCH % (shape.0 * MICRO_BATCHES) != 0 {
+    let divides = LAYERS.is_multiple_of(shape.1)
+        && INNER.is_multiple_of(shape.2)
+        && BATCH.is_multiple_of(shape.0 * MICRO_BATCHES);
+    if shape.0 == 0 || shape.1 == 0 || shape.2 == 0 || !divides {
         return Err(format!(
             "{shape:?} does not divide {LAYERS} layers, {INNER} units, {BATCH} rows"
         )

@@ -292,7 +292,7 @@ mod tests {
     fn large_gradients_in_place_and_small_ones_in_buckets_average_alike() {
         let device = Default::default();
         let model: Linear<B> = LinearConfig::new(256, 300).init(&device);
-        assert!(256 * 300 >= IN_PLACE_MIN_VALUES);
+        const { assert!(256 * 300 >= IN_PLACE_MIN_VALUES) };
         let x = Tensor::<B, 2>::random([4, 256], Distribution::Normal(0.0, 1.0), &device);
         let whole = loss_grads(&model, x.clone());
         let bias = |g: &GradientsParams| {

@@ -186,7 +186,7 @@ impl ProcessGroup for NcclGroup {
     }
 
     fn reduce_scatter(&self, values: &[f32], op: ReduceOp) -> Result<Vec<f32>> {
-        if values.len() % self.size != 0 {
+        if !values.len().is_multiple_of(self.size) {
             return Err(DistributedError::InvalidArgument {
                 op: "reduce_scatter",
                 message: format!(

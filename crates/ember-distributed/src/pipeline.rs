@@ -467,7 +467,7 @@ impl PipelineParallel {
         message: Message,
         expected: (usize, Kind),
     ) -> Result<TensorData> {
-        if self.stage() % 2 == 0 {
+        if self.stage().is_multiple_of(2) {
             self.send_tensor(peer, message)?;
             self.recv_tensor::<D>(peer, expected.0, expected.1)
         } else {

@@ -123,7 +123,7 @@ impl TensorParallel {
     /// Megatron's split is even, so that every rank holds whole heads.
     pub fn shard_range(&self, len: usize, what: &str) -> Result<Range<usize>> {
         let size = self.size();
-        if len % size != 0 {
+        if !len.is_multiple_of(size) {
             return Err(DistributedError::InvalidArgument {
                 op: "tensor_parallel",
                 message: format!(

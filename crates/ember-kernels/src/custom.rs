@@ -12,10 +12,13 @@ use burn::tensor::{backend::Backend, Tensor};
 use std::fmt;
 use std::sync::Arc;
 
+/// A function that changes f32 values in place.
+pub type ValuesFn = dyn Fn(&mut [f32]) + Send + Sync;
+
 /// A map applied in place to a tensor's f32 values (row-major, contiguous): in the backward
 /// pass of [`map_values`], to the gradient reaching the result, before it goes on to the input.
 #[derive(Clone)]
-pub struct GradientMap(pub Arc<dyn Fn(&mut [f32]) + Send + Sync>);
+pub struct GradientMap(pub Arc<ValuesFn>);
 
 impl GradientMap {
     /// The identity (the gradient passes unchanged).

@@ -63,7 +63,7 @@ pub use alloc::keep_freed_memory;
 pub use attention::{attention, AttentionMask};
 pub use autocast::{autocast, autocast_dtype, autocast_round, round_to, AutocastGuard};
 pub use bf16_gemm::{bf16_gemm_available, BF16_GEMM_VAR};
-pub use custom::{map_values, GradientMap};
+pub use custom::{map_values, GradientMap, ValuesFn};
 pub use dropout::dropout_mask;
 pub use dtype::{float32, to_half};
 pub use frozen::{frozen_linear, FrozenWeight};
