@@ -38,6 +38,6 @@ pub use scaler::{GradScaler, GradScalerKwargs};
 pub use schedule::LrSchedule;
 pub use state::TrainerState;
 pub use trainer::{
-    get_last_checkpoint, require_labels, ComputeMetrics, Control, EarlyStoppingCallback, EvalPrediction,
-    PredictionOutput, Trainer, TrainerCallback,
+    get_last_checkpoint, require_labels, ComputeMetrics, Control, EarlyStoppingCallback,
+    EvalPrediction, PredictionOutput, Trainer, TrainerCallback,
 };
