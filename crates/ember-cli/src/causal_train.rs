@@ -19,6 +19,9 @@ use ember::train::{IntervalStrategy, TrainableModel, Trainer, TrainingArguments}
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The Trainer `ember train --task causal-lm` runs on a model `M`.
+type Tr<M> = Trainer<TrainBackend, M, DataCollatorForTokenClassification>;
+
 /// The seed course's `MAX_LENGTH`: the default `--max-length` of `--task causal-lm`.
 pub const DEFAULT_MAX_LENGTH: usize = 256;
 
@@ -167,7 +170,8 @@ fn max_token_id(ds: &Dataset) -> Result<Option<i64>> {
 /// those metrics.
 ///
 /// Generic over the model so that any trainable causal LM (an [`ember::models::AnyCausalLm`], one
-/// architecture, or one carrying adapters) trains the same way.
+/// architecture, or one carrying adapters) trains the same way. `attach` sets the trainer up
+/// as the process was launched ([`crate::launch::Launched`]).
 pub fn fine_tune_causal_lm<M>(
     model: M,
     tokenizer: &AutoTokenizer,
@@ -175,6 +179,7 @@ pub fn fine_tune_causal_lm<M>(
     eval: Option<Dataset>,
     args: TrainingArguments,
     json: bool,
+    attach: impl FnOnce(Tr<M>) -> Result<Tr<M>>,
 ) -> Result<BTreeMap<String, f64>>
 where
     M: TrainableModel<TrainBackend> + AutodiffModule<TrainBackend>,
@@ -189,21 +194,21 @@ where
     if let Some(eval) = &eval {
         trainer = trainer.eval_dataset(eval.clone());
     }
-    if let Some(group) = crate::launch::launched_group()? {
-        trainer = trainer.data_parallel(group);
-    }
+    trainer = attach(trainer)?;
     let mut metrics = trainer.train()?;
+    // Every rank takes part in gathering a split model.
+    let model = trainer.whole_model()?;
     if !trainer.state.is_world_process_zero {
         // Every rank holds the same weights: rank 0 evaluates, writes them and reports.
         return Ok(metrics);
     }
     if let Some(eval) = &eval {
-        let loss = eval_loss(&trainer.model.valid(), eval, collator, eval_batch_size)?;
+        let loss = eval_loss(&model.valid(), eval, collator, eval_batch_size)?;
         eprintln!("eval_loss {loss:.4}  perplexity {:.2}", loss.exp());
         metrics.insert("eval_loss".into(), loss);
         metrics.insert("eval_perplexity".into(), loss.exp());
     }
-    TrainableModel::save_pretrained(&trainer.model, &output_dir).map_err(anyhow::Error::msg)?;
+    TrainableModel::save_pretrained(&model, &output_dir).map_err(anyhow::Error::msg)?;
     tokenizer.save_pretrained(&output_dir)?;
     eprintln!(
         "trained {} steps in {:.1} s ({:.1} samples/s); saved to {}",
@@ -321,9 +326,28 @@ pub fn run(a: CausalLmArgs) -> Result<()> {
         a.model.display()
     );
     let output_dir = args.output_dir.clone();
-    let metrics = crate::peft::maybe_peft!(model, a.peft.as_deref(), |m| {
-        fine_tune_causal_lm(m, &tokenizer, train, eval, args, a.json)?
-    });
+    let launched = crate::launch::launched()?;
+    let metrics = match a.peft.as_deref() {
+        // `--tp`: a Llama split over the tensor group (other architectures: an error).
+        None => fine_tune_causal_lm(
+            launched.split(model)?,
+            &tokenizer,
+            train,
+            eval,
+            args,
+            a.json,
+            |t| launched.attach(t),
+        )?,
+        Some(config) => fine_tune_causal_lm(
+            crate::peft::wrap(model, config)?,
+            &tokenizer,
+            train,
+            eval,
+            args,
+            a.json,
+            |t| launched.attach_unsplit(t, "a model with adapters (--peft)"),
+        )?,
+    };
     // HF's save_pretrained writes the generation config too: keep the source folder's.
     let generation = a.model.join("generation_config.json");
     if generation.is_file() {

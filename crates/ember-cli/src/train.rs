@@ -261,6 +261,8 @@ pub fn fine_tune(
     json: bool,
 ) -> Result<BTreeMap<String, f64>> {
     let collator = DataCollatorWithPadding::new(pad_id(tokenizer));
+    let launched = crate::launch::launched()?;
+    let model = launched.split(model)?;
     run_trainer(
         model,
         tokenizer,
@@ -269,11 +271,14 @@ pub fn fine_tune(
         args,
         json,
         compute_metrics,
+        |t| launched.attach(t),
     )
 }
 
 /// Trains any model with the given collator and metrics, evaluates, and saves the model and
-/// tokenizer into `output_dir`.
+/// tokenizer into `output_dir`. `attach` sets the trainer up as the process was launched
+/// ([`crate::launch::Launched`]: data or tensor parallel).
+#[allow(clippy::too_many_arguments)]
 fn run_trainer<M, C>(
     model: M,
     tokenizer: &AutoTokenizer,
@@ -284,6 +289,7 @@ fn run_trainer<M, C>(
     metrics_fn: impl Fn(&ember::train::EvalPrediction) -> ember::train::Result<BTreeMap<String, f64>>
         + Send
         + 'static,
+    attach: impl FnOnce(Trainer<TrainBackend, M, C>) -> Result<Trainer<TrainBackend, M, C>>,
 ) -> Result<BTreeMap<String, f64>>
 where
     M: ember::train::TrainableModel<TrainBackend>
@@ -297,19 +303,14 @@ where
         .eval_dataset(eval.clone())
         .compute_metrics(metrics_fn)
         .callback(PrintLogs { json });
-    if let Some(group) = crate::launch::launched_group()? {
-        trainer = trainer.data_parallel(group);
-    }
+    trainer = attach(trainer)?;
     let summary = trainer.train()?;
     let metrics = trainer.evaluate(&eval)?;
+    // Every rank takes part (a split model is gathered first); world rank 0 writes.
+    trainer.save_model(&output_dir)?;
     if !trainer.state.is_world_process_zero {
-        // Every rank holds the same weights: rank 0 writes them and reports.
         return Ok(metrics);
     }
-    trainer
-        .model
-        .save_pretrained(&output_dir)
-        .map_err(anyhow::Error::msg)?;
     tokenizer.save_pretrained(&output_dir)?;
     eprintln!(
         "trained {} steps in {:.1} s ({:.1} samples/s); saved to {}",
@@ -375,6 +376,7 @@ fn train_ner(
         eprintln!("new head (freshly initialised): {:?}", report.missing_keys);
     }
     let collator = ember::datasets::DataCollatorForTokenClassification::new(pad_id(&tokenizer));
+    let launched = crate::launch::launched()?;
     let metrics = crate::peft::maybe_peft!(model, a.peft.as_deref(), |m| run_trainer(
         m,
         &tokenizer,
@@ -383,6 +385,7 @@ fn train_ner(
         args,
         a.json,
         ner_metrics(names),
+        |t| launched.attach_unsplit(t, "a token classifier (--task ner)"),
     )?);
     if crate::launch::is_main_process() {
         println!("{}", serde_json::to_string(&metrics)?);
@@ -623,18 +626,31 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         }
         model
     };
-    let metrics = crate::peft::maybe_peft!(model, a.peft.as_deref(), |m| {
-        let collator = DataCollatorWithPadding::new(pad_id(&tokenizer));
-        run_trainer(
-            m,
+    let launched = crate::launch::launched()?;
+    let collator = DataCollatorWithPadding::new(pad_id(&tokenizer));
+    let metrics = match a.peft.as_deref() {
+        // `--tp`: the encoder (`base_model`) split over the tensor group.
+        None => run_trainer(
+            launched.split(model)?,
             &tokenizer,
             collator,
             (train, eval),
             args,
             a.json,
             compute_metrics,
-        )?
-    });
+            |t| launched.attach(t),
+        )?,
+        Some(config) => run_trainer(
+            crate::peft::wrap(model, config)?,
+            &tokenizer,
+            collator,
+            (train, eval),
+            args,
+            a.json,
+            compute_metrics,
+            |t| launched.attach_unsplit(t, "a model with adapters (--peft)"),
+        )?,
+    };
     if crate::launch::is_main_process() {
         println!("{}", serde_json::to_string(&metrics)?);
     }

@@ -23,6 +23,7 @@ mod rng_state;
 mod scaler;
 mod schedule;
 mod state;
+mod tensor_parallel;
 mod trainer;
 
 pub use accelerator::{

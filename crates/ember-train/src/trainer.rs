@@ -10,15 +10,17 @@ use crate::rng_state::{dropout_seed, rng_state_file, RngState};
 use crate::scaler::{GradScaler, GradScalerKwargs};
 use crate::schedule::LrSchedule;
 use crate::state::TrainerState;
+use crate::tensor_parallel::{clip_grad_norm_sliced, sliced_params, TensorParallelHook};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ElementConversion;
 use ember_datasets::{Batch, BatchLabels, Collator, DataLoader, Dataset};
-use ember_distributed::{DataParallel, ProcessGroup, ReduceOp};
+use ember_distributed::{DataParallel, DeviceMesh, ProcessGroup, ReduceOp};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Predictions and labels of an evaluation, as `compute_metrics` receives them (HF's
@@ -187,6 +189,7 @@ where
     grad_scaler: GradScalerKwargs,
     scaler: Option<GradScaler>,
     data_parallel: Option<DataParallel>,
+    tensor_parallel: Option<TensorParallelHook<M>>,
 }
 
 impl<B, M, C> Trainer<B, M, C>
@@ -213,6 +216,7 @@ where
             grad_scaler: GradScalerKwargs::default(),
             scaler: None,
             data_parallel: None,
+            tensor_parallel: None,
         })
     }
 
@@ -233,11 +237,138 @@ where
         self
     }
 
-    /// `(rank, world size)`: `(0, 1)` unless training is [`data_parallel`](Self::data_parallel).
+    /// `(rank, world size)` of the data-parallel group: `(0, 1)` unless training is
+    /// [`data_parallel`](Self::data_parallel). Under [`tensor_parallel`](Self::tensor_parallel)
+    /// this is the replica's index (the mesh's data coordinate), which the ranks of one tensor
+    /// group share; [`world_process_index`](Self::world_process_index) tells them apart.
     pub fn process_index(&self) -> (usize, usize) {
         self.data_parallel
             .as_ref()
             .map_or((0, 1), |dp| (dp.group().rank(), dp.group().size()))
+    }
+
+    /// Trains a model split tensor parallel over `mesh`'s tensor group (Megatron's
+    /// `dp × tp`), data parallel over its data group (this calls
+    /// [`data_parallel`](Self::data_parallel) with it). The model given to [`Trainer::new`] is
+    /// this rank's slice; `gather` puts the whole model together from every rank's slice (a
+    /// collective over the tensor group: every rank calls it and gets the whole model) and
+    /// `split` takes this rank's slice of a whole model, e.g. for a Llama
+    /// `|m| m.gather_tensor_parallel()` and `|m| m.tensor_parallel(tp.clone())`.
+    ///
+    /// With them the Trainer:
+    /// - writes checkpoints of the whole model: every rank gathers, world rank 0 alone writes
+    ///   the model and the shared files, each tensor slice's first replica its optimizer state
+    ///   (`optimizer_tp{t}.bin`: the moments of slice `t`), every rank its random state
+    ///   (`rng_state_{world rank}.json`), and every rank returns once the folder is in place;
+    /// - resumes from one (and `load_best_model_at_end`) by loading the whole model and
+    ///   splitting it again; the optimizer state needs the same tensor size;
+    /// - seeds dropout by the replica, not the world rank: the ranks of a tensor group hold
+    ///   the same replicated activations, so they must drop the same units;
+    /// - clips by the whole model's gradient norm (a slice's squares summed over the group);
+    /// - reports `is_world_process_zero` on world rank 0 alone, which logs.
+    ///
+    /// Errors: a mesh with pipeline stages ([`TrainError::Argument`] naming its shape): the
+    /// Trainer does not run pipeline schedules.
+    pub fn tensor_parallel(
+        mut self,
+        mesh: &DeviceMesh,
+        gather: impl Fn(M) -> std::result::Result<M, String> + Send + Sync + 'static,
+        split: impl Fn(M) -> std::result::Result<M, String> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let shape = mesh.shape();
+        if shape.pipeline > 1 {
+            return Err(TrainError::Argument {
+                field: "mesh".into(),
+                message: format!(
+                    "a {} x {} x {} (data x pipeline x tensor) mesh has {} pipeline stages:                      the Trainer trains tensor and data parallel, not pipeline parallel",
+                    shape.data, shape.pipeline, shape.tensor, shape.pipeline
+                ),
+            });
+        }
+        self = self.data_parallel(mesh.data_group().clone());
+        self.tensor_parallel = (shape.tensor > 1).then(|| TensorParallelHook {
+            world: mesh.world().clone(),
+            tensor: mesh.tensor_group().clone(),
+            gather: Arc::new(gather),
+            split: Arc::new(split),
+        });
+        Ok(self)
+    }
+
+    /// `(rank, size)` of every process of the job: the mesh's world under
+    /// [`tensor_parallel`](Self::tensor_parallel), else [`process_index`](Self::process_index).
+    pub fn world_process_index(&self) -> (usize, usize) {
+        match self.world_group() {
+            Some(group) => (group.rank(), group.size()),
+            None => (0, 1),
+        }
+    }
+
+    /// The group over which the ranks agree on checkpoints and resuming: the world under
+    /// tensor parallel, else the data-parallel group; `None` for one process.
+    fn world_group(&self) -> Option<Arc<dyn ProcessGroup>> {
+        match (&self.tensor_parallel, &self.data_parallel) {
+            (Some(tp), _) => Some(tp.world.clone()),
+            (None, Some(dp)) => Some(dp.group().clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// The whole model: under [`tensor_parallel`](Self::tensor_parallel) gathered from every
+    /// rank's slice (a collective: every rank calls it), else [`Self::model`] itself.
+    pub fn whole_model(&self) -> Result<M> {
+        match &self.tensor_parallel {
+            Some(tp) => tp.gather(self.model.clone()),
+            None => Ok(self.model.clone()),
+        }
+    }
+
+    /// HF's `trainer.save_model(dir)`: writes the whole model ([`Self::whole_model`]) with
+    /// `save_pretrained` from world rank 0 alone. On several ranks every rank calls it and
+    /// returns once the model is written, with an error on every rank when it failed.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        let whole = self.whole_model();
+        let written = whole.and_then(|model| match self.world_process_index().0 {
+            0 => model.save_pretrained(dir).map_err(TrainError::Step),
+            _ => Ok(()),
+        });
+        match self.world_group() {
+            Some(group) => agree(group.as_ref(), "saving the model", written),
+            None => written,
+        }
+    }
+
+    /// The weights of the `save_pretrained` folder `dir` (a checkpoint) in place of the
+    /// model's: under tensor parallel the folder holds the whole model, which is loaded into
+    /// the gathered model and split again (every rank calls it).
+    fn load_checkpoint_weights(&mut self, dir: &Path) -> Result<()> {
+        self.model = match self.tensor_parallel.clone() {
+            Some(tp) => {
+                let whole = tp
+                    .gather(self.model.clone())?
+                    .load_weights(dir)
+                    .map_err(TrainError::Step)?;
+                // The split keeps the names, from which the ids the optimizer state is keyed
+                // by are derived.
+                tp.split(whole)?.with_stable_param_ids()
+            }
+            None => self
+                .model
+                .clone()
+                .load_weights(dir)
+                .map_err(TrainError::Step)?,
+        };
+        Ok(())
+    }
+
+    /// The name of this rank's optimizer-state file in a checkpoint: `optimizer.bin`, or
+    /// under tensor parallel `optimizer_tp{t}.bin` for tensor slice `t` (each slice's moments
+    /// are its own; the replicas of a slice hold the same ones).
+    fn optimizer_file(&self) -> String {
+        match &self.tensor_parallel {
+            Some(tp) => format!("optimizer_tp{}.bin", tp.tensor.rank()),
+            None => "optimizer.bin".into(),
+        }
     }
 
     /// The tokenized training set (`train_dataset=`).
@@ -316,7 +447,9 @@ where
             .clone()
             .ok_or_else(|| TrainError::Step("no train_dataset".into()))?;
         let args = self.args.clone();
+        // The replica's index shards the data and seeds dropout; the world rank says who writes.
         let (rank, world) = self.process_index();
+        let world_rank = self.world_process_index().0;
         let mut loader = self.loader(&dataset, args.per_device_train_batch_size, self.shuffle)?;
         if let Some(dp) = &self.data_parallel {
             loader = loader
@@ -357,8 +490,8 @@ where
             save_steps: args.steps_from(args.save_steps, max_steps),
             train_batch_size: args.train_batch_size(),
             num_train_epochs: num_epochs,
-            is_local_process_zero: rank == 0,
-            is_world_process_zero: rank == 0,
+            is_local_process_zero: world_rank == 0,
+            is_world_process_zero: world_rank == 0,
             ..TrainerState::default()
         };
         let mut scaler = match args.fp16 {
@@ -374,8 +507,8 @@ where
             let resumed = self.resume(&checkpoint, optimizer, scaler.as_mut());
             // Every rank leaves together: one that cannot resume (its random state missing)
             // would otherwise leave the others waiting in the first gradient exchange.
-            let resumed = match &self.data_parallel {
-                Some(dp) => agree(dp.group().as_ref(), "resuming", resumed)?,
+            let resumed = match self.world_group() {
+                Some(group) => agree(group.as_ref(), "resuming", resumed)?,
                 None => resumed?,
             };
             let rng;
@@ -397,6 +530,15 @@ where
                  gradient accumulation changed): dropout will not repeat the interrupted run's"
             );
         }
+        // Under tensor parallel, the parameters this rank holds a slice of: clipping sums their
+        // squares over the tensor group (found once: the split does not change).
+        let sliced = match &self.tensor_parallel {
+            Some(tp) => {
+                let whole = tp.gather(self.model.clone())?.with_stable_param_ids();
+                Some((tp.tensor.clone(), sliced_params(&self.model, &whole)))
+            }
+            None => None,
+        };
         let progress = self.progress_bar(max_steps, start_step);
         let (mut loss_since_log, mut steps_since_log, mut loss_total) = (0.0f64, 0usize, 0.0f64);
         let mut stop = self.state.global_step >= max_steps;
@@ -458,10 +600,27 @@ where
                     dp.group().all_reduce(&mut mean, ReduceOp::Avg)?;
                     step_loss = f64::from(mean[0]);
                 }
-                let found_inf = scaler
+                let mut found_inf = scaler
                     .as_ref()
                     .is_some_and(|s| s.unscale::<B>(&mut grads, &params));
-                let grad_norm = clip_grad_norm::<B>(&mut grads, &params, args.max_grad_norm);
+                let grad_norm = match &sliced {
+                    Some((tensor, sliced)) => {
+                        // An overflow in one slice skips the step on every slice.
+                        if scaler.is_some() {
+                            let mut flag = [f32::from(u8::from(found_inf))];
+                            tensor.all_reduce(&mut flag, ReduceOp::Max)?;
+                            found_inf = flag[0] > 0.0;
+                        }
+                        clip_grad_norm_sliced::<B>(
+                            &mut grads,
+                            &params,
+                            sliced,
+                            tensor.as_ref(),
+                            args.max_grad_norm,
+                        )?
+                    }
+                    None => clip_grad_norm::<B>(&mut grads, &params, args.max_grad_norm),
+                };
                 let lr = schedule.lr(scheduler_steps);
                 if let Some(scaler) = scaler.as_mut() {
                     let used = scaler.get_scale();
@@ -545,11 +704,7 @@ where
                     best.display(),
                     self.state.best_metric
                 );
-                self.model = self
-                    .model
-                    .clone()
-                    .load_weights(&best)
-                    .map_err(TrainError::Step)?;
+                self.load_checkpoint_weights(&best)?;
             }
         }
         let runtime = start.elapsed().as_secs_f64();
@@ -571,7 +726,7 @@ where
     }
 
     fn progress_bar(&self, max_steps: usize, position: usize) -> indicatif::ProgressBar {
-        if self.args.disable_tqdm || self.process_index().0 != 0 {
+        if self.args.disable_tqdm || self.world_process_index().0 != 0 {
             return indicatif::ProgressBar::hidden();
         }
         let bar = indicatif::ProgressBar::with_draw_target(
@@ -602,7 +757,10 @@ where
     fn push_log(&mut self, mut entry: Map<String, Value>) {
         entry.insert("epoch".into(), self.state.epoch.into());
         entry.insert("step".into(), self.state.global_step.into());
-        tracing::info!("{}", serde_json::Value::Object(entry.clone()));
+        // Every rank holds the same log; one writes it.
+        if self.world_process_index().0 == 0 {
+            tracing::info!("{}", serde_json::Value::Object(entry.clone()));
+        }
         for callback in &mut self.callbacks {
             callback.on_log(&self.args, &self.state, &entry);
         }
@@ -749,8 +907,12 @@ where
 
     /// This rank's random state, to be saved with a checkpoint: the dropout seed and the
     /// position of the next batch.
+    ///
+    /// The file is per world rank (`rng_state_{world rank}.json`), though under tensor
+    /// parallel the ranks of one tensor group hold the same state: each rank then writes and
+    /// reads a file of its own, and no two processes write one file.
     fn rng_state(&self, seed: u64, next_batch: usize) -> RngState {
-        let (process_index, num_processes) = self.process_index();
+        let (process_index, num_processes) = self.world_process_index();
         RngState {
             seed,
             global_step: self.state.global_step,
@@ -772,6 +934,11 @@ where
     /// each rank writes its own `rng_state_{rank}.json` into the temporary folder (itself
     /// under a temporary name, then renamed), and rank 0 renames the folder into place once
     /// all have: every rank returns after that, with an error on every rank when any failed.
+    ///
+    /// Under [`tensor_parallel`](Self::tensor_parallel) every rank first gathers the whole
+    /// model, which world rank 0 writes; the optimizer state is one file per tensor slice
+    /// (`optimizer_tp{t}.bin`), written by the slice's first replica; the random state one
+    /// per world rank; the agreement runs over the world.
     fn save_checkpoint(
         &mut self,
         optimizer: &GroupedAdamW<M, B>,
@@ -780,32 +947,55 @@ where
         rng: &RngState,
     ) -> Result<()> {
         let step = self.state.global_step;
-        let Some(dp) = self.data_parallel.clone() else {
+        let Some(group) = self.world_group() else {
             let tmp = self
                 .args
                 .output_dir
                 .join(format!(".checkpoint-{step}.tmp-{}", std::process::id()));
-            self.write_checkpoint_files(&tmp, optimizer, scheduler_steps, scaler)?;
+            self.write_checkpoint_files(&tmp, &self.model, scheduler_steps, scaler)?;
+            let path = tmp.join(self.optimizer_file());
+            std::fs::write(&path, optimizer.to_bytes()?)
+                .map_err(|source| TrainError::Io { path, source })?;
             let path = tmp.join(rng_state_file(0, 1));
             std::fs::write(&path, rng.to_json())
                 .map_err(|source| TrainError::Io { path, source })?;
             return self.publish_checkpoint(&tmp);
         };
-        let group = dp.group().as_ref();
+        let group = group.as_ref();
         let (rank, world) = (group.rank(), group.size());
         // Every rank must find the folder: its name is fixed rather than rank 0's process id.
         let tmp = self.args.output_dir.join(format!(".checkpoint-{step}.tmp"));
         let what = format!("saving checkpoint-{step}");
+        // Every rank takes part in gathering a split model, though rank 0 alone writes it.
+        let whole = agree(group, &what, self.whole_model())?;
         let shared = match rank {
-            0 => self.write_checkpoint_files(&tmp, optimizer, scheduler_steps, scaler),
+            0 => self.write_checkpoint_files(&tmp, &whole, scheduler_steps, scaler),
             _ => Ok(()),
         };
+        drop(whole);
         agree(group, &what, shared)?;
-        let own = crate::accelerator::write_atomic(
-            &tmp.join(rng_state_file(rank, world)),
-            &rng.to_json(),
-            rank,
-        );
+        // The optimizer state: rank 0's under data parallel (every rank holds the same), each
+        // slice's first replica's under tensor parallel (the mesh numbers a slice's first
+        // replica as the slice's index, below the tensor size).
+        let writes_optimizer = match &self.tensor_parallel {
+            Some(tp) => rank < tp.tensor.size(),
+            None => rank == 0,
+        };
+        let own = optimizer
+            .to_bytes()
+            .and_then(|bytes| match writes_optimizer {
+                true => {
+                    crate::accelerator::write_atomic(&tmp.join(self.optimizer_file()), &bytes, rank)
+                }
+                false => Ok(()),
+            })
+            .and_then(|()| {
+                crate::accelerator::write_atomic(
+                    &tmp.join(rng_state_file(rank, world)),
+                    &rng.to_json(),
+                    rank,
+                )
+            });
         agree(group, &what, own)?;
         let published = match rank {
             0 => self.publish_checkpoint(&tmp),
@@ -814,11 +1004,12 @@ where
         agree(group, &what, published)
     }
 
-    /// Writes a checkpoint's files but the random state into the fresh folder `tmp`.
+    /// Writes a checkpoint's files but the optimizer and random states into the fresh folder
+    /// `tmp`, with `model` (the whole model) as its weights.
     fn write_checkpoint_files(
         &self,
         tmp: &Path,
-        optimizer: &GroupedAdamW<M, B>,
+        model: &M,
         scheduler_steps: usize,
         scaler: Option<&GradScaler>,
     ) -> Result<()> {
@@ -829,13 +1020,12 @@ where
         // A folder left by a crash in the middle of an earlier save of this step.
         let _ = std::fs::remove_dir_all(tmp);
         std::fs::create_dir_all(tmp).map_err(io(tmp))?;
-        self.model.save_pretrained(tmp).map_err(TrainError::Step)?;
+        model.save_pretrained(tmp).map_err(TrainError::Step)?;
         let write = |name: &str, bytes: &[u8]| {
             std::fs::write(tmp.join(name), bytes).map_err(io(&tmp.join(name)))
         };
         write("trainer_state.json", self.state.to_json_string().as_bytes())?;
         write("training_args.json", self.args.to_json_string().as_bytes())?;
-        write("optimizer.bin", &optimizer.to_bytes()?)?;
         write(
             "scheduler.json",
             serde_json::json!({ "last_epoch": scheduler_steps })
@@ -916,12 +1106,8 @@ where
         scaler: Option<&mut GradScaler>,
     ) -> Result<(GroupedAdamW<M, B>, usize, RngState)> {
         let state = TrainerState::load(&checkpoint.join("trainer_state.json"))?;
-        self.model = self
-            .model
-            .clone()
-            .load_weights(checkpoint)
-            .map_err(TrainError::Step)?;
-        let path = checkpoint.join("optimizer.bin");
+        self.load_checkpoint_weights(checkpoint)?;
+        let path = checkpoint.join(self.optimizer_file());
         let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
             path: path.clone(),
             source,
@@ -933,7 +1119,7 @@ where
                     path,
                     message: e.to_string(),
                 })?;
-        let (rank, world) = self.process_index();
+        let (rank, world) = self.world_process_index();
         let rng = RngState::read(checkpoint, rank, world)?;
         let read_json = |name: &str| -> Result<Option<Value>> {
             let path = checkpoint.join(name);
@@ -971,11 +1157,13 @@ where
             })?;
             scaler.load_state_dict(&value, &path)?;
         }
-        tracing::info!(
-            "resuming from {} at step {}",
-            checkpoint.display(),
-            state.global_step
-        );
+        if self.world_process_index().0 == 0 {
+            tracing::info!(
+                "resuming from {} at step {}",
+                checkpoint.display(),
+                state.global_step
+            );
+        }
         self.state.global_step = state.global_step;
         self.state.epoch = state.epoch;
         self.state.log_history = state.log_history;
