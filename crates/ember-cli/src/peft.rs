@@ -149,6 +149,8 @@ impl<B: BackendTrait> AnyModel<B> {
         options: &FromPretrainedOptions,
         device: &B::Device,
     ) -> Result<Self> {
+        // A Hub repository id becomes its snapshot folder, so `config.json` can be read here.
+        let dir = &ember::models::pretrained_dir(dir, options)?;
         let config = read_config_json(dir)?;
         let model_type = config["model_type"].as_str().unwrap_or_default();
         if ember::models::CAUSAL_MODEL_TYPES.contains(&model_type) {

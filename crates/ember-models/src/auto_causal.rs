@@ -44,7 +44,8 @@ macro_rules! causal_pretrained {
             /// The HF class name.
             pub const CLASS: &'static str = $class;
 
-            /// Loads a checkpoint folder (`config.json` + weights), as HF's `from_pretrained`.
+            /// Loads a checkpoint folder (`config.json` + weights), as HF's `from_pretrained`;
+            /// a Hub repository id (`"org/name"`) is fetched into the Hugging Face cache first.
             pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
                 Ok(Self::from_pretrained_with(dir, &FromPretrainedOptions::default(), device)?.0)
             }
@@ -56,7 +57,8 @@ macro_rules! causal_pretrained {
                 options: &FromPretrainedOptions,
                 device: &B::Device,
             ) -> Result<(Self, LoadReport)> {
-                let dir = dir.as_ref();
+                let dir = crate::hub::resolve(dir.as_ref(), options)?;
+                let dir: &Path = &dir;
                 let path = dir.join("config.json");
                 let mut value = config_value(dir, options)?;
                 let config = $config::from_json_value(value.clone(), &path)?;
@@ -262,7 +264,8 @@ pub struct AutoModelForCausalLM;
 pub const CAUSAL_MODEL_TYPES: [&str; 3] = ["llama", "bloom", "gpt2"];
 
 impl AutoModelForCausalLM {
-    /// Loads the checkpoint in `dir`.
+    /// Loads the checkpoint in `dir`, or of a Hub repository id (`"org/name"`), fetched into
+    /// the Hugging Face cache first.
     pub fn from_pretrained<B: Backend>(
         dir: impl AsRef<Path>,
         device: &B::Device,
@@ -276,7 +279,8 @@ impl AutoModelForCausalLM {
         options: &FromPretrainedOptions,
         device: &B::Device,
     ) -> Result<(AnyCausalLm<B>, LoadReport)> {
-        let dir = dir.as_ref();
+        let dir = crate::hub::resolve(dir.as_ref(), options)?;
+        let dir: &Path = &dir;
         let path = dir.join("config.json");
         let value = read_json(&path)?;
         match model_type(&value, &path)? {

@@ -196,8 +196,19 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     /// Reads `generation_config.json` of a model folder, or, when it is absent, takes the
     /// special token ids from `config.json` (HF's `GenerationConfig.from_model_config`).
+    /// A Hub repository id is fetched into the Hugging Face cache first (its `config.json` and
+    /// `generation_config.json`).
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
+        Self::from_pretrained_with(dir, &crate::FromPretrainedOptions::default())
+    }
+
+    /// As [`Self::from_pretrained`], with the Hub settings and `revision` of `options`.
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        options: &crate::FromPretrainedOptions,
+    ) -> Result<Self> {
+        let dir = crate::hub::resolve_config(dir.as_ref(), options)?;
+        let dir: &Path = &dir;
         let path = dir.join("generation_config.json");
         if path.is_file() {
             return Self::from_json_value(read_json(&path)?, &path);

@@ -57,6 +57,7 @@ mod error;
 pub mod generation;
 mod gpt2;
 mod heads;
+mod hub;
 mod llama;
 mod llama_pipeline;
 pub mod loss;
@@ -83,6 +84,9 @@ pub use causal::{CausalLm, CausalLmInput, CausalLmOutput, KvCache, LayerKv};
 pub use config::{BertConfig, RobertaConfig, SUPPORTED_ACTIVATIONS};
 pub use dtype::{DtypeArg, FloatDtype, F16_MAX};
 pub use error::{ModelError, Result};
+pub use hub::pretrained_dir;
+/// The Hugging Face Hub cache `from_pretrained("org/name")` reads and fills.
+pub use ember_hub;
 pub use gpt2::{
     GPT2Attention, GPT2Block, GPT2Config, GPT2LMHeadModel, GPT2Mlp, GPT2Model, GPT2_ACTIVATIONS,
 };

@@ -44,6 +44,13 @@ pub struct FromPretrainedOptions {
     /// `config.json` says). Unset, weights load in float32, which is what transformers 4 did;
     /// transformers 5 defaults to `"auto"`.
     pub dtype: Option<DtypeArg>,
+    /// `revision=`: the branch, tag or commit of a Hub repository id (default `main`); unused
+    /// for a local folder, as in transformers.
+    pub revision: Option<String>,
+    /// Where the Hub and its cache are, for a repository id. `None` reads huggingface_hub's
+    /// environment variables (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_HUB_OFFLINE`,
+    /// `HF_TOKEN`) when the model is loaded.
+    pub hub: Option<ember_hub::HubConfig>,
 }
 
 impl FromPretrainedOptions {
@@ -63,6 +70,18 @@ impl FromPretrainedOptions {
             None => Ok(FloatDtype::Float32),
             Some(arg) => arg.resolve(config_json, path),
         }
+    }
+
+    /// Sets `revision` (a Hub branch, tag or commit).
+    pub fn revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = Some(revision.into());
+        self
+    }
+
+    /// Sets the Hub settings, instead of reading them from the environment.
+    pub fn hub(mut self, hub: ember_hub::HubConfig) -> Self {
+        self.hub = Some(hub);
+        self
     }
 
     /// Sets `num_labels`.
@@ -366,7 +385,8 @@ pub(crate) fn state_dict<B: Backend, M: VisitParams<B> + Clone>(model: &M) -> Re
 macro_rules! pretrained {
     ($model:ident, $suffix:literal, $is_head:literal, |$c:ident, $d:ident| $build:expr) => {
         impl<B: Backend> $model<B> {
-            /// Loads a checkpoint folder (`config.json` + weights), as HF's `from_pretrained`.
+            /// Loads a checkpoint folder (`config.json` + weights), as HF's `from_pretrained`;
+            /// a Hub repository id (`"org/name"`) is fetched into the Hugging Face cache first.
             pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
                 Ok(Self::from_pretrained_with(dir, &FromPretrainedOptions::default(), device)?.0)
             }
@@ -378,7 +398,8 @@ macro_rules! pretrained {
                 options: &FromPretrainedOptions,
                 $d: &B::Device,
             ) -> Result<(Self, LoadReport)> {
-                let dir = dir.as_ref();
+                let dir = crate::hub::resolve(dir.as_ref(), options)?;
+                let dir: &Path = &dir;
                 let class = format!("{}{}", read_config(dir)?.class_prefix(), $suffix);
                 load(dir, options, &class, $is_head, |$c: &BertConfig| $build)
             }
@@ -516,8 +537,10 @@ pub struct AutoConfig;
 
 impl AutoConfig {
     /// The config of a checkpoint folder (`model_type` bert or roberta).
+    /// A Hub repository id is fetched into the Hugging Face cache first (its `config.json`).
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<BertConfig> {
-        check_auto(dir.as_ref(), "AutoConfig")
+        let options = FromPretrainedOptions::default();
+        check_auto(&crate::hub::resolve_config(dir.as_ref(), &options)?, "AutoConfig")
     }
 }
 
@@ -541,8 +564,9 @@ macro_rules! auto_class {
                 options: &FromPretrainedOptions,
                 device: &B::Device,
             ) -> Result<($model<B>, LoadReport)> {
-                check_auto(dir.as_ref(), stringify!($auto))?;
-                $model::from_pretrained_with(dir, options, device)
+                let dir = crate::hub::resolve(dir.as_ref(), options)?;
+                check_auto(&dir, stringify!($auto))?;
+                $model::from_pretrained_with(&*dir, options, device)
             }
 
             /// A model with fresh weights from a config.

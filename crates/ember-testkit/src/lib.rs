@@ -2,6 +2,8 @@
 //! and the pinned reference Python are. Each finder returns `None` after printing a `SKIP:` line
 //! when what it looks for is absent, so that a test skips saying why.
 
+pub mod hub_server;
+
 use std::path::PathBuf;
 
 /// The workspace root (this crate sits in `crates/ember-testkit`).

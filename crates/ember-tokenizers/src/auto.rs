@@ -59,14 +59,26 @@ impl AutoTokenizer {
     /// `merges.txt` (GPT-2 byte-level BPE). `tokenizer_config.json` and
     /// `special_tokens_map.json` set special tokens, `model_max_length` and padding side.
     ///
-    /// With the `hub` feature, a name that is not a local folder (`"bert-base-chinese"`) is
-    /// downloaded into the Hugging Face cache first.
+    /// A name that is not a local folder but a Hub repository id (`"org/name"`) is fetched
+    /// into the Hugging Face cache first (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`,
+    /// `HF_HUB_OFFLINE`, `HF_TOKEN` as huggingface_hub reads them), at revision `main`; see
+    /// [`Self::from_pretrained_hub`]. A local folder is always read as it is.
     pub fn from_pretrained(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_pretrained_hub(path, &ember_hub::HubConfig::from_env(), None)
+    }
+
+    /// As [`Self::from_pretrained`] with the Hub settings given rather than read from the
+    /// environment, and a `revision` (branch, tag or commit; default `main`) for a repository
+    /// id. `revision` is ignored for a local folder, as in transformers.
+    pub fn from_pretrained_hub(
+        path: impl AsRef<Path>,
+        hub: &ember_hub::HubConfig,
+        revision: Option<&str>,
+    ) -> Result<Self> {
         let path = path.as_ref();
-        #[cfg(feature = "hub")]
-        if !path.exists() {
+        if ember_hub::is_hub_name(path) {
             if let Some(name) = path.to_str() {
-                let dir = crate::hub::download(name)?;
+                let dir = crate::hub::download(hub, name, revision)?;
                 return Self::from_dir(&dir);
             }
         }

@@ -25,7 +25,6 @@ mod config;
 pub mod demo;
 mod encode;
 mod error;
-#[cfg(feature = "hub")]
 mod hub;
 pub mod legacy;
 mod save;
@@ -42,3 +41,5 @@ pub use error::{Result, TokenizerError};
 pub use save::write_atomic;
 /// The `tokenizers` crate this one is built on (its `Encoding`, `AddedToken`, ...).
 pub use tokenizers;
+/// The Hugging Face Hub cache `from_pretrained("org/name")` reads and fills.
+pub use ember_hub;
