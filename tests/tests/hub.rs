@@ -152,13 +152,12 @@ fn tokenizers_load_from_the_hub_then_offline_from_the_cache() {
         );
     }
     let err = AutoTokenizer::from_pretrained_hub("org/never-fetched", &offline, None).unwrap_err();
-    match err {
-        TokenizerError::Hub {
-            name,
-            source:
-                HubError::LocalEntryNotFound {
-                    repo_id, filename, ..
-                },
+    let TokenizerError::Hub { name, source } = err else {
+        panic!("not a Hub error: {err:?}");
+    };
+    match *source {
+        HubError::LocalEntryNotFound {
+            repo_id, filename, ..
         } => {
             assert_eq!(name, "org/never-fetched");
             assert_eq!(
@@ -294,11 +293,11 @@ fn a_missing_weights_file_a_missing_repo_and_a_dropped_connection_are_typed_erro
 
     let err = AutoModel::from_pretrained_with::<Backend>("org/no-weights", &online, &device())
         .unwrap_err();
-    match &err {
-        ModelError::Hub {
-            source: HubError::EntryNotFound { filename, url, .. },
-            ..
-        } => {
+    let ModelError::Hub { source, .. } = &err else {
+        panic!("not a Hub error: {err:?}");
+    };
+    match source.as_ref() {
+        HubError::EntryNotFound { filename, url, .. } => {
             assert_eq!(filename, "model.safetensors");
             // Files after config.json are asked for at the commit `main` resolved to.
             assert_eq!(
@@ -314,8 +313,9 @@ fn a_missing_weights_file_a_missing_repo_and_a_dropped_connection_are_typed_erro
     let err =
         AutoModel::from_pretrained_with::<Backend>("org/absent", &online, &device()).unwrap_err();
     assert!(
-        matches!(&err, ModelError::Hub { source: HubError::RepositoryNotFound { repo_id, url, .. }, .. }
-            if repo_id == "org/absent" && url.ends_with("/org/absent/resolve/main/config.json")),
+        matches!(&err, ModelError::Hub { source, .. }
+            if matches!(source.as_ref(), HubError::RepositoryNotFound { repo_id, url, .. }
+                if repo_id == "org/absent" && url.ends_with("/org/absent/resolve/main/config.json"))),
         "{err:?}"
     );
     assert!(!cache.path().join("models--org--absent/snapshots").exists());
@@ -324,7 +324,8 @@ fn a_missing_weights_file_a_missing_repo_and_a_dropped_connection_are_typed_erro
     let err = AutoModel::from_pretrained_with::<Backend>("org/tiny-bert", &online, &device())
         .unwrap_err();
     assert!(
-        matches!(&err, ModelError::Hub { source: HubError::Interrupted { filename, .. }, .. } if filename == "model.safetensors"),
+        matches!(&err, ModelError::Hub { source, .. }
+            if matches!(source.as_ref(), HubError::Interrupted { filename, .. } if filename == "model.safetensors")),
         "{err:?}"
     );
     assert_no_weights_cached(cache.path(), "models--org--tiny-bert");
@@ -336,7 +337,8 @@ fn a_missing_weights_file_a_missing_repo_and_a_dropped_connection_are_typed_erro
     )
     .unwrap_err();
     assert!(
-        matches!(&err, TokenizerError::Hub { source: HubError::EntryNotFound { filename, .. }, .. } if filename == "tokenizer.json"),
+        matches!(&err, TokenizerError::Hub { source, .. }
+            if matches!(source.as_ref(), HubError::EntryNotFound { filename, .. } if filename == "tokenizer.json")),
         "{err:?}"
     );
 }

@@ -186,10 +186,11 @@ fn plain(
     })
 }
 
+/// A response's status code, reason phrase and headers (names as sent).
+type Head = (u16, String, Vec<(String, String)>);
+
 /// Reads the status line and headers.
-fn read_head(
-    reader: &mut impl BufRead,
-) -> std::result::Result<(u16, String, Vec<(String, String)>), String> {
+fn read_head(reader: &mut impl BufRead) -> std::result::Result<Head, String> {
     let line = read_line(reader)?;
     let mut parts = line.splitn(3, ' ');
     let version = parts.next().unwrap_or_default();

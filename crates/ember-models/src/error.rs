@@ -8,13 +8,16 @@ use std::path::PathBuf;
 pub enum ModelError {
     /// `from_pretrained(name)` with a name that is not a local folder, and the Hugging Face Hub
     /// (or its cache) could not provide the checkpoint files.
-    #[error("`{name}` is not a local folder, and loading it from the Hugging Face Hub failed: {source}")]
+    #[error(
+        "`{name}` is not a local folder, and loading it from the Hugging Face Hub failed: {source}"
+    )]
     Hub {
         /// The name as given (a repository id).
         name: String,
-        /// What the Hub or the cache said (it names the URL, file and revision).
+        /// What the Hub or the cache said (it names the URL, file and revision); boxed, so
+        /// that every `Result` of the crate stays small.
         #[source]
-        source: ember_hub::HubError,
+        source: Box<ember_hub::HubError>,
     },
     /// A file could not be read.
     #[error("cannot access `{path}`: {source}")]

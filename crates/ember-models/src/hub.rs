@@ -73,7 +73,7 @@ fn download(
 ) -> Result<PathBuf> {
     let hub = |source| ModelError::Hub {
         name: repo_id.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let mut repo = HubRepo::new(config, repo_id, revision).map_err(hub)?;
     // config.json first: it pins the commit every other file is read at.

@@ -83,10 +83,9 @@ pub use bloom::{
 pub use causal::{CausalLm, CausalLmInput, CausalLmOutput, KvCache, LayerKv};
 pub use config::{BertConfig, RobertaConfig, SUPPORTED_ACTIVATIONS};
 pub use dtype::{DtypeArg, FloatDtype, F16_MAX};
-pub use error::{ModelError, Result};
-pub use hub::pretrained_dir;
 /// The Hugging Face Hub cache `from_pretrained("org/name")` reads and fills.
 pub use ember_hub;
+pub use error::{ModelError, Result};
 pub use gpt2::{
     GPT2Attention, GPT2Block, GPT2Config, GPT2LMHeadModel, GPT2Mlp, GPT2Model, GPT2_ACTIVATIONS,
 };
@@ -96,6 +95,7 @@ pub use heads::{
     RobertaForQuestionAnswering, RobertaForSequenceClassification, RobertaForTokenClassification,
     SequenceClassifierOutput, SequenceLabels, TokenLogitsOutput,
 };
+pub use hub::pretrained_dir;
 pub use llama::{
     LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel,
 };

@@ -540,7 +540,10 @@ impl AutoConfig {
     /// A Hub repository id is fetched into the Hugging Face cache first (its `config.json`).
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<BertConfig> {
         let options = FromPretrainedOptions::default();
-        check_auto(&crate::hub::resolve_config(dir.as_ref(), &options)?, "AutoConfig")
+        check_auto(
+            &crate::hub::resolve_config(dir.as_ref(), &options)?,
+            "AutoConfig",
+        )
     }
 }
 

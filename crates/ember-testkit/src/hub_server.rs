@@ -285,7 +285,7 @@ fn route(method: &str, path: &str, addr: SocketAddr, state: &Mutex<State>) -> Re
     let Some(rev) = repo
         .revisions
         .iter()
-        .find(|r| r.commit == revision || r.refs.iter().any(|n| *n == revision))
+        .find(|r| r.commit == revision || r.refs.contains(&revision))
     else {
         return Reply::error("404 Not Found", "RevisionNotFound", "Invalid rev id");
     };

@@ -173,13 +173,16 @@ pub enum TokenizerError {
     InvalidChat(String),
     /// `from_pretrained(name)` with a name that is not a local folder, and the Hugging Face Hub
     /// (or its cache) could not provide the tokenizer files.
-    #[error("`{name}` is not a local folder, and loading it from the Hugging Face Hub failed: {source}")]
+    #[error(
+        "`{name}` is not a local folder, and loading it from the Hugging Face Hub failed: {source}"
+    )]
     Hub {
         /// The name as given (a repository id).
         name: String,
-        /// What the Hub or the cache said (it names the URL, file and revision).
+        /// What the Hub or the cache said (it names the URL, file and revision); boxed, so
+        /// that every `Result` of the crate stays small.
         #[source]
-        source: ember_hub::HubError,
+        source: Box<ember_hub::HubError>,
     },
     /// An error from the tokenizers library while encoding, decoding or training.
     #[error("tokenizer failed while {action}: {message}")]

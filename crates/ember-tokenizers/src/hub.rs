@@ -23,7 +23,7 @@ pub(crate) fn download(
 ) -> Result<PathBuf> {
     let hub = |source| TokenizerError::Hub {
         name: repo_id.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let mut repo = HubRepo::new(config, repo_id, revision).map_err(hub)?;
     // The config first: it pins the commit every other file is read at.

@@ -36,10 +36,10 @@ pub use chat::{
     CHAT_TEMPLATE_FILE, DEFAULT_TEMPLATE_NAME, SET_IN_CODE,
 };
 pub use config::{PaddingSide, Side, SpecialTokens, TokenizerConfig};
+/// The Hugging Face Hub cache `from_pretrained("org/name")` reads and fills.
+pub use ember_hub;
 pub use encode::{BatchEncoding, EncodeOptions, Padding, TensorBatch, Truncation};
 pub use error::{Result, TokenizerError};
 pub use save::write_atomic;
 /// The `tokenizers` crate this one is built on (its `Encoding`, `AddedToken`, ...).
 pub use tokenizers;
-/// The Hugging Face Hub cache `from_pretrained("org/name")` reads and fills.
-pub use ember_hub;
