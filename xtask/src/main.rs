@@ -5,12 +5,15 @@
 //! - `cargo xtask fixtures`: regenerates the golden fixtures through the reference Python.
 //! - `cargo xtask bench [--rounds N]`: criterion benches and the PyTorch / `transformers`
 //!   reference, alternated, in one table (`target/bench-report.md`).
+//! - `cargo xtask gpu-check build`: the CUDA build and carry folder of the GPU check
+//!   (docs/gpu-check.md).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod bench;
+mod gpu_check;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,8 +23,11 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("fixtures") => fixtures(&root),
         Some("bench") => bench::run(&root, &args[1..]),
+        Some("gpu-check") => gpu_check::run_command(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <ci | fixtures | bench [--rounds N] [--only BENCH]>");
+            eprintln!(
+                "usage: cargo xtask <ci | fixtures | bench [--rounds N] [--only BENCH] | gpu-check build>"
+            );
             std::process::exit(2);
         }
     }
