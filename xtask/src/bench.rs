@@ -155,19 +155,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 e.0.push(secs);
             }
             if let Some(py) = &python {
-                let out = Command::new(py)
+                let mut reference = Command::new(py);
+                reference
                     .arg(root.join("xtask/bench").join(pair.script))
-                    .arg(&shared)
-                    .output()
-                    .with_context(|| format!("running {}", pair.script))?;
-                anyhow::ensure!(
-                    out.status.success(),
-                    "{} failed: {}",
-                    pair.script,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                for line in String::from_utf8_lossy(&out.stdout).lines() {
-                    let v: serde_json::Value = serde_json::from_str(line)?;
+                    .arg(&shared);
+                for v in json_lines(reference, pair.script)? {
                     let name = v["bench"].as_str().unwrap_or_default().to_owned();
                     let unit = unit_of(&name, pair.unit);
                     let e = results
@@ -265,23 +257,13 @@ fn measure_distributed(
 /// Runs `command` and adds each `{"bench", "median_s", "items"}` line it prints to Ember's or
 /// (`reference`) the reference's column of `results`.
 fn record_rows(
-    mut command: Command,
+    command: Command,
     what: &str,
     unit: &'static str,
     results: &mut Results,
     reference: bool,
 ) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
+    for v in json_lines(command, what)? {
         let name = v["bench"].as_str().unwrap_or_default().to_owned();
         let e = results
             .entry(name)
@@ -291,6 +273,23 @@ fn record_rows(
         e.2 = v["items"].as_u64().unwrap_or(e.2);
     }
     Ok(())
+}
+
+/// Runs `command` (named `what` in errors), fails with its standard error unless it succeeds,
+/// and parses each line of its standard output as one JSON object.
+fn json_lines(mut command: Command, what: &str) -> Result<Vec<serde_json::Value>> {
+    let out = command
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}")))
+        .collect()
 }
 
 /// Peak resident memory per workload: Ember's MiB per round, the reference's MiB per round.
@@ -341,7 +340,6 @@ fn measure_memory(
     Ok(())
 }
 
-/// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to Ember's or
 /// `cargo run --release` of one of ember-models' peak-memory examples, with its flag.
 fn memory_example(cargo: &str, root: &Path, example: &str, flag: Option<&str>) -> Command {
     let mut command = Command::new(cargo);
@@ -360,24 +358,10 @@ fn memory_example(cargo: &str, root: &Path, example: &str, flag: Option<&str>) -
     command
 }
 
+/// Runs one probe and appends each `{"bench", "peak_rss_mib"}` line it prints to Ember's or
 /// (`reference`) the reference's column.
-fn record_memory(
-    mut command: Command,
-    what: &str,
-    memory: &mut Memory,
-    reference: bool,
-) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))?;
+fn record_memory(command: Command, what: &str, memory: &mut Memory, reference: bool) -> Result<()> {
+    for v in json_lines(command, what)? {
         let name = v["bench"].as_str().unwrap_or_default().to_owned();
         let mib = v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
         let (ember, python) = memory.entry(name).or_default();

@@ -17,27 +17,6 @@ fn ember(args: &[String], cwd: &Path) -> (bool, String, String) {
     common::ember_in(&args, Some(cwd), "")
 }
 
-/// A small labelled CSV in the demo's domain.
-fn write_csv(path: &Path, rows: usize) {
-    let good = ["was clean", "was lovely", "was excellent", "was perfect"];
-    let bad = ["was dirty", "was awful", "was broken", "was terrible"];
-    let things = ["the room", "the bed", "the pool", "the lobby", "dinner"];
-    let mut csv = String::from("text,label\n");
-    for i in 0..rows {
-        let (opinions, label) = if i % 2 == 0 {
-            (&good, "good")
-        } else {
-            (&bad, "bad")
-        };
-        csv.push_str(&format!(
-            "{} {},{label}\n",
-            things[i % things.len()],
-            opinions[(i / 2) % 4]
-        ));
-    }
-    std::fs::write(path, csv).unwrap();
-}
-
 /// `ember launch --nproc-per-node 2 -- train ... --args NAME.json EXTRA`.
 fn launch(name: &str, extra: &[&str]) -> Vec<String> {
     [
@@ -145,7 +124,7 @@ fn a_killed_rank_ends_the_job_and_the_resumed_run_ends_as_an_uninterrupted_one()
     let (ok, _, stderr) = common::ember_in(&["train"], Some(tmp.path()), "");
     assert!(ok, "{stderr}");
     // 400 rows, a tenth held out: 360 to train on, 45 batches of 4 per rank and epoch.
-    write_csv(&tmp.path().join("reviews.csv"), 400);
+    common::write_reviews_csv(&tmp.path().join("reviews.csv"), 400);
     for name in ["whole", "killed"] {
         let args = serde_json::json!({
             "output_dir": name, "num_train_epochs": 3, "per_device_train_batch_size": 4,

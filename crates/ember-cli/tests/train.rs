@@ -41,34 +41,6 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// A small labelled CSV in the demo's domain.
-fn write_csv(path: &Path, rows: usize) {
-    let good = ["was clean", "was lovely", "was excellent", "was perfect"];
-    let bad = ["was dirty", "was awful", "was broken", "was terrible"];
-    let things = [
-        "the room",
-        "the bed",
-        "the pool",
-        "the lobby",
-        "dinner",
-        "the view",
-    ];
-    let mut csv = String::from("text,label\n");
-    for i in 0..rows {
-        let (opinions, label) = if i % 2 == 0 {
-            (&good, "good")
-        } else {
-            (&bad, "bad")
-        };
-        csv.push_str(&format!(
-            "{} {},{label}\n",
-            things[i % things.len()],
-            opinions[(i / 2) % 4]
-        ));
-    }
-    std::fs::write(path, csv).unwrap();
-}
-
 #[test]
 fn demo_trains_and_predicts_with_nothing_downloaded() {
     let tmp = tempfile::tempdir().unwrap();
@@ -90,7 +62,7 @@ fn demo_trains_and_predicts_with_nothing_downloaded() {
 fn fine_tune_evaluate_and_predict_a_saved_folder() {
     let tmp = tempfile::tempdir().unwrap();
     demo(tmp.path());
-    write_csv(&tmp.path().join("reviews.csv"), 80);
+    common::write_reviews_csv(&tmp.path().join("reviews.csv"), 80);
     let (ok, stdout, stderr) = ember(
         &[
             "train",
@@ -168,7 +140,7 @@ fn fine_tune_evaluate_and_predict_a_saved_folder() {
 fn a_killed_run_resumes_to_the_uninterrupted_weights() {
     let tmp = tempfile::tempdir().unwrap();
     demo(tmp.path());
-    write_csv(&tmp.path().join("reviews.csv"), 400);
+    common::write_reviews_csv(&tmp.path().join("reviews.csv"), 400);
     let args = |dir: &str, resume: Option<&str>| {
         let mut a = serde_json::json!({
             "output_dir": dir, "num_train_epochs": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-3,
@@ -312,7 +284,7 @@ fn launch_on_two_processes_trains_as_one_process_on_twice_the_batch() {
     let tmp = tempfile::tempdir().unwrap();
     demo(tmp.path());
     // 96 rows, a quarter held out: 72 to train on, 9 batches of 8 or 2 × 9 of 4.
-    write_csv(&tmp.path().join("reviews.csv"), 96);
+    common::write_reviews_csv(&tmp.path().join("reviews.csv"), 96);
     // Dropout off, so that the runs differ only in how each batch is split.
     let config_path = tmp.path().join("ember-demo/config.json");
     let mut config: Value =

@@ -158,3 +158,32 @@ pub fn losses(lines: &[Value]) -> Vec<f64> {
         .filter_map(|l| l.get("loss").and_then(Value::as_f64))
         .collect()
 }
+
+/// A small labelled CSV (`text,label`) in the demo's domain: hotel reviews, good and bad
+/// alternating.
+pub fn write_reviews_csv(path: &Path, rows: usize) {
+    let good = ["was clean", "was lovely", "was excellent", "was perfect"];
+    let bad = ["was dirty", "was awful", "was broken", "was terrible"];
+    let things = [
+        "the room",
+        "the bed",
+        "the pool",
+        "the lobby",
+        "dinner",
+        "the view",
+    ];
+    let mut csv = String::from("text,label\n");
+    for i in 0..rows {
+        let (opinions, label) = if i % 2 == 0 {
+            (&good, "good")
+        } else {
+            (&bad, "bad")
+        };
+        csv.push_str(&format!(
+            "{} {},{label}\n",
+            things[i % things.len()],
+            opinions[(i / 2) % 4]
+        ));
+    }
+    std::fs::write(path, csv).unwrap();
+}
