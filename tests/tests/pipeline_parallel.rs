@@ -21,6 +21,13 @@ const BATCH: usize = 8;
 const SEQ: usize = 6;
 const MICRO_BATCHES: usize = 4;
 const TOLERANCE: f32 = 1e-5;
+/// How far a weight after AdamW steps at a learning rate of 1e-2 may end from one process's.
+/// AdamW divides each gradient by its own running magnitude, so the rounding in which the
+/// stages' sums differ (micro-batches, kernels that differ between AVX2 and AVX-512 CPUs) moves
+/// a weight with a near-zero gradient (a tied embedding row of a token seldom predicted) by a
+/// visible part of a step: up to 1.1e-5 seen on an AVX-512 CPU. 1e-4 is 1 % of one step; the
+/// gradients themselves are compared at [`TOLERANCE`].
+const TRAINED_TOLERANCE: f32 = 1e-4;
 
 /// The tiny Llama of the task: 4 layers, hidden 32, 4 heads, vocabulary 64, fixed seed.
 fn tiny_llama(tied: bool) -> Llama {
@@ -262,7 +269,7 @@ fn check_training(stages: usize, schedule: Schedule, tied: bool) {
         for (key, w) in weights {
             let d = max_diff(w, &expected[key]);
             assert!(
-                d < TOLERANCE,
+                d < TRAINED_TOLERANCE,
                 "stage {s}: `{key}` differs by {d} after {STEPS} steps"
             );
             worst = worst.max(d);

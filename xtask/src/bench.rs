@@ -2,6 +2,8 @@
 //! alternated round by round on the same machine, reported as medians and ratios.
 
 use crate::{reference_python, run as run_command};
+
+mod cli_decoding;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -90,7 +92,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             ("--rounds", Some(n)) => rounds = n.parse().context("--rounds takes a number")?,
             ("--only", Some(name)) => only = Some(name.clone()),
             _ => anyhow::bail!(
-                "usage: cargo xtask bench [--rounds N] [--only BENCH | memory | distributed]"
+                "usage: cargo xtask bench [--rounds N] [--only BENCH | memory | distributed | cli]"
             ),
         }
     }
@@ -100,9 +102,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .collect();
     let with_memory = only.as_deref().is_none_or(|o| o == "memory");
     let with_distributed = only.as_deref().is_none_or(|o| o == "distributed");
+    let with_cli = only.as_deref().is_none_or(|o| o == "cli");
     anyhow::ensure!(
-        !pairs.is_empty() || with_memory || with_distributed,
-        "no bench named {} (nor `memory`, `distributed`)",
+        !pairs.is_empty() || with_memory || with_distributed || with_cli,
+        "no bench named {} (nor `memory`, `distributed`, `cli`)",
         only.unwrap_or_default()
     );
     let shared = root.join("../shared");
@@ -128,6 +131,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 round + 1
             );
             measure_distributed(root, python.as_deref(), &shared, &mut results)?;
+        }
+        if with_cli {
+            eprintln!(
+                "round {}/{rounds}: `ember generate` end to end beside HF generate",
+                round + 1
+            );
+            cli_decoding::measure(root, python.as_deref(), &mut results)?;
         }
         for pair in &pairs {
             eprintln!(

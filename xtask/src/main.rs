@@ -3,8 +3,10 @@
 //! - `cargo xtask ci`: format check, clippy (warnings denied, the CUDA path included) and the
 //!   tests: what `.ci/run` runs.
 //! - `cargo xtask fixtures`: regenerates the golden fixtures through the reference Python.
-//! - `cargo xtask bench [--rounds N]`: criterion benches and the PyTorch / `transformers`
-//!   reference, alternated, in one table (`target/bench-report.md`).
+//! - `cargo xtask bench [--rounds N] [--only BENCH | memory | distributed | cli]`: criterion
+//!   benches, peak memory, data-parallel steps under `mpirun` and the `ember generate` binary
+//!   end to end, beside the PyTorch / `transformers` reference, alternated, in one table
+//!   (`target/bench-report.md`).
 //! - `cargo xtask gpu-check build`: the CUDA build and carry folder of the GPU check
 //!   (docs/gpu-check.md).
 
@@ -26,7 +28,7 @@ fn main() -> Result<()> {
         Some("gpu-check") => gpu_check::run_command(&root, &args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <ci | fixtures | bench [--rounds N] [--only BENCH] | gpu-check build>"
+                "usage: cargo xtask <ci | fixtures | bench [--rounds N] [--only NAME] | gpu-check build>"
             );
             std::process::exit(2);
         }

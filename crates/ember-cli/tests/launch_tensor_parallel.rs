@@ -17,6 +17,15 @@ use std::process::Command;
 /// `/tmp` ("A call to mkdir was unable to create the desired directory").
 static MPI_JOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// How far a weight trained split may end from the one-process run's. The two runs split
+/// their sums differently (over slices, over threads, and in kernels that differ between AVX2
+/// and AVX-512 CPUs). AdamW divides each gradient by its own running magnitude, so a weight
+/// whose gradient is near zero (a key projection's weight, fed by what all positions share,
+/// which softmax ignores) takes a step set by that rounding: up to the learning rate (0.01 in
+/// these tests). Seen: 1e-6-2e-6 on an AVX2 CPU, up to 1.6e-5 on an AVX-512 one. 1e-4 is 1 %
+/// of one step; the logged losses and gradient norms are compared tightly besides.
+const SPLIT_TOLERANCE: f32 = 1e-4;
+
 fn have_mpirun() -> bool {
     if Command::new("mpirun").arg("--version").output().is_err() {
         eprintln!("skipped: no `mpirun` (OpenMPI's openmpi-bin) on this machine");
@@ -44,27 +53,55 @@ fn tensors(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 
 /// The largest difference between the models of two folders, which must hold the same tensors
 /// of the same shapes.
-fn worst_difference(a: &Path, b: &Path) -> f32 {
+fn worst_difference(a: &Path, b: &Path) -> Worst {
     worst_difference_except(a, b, |_| false)
 }
 
+/// The largest difference between two models, and where it is.
+#[derive(Default)]
+struct Worst {
+    /// |a - b| at its largest.
+    difference: f32,
+    /// The tensor and index where it is, with both values.
+    at: String,
+}
+
+impl std::fmt::Display for Worst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worst difference {:e} at {}", self.difference, self.at)
+    }
+}
+
+/// The values of `key` in the JSON log lines of `ember train`'s stdout, in order.
+fn logged(stdout: &str, key: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?[key].as_f64())
+        .collect()
+}
+
 /// [`worst_difference`] over the tensors whose name `skip` does not pick.
-fn worst_difference_except(a: &Path, b: &Path, skip: impl Fn(&str) -> bool) -> f32 {
+fn worst_difference_except(a: &Path, b: &Path, skip: impl Fn(&str) -> bool) -> Worst {
     let (a, b) = (tensors(a), tensors(b));
     assert_eq!(
         a.keys().collect::<Vec<_>>(),
         b.keys().collect::<Vec<_>>(),
         "the same tensors"
     );
-    let mut worst = 0.0f32;
+    let mut worst = Worst::default();
     for (name, (shape, values)) in &a {
         let (other_shape, other) = &b[name];
         assert_eq!(shape, other_shape, "{name}: the whole tensor");
         if skip(name) {
             continue;
         }
-        for (x, y) in values.iter().zip(other) {
-            worst = worst.max((x - y).abs());
+        for (i, (x, y)) in values.iter().zip(other).enumerate() {
+            if (x - y).abs() > worst.difference {
+                worst = Worst {
+                    difference: (x - y).abs(),
+                    at: format!("{name}[{i}]: {x} vs {y}"),
+                };
+            }
         }
     }
     worst
@@ -122,17 +159,27 @@ fn two_tensor_parallel_ranks_train_save_and_resume_as_one_process() {
         &[&common[..], &["--output-dir", "tp"]].concat(),
     );
     // Clipping acted: the split model must have measured the whole model's norm.
-    let norms: Vec<f64> = one_out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok()?["grad_norm"].as_f64())
-        .collect();
+    let norms = logged(&one_out, "grad_norm");
     assert!(norms.iter().any(|&n| n > 1.0), "{norms:?}");
     // World rank 0 alone prints: the lines of one process.
     let lines = |s: &str| s.lines().count();
     assert_eq!(lines(&tp_out), lines(&one_out), "{tp_out}");
+    // Step by step the same losses and whole-model gradient norms: a slice's gradient that is
+    // missing, doubled or not reduced shows here even where AdamW (whose steps do not depend
+    // on a gradient's scale) would hide it in the weights.
+    for key in ["loss", "grad_norm"] {
+        let (one, tp) = (logged(&one_out, key), logged(&tp_out, key));
+        assert_eq!(one.len(), tp.len(), "{key}: {one:?} vs {tp:?}");
+        for (a, b) in one.iter().zip(&tp) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                "{key}: {one:?} vs {tp:?}"
+            );
+        }
+    }
     let worst = worst_difference(&tmp.path().join("one"), &tmp.path().join("tp"));
-    eprintln!("tp 2 vs one process: worst difference {worst:e}");
-    assert!(worst <= 1e-5, "{worst}");
+    eprintln!("tp 2 vs one process: {worst}");
+    assert!(worst.difference <= SPLIT_TOLERANCE, "{worst}");
     // The saved folder loads as a whole Llama.
     let reloaded = ember::models::AutoModelForCausalLM::from_pretrained::<ember::Backend>(
         &tmp.path().join("tp"),
@@ -159,7 +206,10 @@ fn two_tensor_parallel_ranks_train_save_and_resume_as_one_process() {
     }
     assert!(!files.iter().any(|f| f == "optimizer.bin"), "{files:?}");
     let at_two = worst_difference(&checkpoint, &tmp.path().join("one/checkpoint-2"));
-    assert!(at_two <= 1e-5, "checkpoint-2: {at_two}");
+    assert!(
+        at_two.difference <= SPLIT_TOLERANCE,
+        "checkpoint-2: {at_two}"
+    );
     // The two ranks of the tensor group draw dropout from one seed.
     let seed = |rank: usize| -> Value {
         let text = std::fs::read_to_string(checkpoint.join(format!("rng_state_{rank}.json")));
@@ -183,8 +233,8 @@ fn two_tensor_parallel_ranks_train_save_and_resume_as_one_process() {
         .concat(),
     );
     let resumed = worst_difference(&tmp.path().join("resumed"), &tmp.path().join("tp"));
-    eprintln!("resumed vs uninterrupted: worst difference {resumed:e}");
-    assert!(resumed <= 1e-6, "{resumed}");
+    eprintln!("resumed vs uninterrupted: {resumed}");
+    assert!(resumed.difference <= 1e-6, "{resumed}");
 }
 
 #[test]
@@ -244,8 +294,8 @@ fn two_replicas_of_two_slices_train_as_one_process_on_twice_the_batch() {
         &strs(&args("mesh")),
     );
     let worst = worst_difference(&tmp.path().join("one"), &tmp.path().join("mesh"));
-    eprintln!("2 replicas x 2 slices vs one process: worst difference {worst:e}");
-    assert!(worst <= 1e-5, "{worst}");
+    eprintln!("2 replicas x 2 slices vs one process: {worst}");
+    assert!(worst.difference <= SPLIT_TOLERANCE, "{worst}");
 }
 
 #[test]
@@ -358,6 +408,6 @@ fn a_split_bert_classifier_trains_as_one_process() {
     let worst = worst_difference_except(&tmp.path().join("one"), &tmp.path().join("tp"), |n| {
         n.ends_with("attention.self.key.bias")
     });
-    eprintln!("BERT, tp 2 vs one process: worst difference {worst:e}");
-    assert!(worst <= 1e-5, "{worst}");
+    eprintln!("BERT, tp 2 vs one process: {worst}");
+    assert!(worst.difference <= SPLIT_TOLERANCE, "{worst}");
 }
