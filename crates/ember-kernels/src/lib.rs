@@ -56,6 +56,7 @@ mod norm;
 mod packed;
 mod ptr;
 mod rotary;
+mod team;
 #[cfg(feature = "autodiff")]
 mod tracked;
 

@@ -2,7 +2,7 @@
 
 use crate::bf16_gemm::{self, Matrix};
 use crate::ptr::{Shared, SharedMut};
-use crate::{bridge, math, packed};
+use crate::{bridge, math, packed, team};
 use burn::tensor::{backend::Backend, DType, Tensor};
 use burn_flex::FlexTensor;
 
@@ -508,7 +508,6 @@ unsafe fn few_rows(
     [m, k, n]: [usize; 3],
     threads: usize,
 ) {
-    use rayon::prelude::*;
     let parts = if k * n >= SPLIT_WEIGHT {
         threads.max(1)
     } else {
@@ -534,23 +533,23 @@ unsafe fn few_rows(
             }),
         };
         let block = k.div_ceil(parts);
-        let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
-            .into_par_iter()
-            .map(|p| {
-                let mut ys = vec![0.0f32; m * n];
-                let k_rows = p * block..((p + 1) * block).min(k);
-                match w {
-                    Weight::F32(w) => math::few_rows_axpy(&mut ys, &xs, k, k_rows, w, w_stride),
-                    Weight::Bf16(w) => {
-                        math::few_rows_axpy_bf16(&mut ys, &xs, k, k_rows, w, w_stride)
-                    }
-                }
-                ys
-            })
-            .collect();
+        let blocks = k.div_ceil(block);
+        // One partial sum of `m · n` values per block, added at the end.
+        let mut partials = vec![0.0f32; blocks * m * n];
+        let partial = SharedMut::new(partials.as_mut_ptr());
+        for_each_part(blocks, &|p| {
+            // SAFETY: block p alone writes values p · m · n .. (p + 1) · m · n of `partials`.
+            let ys =
+                unsafe { std::slice::from_raw_parts_mut(partial.at((p * m * n) as isize), m * n) };
+            let k_rows = p * block..((p + 1) * block).min(k);
+            match w {
+                Weight::F32(w) => math::few_rows_axpy(ys, &xs, k, k_rows, w, w_stride),
+                Weight::Bf16(w) => math::few_rows_axpy_bf16(ys, &xs, k, k_rows, w, w_stride),
+            }
+        });
         // SAFETY: `out` holds m · n values; no task runs any more.
         let out = unsafe { std::slice::from_raw_parts_mut(out.at(0), m * n) };
-        for ys in partials {
+        for ys in partials.chunks_exact(m * n) {
             for (o, y) in out.iter_mut().zip(ys) {
                 *o += y;
             }
@@ -561,7 +560,7 @@ unsafe fn few_rows(
     // columns, each column one dot product per input row.
     let part = n.div_ceil(parts).next_multiple_of(16).max(16);
     let w_stride = rs[1] as usize;
-    (0..n.div_ceil(part)).into_par_iter().for_each(|p| {
+    for_each_part(n.div_ceil(part), &|p| {
         let cols = p * part..((p + 1) * part).min(n);
         let width = cols.len();
         let mut ys = vec![0.0f32; m * width];
@@ -584,6 +583,16 @@ unsafe fn few_rows(
             }
         }
     });
+}
+
+/// `f(p)` for every part `p < parts`: on the spinning [`team`] when it has that many threads and
+/// is free (decoding's products come faster than rayon's workers wake up), else on rayon.
+fn for_each_part(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    if parts > 1 && team::run(parts, f) {
+        return;
+    }
+    (0..parts).into_par_iter().for_each(f);
 }
 
 /// A weight as [`few_rows`] reads it.
