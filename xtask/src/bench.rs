@@ -7,7 +7,7 @@ mod cli_decoding;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// One comparison: a criterion bench of ours and the reference script that times the same work.
@@ -219,20 +219,17 @@ fn measure_distributed(
         eprintln!("no mpirun (OpenMPI): the distributed row is left out");
         return Ok(());
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_command(Command::new(&cargo).current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "ember-models",
-        "--features",
-        "mpi",
-        "--example",
-        "ddp_step",
-    ]))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+    let release = build_release(
+        root,
+        &[
+            "-p",
+            "ember-models",
+            "--features",
+            "mpi",
+            "--example",
+            "ddp_step",
+        ],
+    )?;
     let mut ember = Command::new("mpirun");
     // On one machine: shared memory and loopback only, as `ember launch` runs.
     ember
@@ -251,7 +248,7 @@ fn measure_distributed(
             "-n",
             &DDP_PROCESSES.to_string(),
         ])
-        .arg(target.join("release/examples/ddp_step"));
+        .arg(release.join("examples/ddp_step"));
     record_rows(ember, "ddp_step", "samples", results, false)?;
     if let Some(py) = python {
         let mut reference = Command::new(py);
@@ -262,6 +259,23 @@ fn measure_distributed(
         record_rows(reference, "ddp_bench.py", "samples", results, true)?;
     }
     Ok(())
+}
+
+/// The target folder: `$CARGO_TARGET_DIR` (relative to `root` when relative), else `target`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t))
+}
+
+/// `cargo build --release --quiet` with `args` in `root`; returns the release folder.
+fn build_release(root: &Path, args: &[&str]) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_command(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args(["build", "--release", "--quiet"])
+            .args(args),
+    )?;
+    Ok(target_dir(root).join("release"))
 }
 
 /// Runs `command` and adds each `{"bench", "median_s", "items"}` line it prints to Ember's or
@@ -404,9 +418,7 @@ fn memory_table(memory: &Memory) -> String {
 /// `<target>/criterion/<group>/<id>/new/estimates.json` (`<target>`: `$CARGO_TARGET_DIR`, else
 /// `target`), with its throughput element count.
 fn criterion_medians(root: &Path, group: &str) -> Result<Vec<(String, f64, u64)>> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
-    let dir = target.join("criterion").join(group);
+    let dir = target_dir(root).join("criterion").join(group);
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let bench_dir = entry?.path();

@@ -5,8 +5,7 @@
 //! Beside it `xtask/bench/cli_generate_bench.py` times `transformers`' `generate` with a
 //! `TextStreamer`, in fresh Python processes, the same way.
 
-use super::{median, record_rows, Results};
-use crate::run as run_command;
+use super::{build_release, median, record_rows, Results};
 use anyhow::{Context, Result};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -36,17 +35,7 @@ pub(crate) fn measure(root: &Path, python: Option<&Path>, results: &mut Results)
         );
         return Ok(());
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_command(Command::new(&cargo).current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "ember-cli",
-    ]))?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
-    let ember = target.join("release/ember");
+    let ember = build_release(root, &["-p", "ember-cli"])?.join("ember");
     let mut times: [Vec<f64>; 2] = Default::default();
     // Lengths alternate so that a slow spell of the machine hits both.
     for _ in 0..REPEATS {
