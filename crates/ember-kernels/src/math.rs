@@ -545,22 +545,22 @@ const PREFETCH_AHEAD: usize = 2048;
 /// row took 4.38-4.42 s with them against 3.92-4.16 s without.
 const PREFETCH_ROWS: usize = 2;
 
-/// Asks for the cache lines `ahead` bytes past each line of `values` (a hint: it never faults).
+/// For a product of `rows` input rows (up to [`PREFETCH_ROWS`]), asks for the cache lines
+/// [`PREFETCH_AHEAD`] bytes past each line of `values`, the part of the weight read next. A
+/// hint: it reads nothing and never faults, past the weight's end included.
 #[inline(always)]
-fn prefetch_after<W>(values: &[W], ahead: usize) {
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn prefetch_ahead_of<W>(values: &[W], rows: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let start = values.as_ptr().cast::<u8>().wrapping_add(ahead);
-        let bytes = std::mem::size_of_val(values);
-        let mut at = 0;
-        while at < bytes {
+    if rows <= PREFETCH_ROWS {
+        let start = values.as_ptr().cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        for at in (0..std::mem::size_of_val(values)).step_by(64) {
             // SAFETY: a prefetch is a hint; it reads nothing and never faults.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
                     start.wrapping_add(at).cast(),
                 )
             };
-            at += 64;
         }
     }
 }
@@ -581,9 +581,7 @@ fn few_rows_axpy_any<W: WeightValue>(
     let n = ys.len() / rows;
     for kk in k_rows {
         let seg = &w[kk * w_stride..kk * w_stride + n];
-        if rows <= PREFETCH_ROWS {
-            prefetch_after(seg, PREFETCH_AHEAD);
-        }
+        prefetch_ahead_of(seg, rows);
         for r in 0..rows {
             let xk = xs[r * k + kk];
             for (y, w) in ys[r * n..(r + 1) * n].iter_mut().zip(seg) {
@@ -608,9 +606,7 @@ fn few_rows_dots_any<W: WeightValue>(
     let cols = ys.len() / rows;
     for j in 0..cols {
         let col = &w[j * w_stride..j * w_stride + k];
-        if rows <= PREFETCH_ROWS {
-            prefetch_after(col, PREFETCH_AHEAD);
-        }
+        prefetch_ahead_of(col, rows);
         for r in 0..rows {
             ys[r * cols + j] += dot(&xs[r * k..(r + 1) * k], col);
         }
@@ -763,9 +759,11 @@ pub(crate) mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn few_rows_products_read_up_to_an_inaccessible_page() {
-        let page = 4096;
+        // SAFETY: `sysconf` only reads a system setting.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap();
         // SAFETY: a fresh private mapping of two pages, the second made inaccessible; the
-        // slice covers the first page only and the mapping is unmapped after its last use.
+        // slice covers the end of the first page only and the mapping is unmapped after its
+        // last use.
         unsafe {
             let base = libc::mmap(
                 std::ptr::null_mut(),
@@ -780,12 +778,15 @@ pub(crate) mod tests {
                 libc::mprotect(base.cast::<u8>().add(page).cast(), page, libc::PROT_NONE),
                 0
             );
-            let w = std::slice::from_raw_parts_mut(base.cast::<f32>(), page / 4);
+            // 32 rows of 32 values, ending where the first page ends.
+            let (k, n) = (32, 32);
+            let w = std::slice::from_raw_parts_mut(
+                base.cast::<u8>().add(page - k * n * 4).cast::<f32>(),
+                k * n,
+            );
             for (i, v) in w.iter_mut().enumerate() {
                 *v = ((i * 37) % 11) as f32 - 5.0;
             }
-            // 32 rows of 32 values: the whole page.
-            let (k, n) = (32, 32);
             let xs: Vec<f32> = (0..k).map(|i| (i % 5) as f32 - 2.0).collect();
             let expected: Vec<f32> = (0..n)
                 .map(|j| (0..k).map(|kk| xs[kk] * w[kk * n + j]).sum())
