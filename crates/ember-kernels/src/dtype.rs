@@ -22,9 +22,12 @@ pub fn float32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
         _ => return t,
     }
     if bridge::is_flex::<B>() {
-        if let Some(f) = bridge::float_primitive::<B, D, FlexTensor>(&t) {
-            return bridge::wrap(widen_flex(&f));
-        }
+        return in_memory_order(t, |t| {
+            match bridge::float_primitive::<B, D, FlexTensor>(&t) {
+                Some(f) => bridge::wrap(widen_flex(&f)),
+                None => t.cast(DType::F32),
+            }
+        });
     }
     t.cast(DType::F32)
 }
@@ -36,11 +39,33 @@ pub fn to_half<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Ten
         return t;
     }
     if bridge::is_flex::<B>() && matches!(dtype, DType::BF16 | DType::F16) {
-        if let Some(f) = bridge::flex(&t) {
-            return bridge::wrap(narrow_flex(&f, dtype));
-        }
+        return in_memory_order(t, |t| match bridge::flex(&t) {
+            Some(f) => bridge::wrap(narrow_flex(&f, dtype)),
+            None => t.cast(dtype),
+        });
     }
     t.cast(dtype)
+}
+
+/// `convert(t)` in `t`'s own memory order. A tensor whose last two dimensions are swapped from
+/// a contiguous one (a linear weight kept in HF's `[out, in]` order and read as `[in, out]`)
+/// is converted as that contiguous tensor and swapped back: the conversions write row-major
+/// order, and the order decides which product kernels read the weight (a `.bfloat16()`
+/// causal LM keeps decoding's dot products).
+fn in_memory_order<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    convert: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Tensor<B, D> {
+    let contiguous = |x: &Tensor<B, D>| {
+        bridge::float_primitive::<B, D, FlexTensor>(x).is_some_and(|f| f.layout().is_contiguous())
+    };
+    if D >= 2 && !contiguous(&t) {
+        let swapped = t.clone().swap_dims(D - 2, D - 1);
+        if contiguous(&swapped) {
+            return convert(swapped).swap_dims(D - 2, D - 1);
+        }
+    }
+    convert(t)
 }
 
 /// A float32 Flex tensor holding the values of a bfloat16 / float16 one.
@@ -143,6 +168,32 @@ mod tests {
             .into_data()
             .to_vec()
             .unwrap();
+        assert_eq!(got, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+    }
+
+    #[test]
+    fn a_transposed_tensor_keeps_its_memory_order() {
+        let device = Default::default();
+        let stored = Tensor::<Flex, 2>::from_data(
+            TensorData::new((0..6).map(|v| v as f32).collect::<Vec<_>>(), [2, 3]),
+            &device,
+        );
+        let strides = |t: &Tensor<Flex, 2>| {
+            bridge::float_primitive::<Flex, 2, FlexTensor>(t)
+                .unwrap()
+                .layout()
+                .strides()
+                .to_vec()
+        };
+        let half = to_half(stored.transpose(), DType::BF16);
+        assert_eq!(
+            strides(&half),
+            vec![1, 3],
+            "still the transpose of a [2, 3] buffer"
+        );
+        let back = float32(half);
+        assert_eq!(strides(&back), vec![1, 3]);
+        let got: Vec<f32> = back.into_data().to_vec().unwrap();
         assert_eq!(got, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
     }
 }

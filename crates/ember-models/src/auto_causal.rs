@@ -14,7 +14,7 @@ use crate::pretrained::{
     WeightSource,
 };
 use crate::quantize::default_skips;
-use crate::weights::Weights;
+use crate::weights::{LinearLayout, Weights};
 use burn::tensor::backend::Backend;
 use serde_json::Value;
 use std::path::Path;
@@ -83,6 +83,7 @@ macro_rules! causal_pretrained {
                     ignorable: is_ignorable_causal_key,
                     quant: plan.as_ref(),
                     dtype,
+                    linear_layout: options.linear_layout.unwrap_or(LinearLayout::OutIn),
                 };
                 load_weights_into(model, &source, options.ignore_mismatched_sizes, $class)
             }
@@ -115,6 +116,9 @@ macro_rules! causal_pretrained {
                     ignorable: is_ignorable_causal_key,
                     quant: None,
                     dtype: crate::dtype::model_dtype(&self),
+                    // The layout an optimizer step writes (resuming must round as the
+                    // uninterrupted run did).
+                    linear_layout: LinearLayout::InOut,
                 };
                 Ok(load_weights_into(self, &source, false, $class)?.0)
             }

@@ -106,4 +106,4 @@ pub use pretrained::{
     AutoModelForSequenceClassification, AutoModelForTokenClassification, FromPretrainedOptions,
     LoadReport,
 };
-pub use weights::{Weights, WEIGHT_FILES};
+pub use weights::{LinearLayout, Weights, WEIGHT_FILES};

@@ -8,7 +8,7 @@
 use crate::dtype::{cast_tensor, param_dtype, Caster, FloatDtype};
 use crate::error::{ModelError, Result};
 use crate::quantize::QuantPlan;
-use crate::weights::Weights;
+use crate::weights::{LinearLayout, Weights};
 use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
@@ -278,6 +278,8 @@ pub(crate) struct Loader<'a> {
     pub layout: QuantizedLayout,
     /// The dtype every float parameter is converted to (weights read, and fresh ones).
     pub dtype: FloatDtype,
+    /// How the linear weights read lie in memory.
+    pub linear_layout: LinearLayout,
 }
 
 impl<'a> Loader<'a> {
@@ -430,15 +432,24 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
         match self.find(key, &file_shape) {
             Some(found) => {
                 let device = param.lazy_device();
-                // Transposed on the host, so that the weight is contiguous (see
-                // `Weights::get_transposed`).
-                let t = if transposed {
-                    self.weights
-                        .get_transposed::<B>(&found, file_shape, &device)?
-                } else {
-                    self.weights.get::<B, 2>(&found, file_shape, &device)?
+                let t = match (transposed, self.linear_layout) {
+                    (false, _) => {
+                        let t = self.weights.get::<B, 2>(&found, file_shape, &device)?;
+                        cast_tensor(t, self.dtype, &found)?
+                    }
+                    (true, LinearLayout::InOut) => {
+                        let t = self
+                            .weights
+                            .get_transposed::<B>(&found, file_shape, &device)?;
+                        cast_tensor(t, self.dtype, &found)?
+                    }
+                    // Cast first: a cast copies into row-major order, which would undo the
+                    // view.
+                    (true, LinearLayout::OutIn) => {
+                        let t = self.weights.get::<B, 2>(&found, file_shape, &device)?;
+                        cast_tensor(t, self.dtype, &found)?.transpose()
+                    }
                 };
-                let t = cast_tensor(t, self.dtype, &found)?;
                 Ok(Param::initialized(param.id, t.require_grad()))
             }
             None => {

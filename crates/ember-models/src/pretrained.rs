@@ -14,7 +14,7 @@ use crate::params::{
     StateDict, VisitParams,
 };
 use crate::quantize::{default_skips, QuantPlan};
-use crate::weights::Weights;
+use crate::weights::{LinearLayout, Weights};
 use burn::tensor::backend::Backend;
 use ember_quant::{quantized_layout, BitsAndBytesConfig};
 use std::path::Path;
@@ -51,6 +51,10 @@ pub struct FromPretrainedOptions {
     /// environment variables (`HF_HOME`, `HF_HUB_CACHE`, `HF_ENDPOINT`, `HF_HUB_OFFLINE`,
     /// `HF_TOKEN`) when the model is loaded.
     pub hub: Option<ember_hub::HubConfig>,
+    /// How the linear weights lie in memory (Ember's own; transformers has no such option).
+    /// `None`: [`LinearLayout::OutIn`] for causal LMs, whose work is mostly decoding, and
+    /// [`LinearLayout::InOut`] for the encoders.
+    pub linear_layout: Option<LinearLayout>,
 }
 
 impl FromPretrainedOptions {
@@ -70,6 +74,12 @@ impl FromPretrainedOptions {
             None => Ok(FloatDtype::Float32),
             Some(arg) => arg.resolve(config_json, path),
         }
+    }
+
+    /// Sets how the linear weights lie in memory.
+    pub fn linear_layout(mut self, layout: LinearLayout) -> Self {
+        self.linear_layout = Some(layout);
+        self
     }
 
     /// Sets `revision` (a Hub branch, tag or commit).
@@ -248,6 +258,7 @@ fn load<B: Backend, M: VisitParams<B>>(
         ignorable: is_ignorable_key,
         quant: plan.as_ref(),
         dtype,
+        linear_layout: options.linear_layout.unwrap_or(LinearLayout::InOut),
     };
     load_weights_into(model, &source, options.ignore_mismatched_sizes, class)
 }
@@ -266,6 +277,8 @@ pub(crate) struct WeightSource<'a> {
     pub quant: Option<&'a QuantPlan>,
     /// The dtype every float parameter is kept in.
     pub dtype: FloatDtype,
+    /// How the linear weights read lie in memory.
+    pub linear_layout: LinearLayout,
 }
 
 /// The HF key of the last parameter `model` visits (transformers skips its module when
@@ -302,6 +315,7 @@ pub(crate) fn load_weights_into<B: Backend, M: VisitParams<B>>(
         quant: source.quant,
         layout,
         dtype: source.dtype,
+        linear_layout: source.linear_layout,
     };
     let model = model.visit("", &mut loader)?;
     // Every companion (absmax, quant_map, SCB, ...) belongs to a packed weight just read.
@@ -439,6 +453,9 @@ macro_rules! pretrained {
                     quant: None,
                     layout: Default::default(),
                     dtype: crate::dtype::model_dtype(&self),
+                    // The layout an optimizer step writes (resuming must round as the
+                    // uninterrupted run did).
+                    linear_layout: LinearLayout::InOut,
                 };
                 self.visit("", &mut loader)
             }

@@ -19,6 +19,25 @@ pub const WEIGHT_FILES: [&str; 4] = [
     "pytorch_model.bin.index.json",
 ];
 
+/// How a linear weight read from a checkpoint lies in memory. burn's `Linear` multiplies by
+/// `[in, out]`; HF files (and torch's `nn.Linear`) store `[out, in]`.
+///
+/// The values are the same either way; the order decides which product kernels read them
+/// fastest (`docs/performance.md`, issue 19). Weights a model builds itself (from a config)
+/// and weights an optimizer step writes are `InOut`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearLayout {
+    /// Transposed while loading into a contiguous `[in, out]`: the layout an optimizer step
+    /// writes, so a run resumed from a checkpoint rounds as the uninterrupted one did.
+    #[default]
+    InOut,
+    /// The checkpoint's `[out, in]` order, which burn sees as `[in, out]` through a
+    /// transposed view: each output's weights are contiguous, so decoding (one to eight rows)
+    /// reads them as dot products, the faster product here, and loading skips a
+    /// transposition. Causal LMs load this way.
+    OutIn,
+}
+
 /// One tensor of a checkpoint.
 struct Entry {
     shape: Vec<usize>,
@@ -206,9 +225,9 @@ impl Weights {
     }
 
     /// The 2-D tensor at `key` (stored `[rows, cols]`, checked against `shape`), transposed to
-    /// `[cols, rows]` on the host so that the result is contiguous. A transposed view would send
-    /// every matmul through another kernel path, which rounds differently from a model that
-    /// never went through a file (a resumed run would drift from an uninterrupted one).
+    /// `[cols, rows]` on the host so that the result is contiguous ([`LinearLayout::InOut`]).
+    /// A transposed view sends every matmul through other kernel paths, which round
+    /// differently from a model that never went through a file.
     pub fn get_transposed<B: Backend>(
         &self,
         key: &str,

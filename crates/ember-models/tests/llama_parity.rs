@@ -22,6 +22,24 @@ fn load(name: &str) -> LlamaForCausalLM<B> {
     LlamaForCausalLM::from_pretrained(fixtures().join(name), &Default::default()).unwrap()
 }
 
+/// Each tiny Llama, with its linear weights in both memory orders: HF's `[out, in]` (the
+/// default for causal LMs) and contiguous `[in, out]`.
+fn both_layouts() -> impl Iterator<Item = (String, LlamaForCausalLM<B>)> {
+    MODELS.into_iter().flat_map(|name| {
+        [LinearLayout::OutIn, LinearLayout::InOut].map(|layout| {
+            let options = FromPretrainedOptions::default().linear_layout(layout);
+            let model = LlamaForCausalLM::from_pretrained_with(
+                fixtures().join(name),
+                &options,
+                &Default::default(),
+            )
+            .unwrap()
+            .0;
+            (format!("{name} ({layout:?})"), model)
+        })
+    })
+}
+
 /// The logits at unpadded positions only, Ember's and Python's. Padding positions' logits are
 /// meaningless in both (a padding query sees no real key); Ember lets such a query attend to
 /// itself so that no backend produces NaN, where PyTorch's kernels differ among themselves.
@@ -56,8 +74,8 @@ fn real_positions(
 #[test]
 fn tiny_llamas_match_python_with_padding_on_either_side() {
     let e = Expected::open("llama-expected.safetensors");
-    for name in MODELS {
-        let model = load(name);
+    for (label, model) in both_layouts() {
+        let name = label.split(' ').next().unwrap();
         let right = CausalLmInput::new(e.int("right_ids"))
             .with_attention_mask(e.int("right_mask"))
             .with_labels(
@@ -71,12 +89,12 @@ fn tiny_llamas_match_python_with_padding_on_either_side() {
             out.logits,
             &format!("{name}.right_logits"),
         );
-        assert_close(got, &want, 1e-4, name);
+        assert_close(got, &want, 1e-4, &label);
         assert_close(
             out.loss.unwrap(),
             &e.flat(&format!("{name}.right_loss")),
             1e-5,
-            &format!("{name} loss"),
+            &format!("{label} loss"),
         );
         let left = CausalLmInput::new(e.int("left_ids")).with_attention_mask(e.int("left_mask"));
         let logits = model.forward(left).unwrap().logits;
@@ -84,7 +102,7 @@ fn tiny_llamas_match_python_with_padding_on_either_side() {
         // real tokens' logits are meaningful; the padding rows attend to themselves.
         // Positions count from the first (padding) column, as in HF's forward.
         let (got, want) = real_positions(&e, "left_mask", logits, &format!("{name}.left_logits"));
-        assert_close(got, &want, 1e-4, &format!("{name} left"));
+        assert_close(got, &want, 1e-4, &format!("{label} left"));
     }
 }
 
@@ -93,8 +111,8 @@ fn a_cached_step_equals_the_full_forward_and_python() {
     let e = Expected::open("llama-expected.safetensors");
     let ids: Tensor<B, 2, Int> = e.int("right_ids");
     let full_ids = ids.slice([0..1, 0..6]);
-    for name in MODELS {
-        let model = load(name);
+    for (label, model) in both_layouts() {
+        let name = label.split(' ').next().unwrap();
         let prefill = model
             .forward(CausalLmInput::new(full_ids.clone().slice([0..1, 0..5])))
             .unwrap();
@@ -110,14 +128,14 @@ fn a_cached_step_equals_the_full_forward_and_python() {
             step.logits.clone(),
             &e.flat(&format!("{name}.step_logits")),
             1e-4,
-            name,
+            &label,
         );
         let full = model
             .forward(CausalLmInput::new(full_ids.clone()))
             .unwrap()
             .logits;
         let last: Vec<f32> = full.slice([0..1, 5..6]).into_data().to_vec().unwrap();
-        assert_close(step.logits, &last, 1e-5, &format!("{name} cache vs full"));
+        assert_close(step.logits, &last, 1e-5, &format!("{label} cache vs full"));
     }
 }
 
