@@ -57,13 +57,15 @@ fn sum_lanes(values: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// Rounds every float parameter to the nearest bf16 value (ties to even), keeping f32 tensors.
+/// Rounds every float parameter to the nearest bf16 value (ties to even), keeping f32 tensors
+/// in their memory order (a causal LM's linear weights stay HF's `[out, in]`, as a bf16
+/// checkpoint loaded in f32 has them; burn's `cast` would write `[in, out]`).
 struct RoundToBf16;
 
 impl ModuleMapper<B> for RoundToBf16 {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        let rounded = tensor.cast(DType::BF16).cast(DType::F32);
+        let rounded = ember_kernels::float32(ember_kernels::to_half(tensor, DType::BF16));
         Param::from_mapped_value(id, rounded, mapper)
     }
 }
