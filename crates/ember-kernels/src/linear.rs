@@ -458,6 +458,8 @@ unsafe fn gemm_into(
         }
     };
     let threads = rayon::current_num_threads();
+    // Column chunks of a multiple of 16 (two AVX-512 vectors), about two per thread.
+    let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
     match plan {
         // Nothing to multiply: `out` already holds the bias rows or zeros.
         Plan::Nothing => {}
@@ -508,8 +510,6 @@ unsafe fn gemm_into(
         Plan::Parallel => run(0..n, gemm::Parallelism::Rayon(0)),
         Plan::SplitColumns => {
             use rayon::prelude::*;
-            // Chunks of a multiple of 16 columns (two AVX-512 vectors), about two per thread.
-            let chunk = n.div_ceil(2 * threads).next_multiple_of(16);
             (0..n.div_ceil(chunk))
                 .into_par_iter()
                 .for_each(|c| run(c * chunk..((c + 1) * chunk).min(n), gemm::Parallelism::None));
@@ -517,8 +517,7 @@ unsafe fn gemm_into(
         Plan::Single => run(0..n, gemm::Parallelism::None),
         Plan::WeightColumns => {
             use rayon::prelude::*;
-            // About two blocks per thread, of a multiple of 16 columns.
-            let width = COLUMN_BLOCK.min(n.div_ceil(2 * threads).next_multiple_of(16));
+            let width = COLUMN_BLOCK.min(chunk);
             let blocks = n.div_ceil(width);
             let block = |b: usize| run_into_columns(b * width..((b + 1) * width).min(n));
             if threads > 1 && (m * n * k >= PARALLEL_WORK || k * n >= SPLIT_WEIGHT) {

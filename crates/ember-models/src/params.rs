@@ -433,23 +433,17 @@ impl<B: Backend> ParamVisitor<B> for Loader<'_> {
             Some(found) => {
                 let device = param.lazy_device();
                 let t = match (transposed, self.linear_layout) {
-                    (false, _) => {
-                        let t = self.weights.get::<B, 2>(&found, file_shape, &device)?;
-                        cast_tensor(t, self.dtype, &found)?
-                    }
-                    (true, LinearLayout::InOut) => {
-                        let t = self
-                            .weights
-                            .get_transposed::<B>(&found, file_shape, &device)?;
-                        cast_tensor(t, self.dtype, &found)?
-                    }
-                    // Cast first: a cast copies into row-major order, which would undo the
-                    // view.
-                    (true, LinearLayout::OutIn) => {
-                        let t = self.weights.get::<B, 2>(&found, file_shape, &device)?;
-                        cast_tensor(t, self.dtype, &found)?.transpose()
-                    }
+                    (true, LinearLayout::InOut) => self
+                        .weights
+                        .get_transposed::<B>(&found, file_shape, &device)?,
+                    (true, LinearLayout::OutIn) => self
+                        .weights
+                        .get::<B, 2>(&found, file_shape, &device)?
+                        .transpose(),
+                    (false, _) => self.weights.get::<B, 2>(&found, file_shape, &device)?,
                 };
+                // The conversion keeps the view's memory order (`ember_kernels::to_half`).
+                let t = cast_tensor(t, self.dtype, &found)?;
                 Ok(Param::initialized(param.id, t.require_grad()))
             }
             None => {

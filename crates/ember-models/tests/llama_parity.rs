@@ -24,7 +24,7 @@ fn load(name: &str) -> LlamaForCausalLM<B> {
 
 /// Each tiny Llama, with its linear weights in both memory orders: HF's `[out, in]` (the
 /// default for causal LMs) and contiguous `[in, out]`.
-fn both_layouts() -> impl Iterator<Item = (String, LlamaForCausalLM<B>)> {
+fn both_layouts() -> impl Iterator<Item = (&'static str, String, LlamaForCausalLM<B>)> {
     MODELS.into_iter().flat_map(|name| {
         [LinearLayout::OutIn, LinearLayout::InOut].map(|layout| {
             let options = FromPretrainedOptions::default().linear_layout(layout);
@@ -35,7 +35,7 @@ fn both_layouts() -> impl Iterator<Item = (String, LlamaForCausalLM<B>)> {
             )
             .unwrap()
             .0;
-            (format!("{name} ({layout:?})"), model)
+            (name, format!("{name} ({layout:?})"), model)
         })
     })
 }
@@ -74,8 +74,7 @@ fn real_positions(
 #[test]
 fn tiny_llamas_match_python_with_padding_on_either_side() {
     let e = Expected::open("llama-expected.safetensors");
-    for (label, model) in both_layouts() {
-        let name = label.split(' ').next().unwrap();
+    for (name, label, model) in both_layouts() {
         let right = CausalLmInput::new(e.int("right_ids"))
             .with_attention_mask(e.int("right_mask"))
             .with_labels(
@@ -111,8 +110,7 @@ fn a_cached_step_equals_the_full_forward_and_python() {
     let e = Expected::open("llama-expected.safetensors");
     let ids: Tensor<B, 2, Int> = e.int("right_ids");
     let full_ids = ids.slice([0..1, 0..6]);
-    for (label, model) in both_layouts() {
-        let name = label.split(' ').next().unwrap();
+    for (name, label, model) in both_layouts() {
         let prefill = model
             .forward(CausalLmInput::new(full_ids.clone().slice([0..1, 0..5])))
             .unwrap();
