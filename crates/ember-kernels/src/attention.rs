@@ -10,6 +10,7 @@
 use crate::bridge;
 use crate::math;
 use crate::ptr::{Shared, SharedMut};
+use crate::team::for_each_part;
 use burn::tensor::{backend::Backend, Bool, BoolStore, DType, Tensor};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
@@ -293,6 +294,11 @@ pub(crate) fn attention_flex(
         ..
     } = sh;
     let (group, scale, block) = (sh.group(), sh.scale(), sh.block());
+    if !keep_probs && masks.dropout.is_none() && seq_q * group <= FEW_QUERY_ROWS {
+        if let Some(out) = few_queries(qf, kf, vf, masks, &sh) {
+            return Some((out, None));
+        }
+    }
     let no_padding = vec![false; seq_k];
     let mut out = vec![0.0f32; batch * seq_q * heads * dv];
     let out_ptr = SharedMut::new(out.as_mut_ptr());
@@ -391,6 +397,116 @@ pub(crate) fn attention_flex(
         bridge::from_vec_strided(out, &shape, &Shapes::rows_layout([batch, heads], seq_q, dv));
     let probs = keep_probs.then(|| bridge::from_vec(probs, &[batch, heads, seq_q, seq_k]));
     Some((out, probs))
+}
+
+/// Query rows per key / value head (its query heads times the queries) up to which
+/// [`few_queries`] runs: decoding's one query per head, grouped.
+const FEW_QUERY_ROWS: usize = 8;
+
+/// Key and value elements per call from which [`few_queries`] splits its tasks over the
+/// threads (below, waking a helper costs more than the reading it shares).
+const SPLIT_KEYS: usize = 1 << 15;
+
+/// [`attention_flex`] for few queries (decoding), without dropout: each batch row and key /
+/// value head is one task whose query rows, those of all the query heads sharing the head,
+/// read each cached key and value once, as dot products against the keys and a weighted sum
+/// of the values rows, the same products a few-rows [`linear`](crate::linear) runs. The
+/// general path's two `gemm` calls per query head read the cache once per query head and pay
+/// `gemm`'s set-up for products of one row. The tasks go to the spinning team, whose helpers
+/// are awake between a decoding step's products. `None` when a stride is negative.
+fn few_queries(
+    qf: &FlexTensor,
+    kf: &FlexTensor,
+    vf: &FlexTensor,
+    masks: &Masks,
+    sh: &Shapes,
+) -> Option<FlexTensor> {
+    let Shapes {
+        batch,
+        heads,
+        kv_heads,
+        seq_q,
+        seq_k,
+        d,
+        dv,
+    } = *sh;
+    let (qs, ks, vs) = (
+        qf.layout().strides(),
+        kf.layout().strides(),
+        vf.layout().strides(),
+    );
+    if [qs, ks, vs].iter().any(|s| s.iter().any(|&v| v < 0)) {
+        return None;
+    }
+    let (group, scale) = (sh.group(), sh.scale());
+    let rows = group * seq_q;
+    let (q_data, k_data, v_data) = (base(qf), base(kf), base(vf));
+    let mut out = vec![0.0f32; batch * seq_q * heads * dv];
+    let out_ptr = SharedMut::new(out.as_mut_ptr());
+    let no_padding = vec![false; seq_k];
+    let tasks = batch * kv_heads;
+    let task = |task: usize| {
+        let (bi, kh) = (task / kv_heads, task % kv_heads);
+        // The query rows, head by head: row g · seq_q + i is query i of head kh · group + g.
+        let mut xs = Vec::with_capacity(rows * d);
+        for g in 0..group {
+            for i in 0..seq_q {
+                let at =
+                    bi as isize * qs[0] + (kh * group + g) as isize * qs[1] + i as isize * qs[2];
+                // SAFETY: query (bi, head, i) holds d contiguous values inside the buffer.
+                xs.extend_from_slice(unsafe { std::slice::from_raw_parts(q_data.at(at), d) });
+            }
+        }
+        // SAFETY: key / value rows 0..seq_k of (bi, kh), `ks[2]` / `vs[2]` apart, each with
+        // d / dv contiguous values, lie inside their buffers.
+        let (keys, values) = unsafe {
+            (
+                std::slice::from_raw_parts(
+                    k_data.at(bi as isize * ks[0] + kh as isize * ks[1]),
+                    (seq_k - 1) * ks[2] as usize + d,
+                ),
+                std::slice::from_raw_parts(
+                    v_data.at(bi as isize * vs[0] + kh as isize * vs[1]),
+                    (seq_k - 1) * vs[2] as usize + dv,
+                ),
+            )
+        };
+        let mut scores = vec![0.0f32; rows * seq_k];
+        math::few_rows_dots(&mut scores, &xs, keys, d, ks[2] as usize);
+        scores.iter_mut().for_each(|s| *s *= scale);
+        let (pad, causal) = masks.of_row(bi, sh, &no_padding);
+        for head in scores.chunks_exact_mut(seq_q * seq_k) {
+            math::masked_softmax_rows(head, pad, causal);
+        }
+        let mut context = vec![0.0f32; rows * dv];
+        math::few_rows_axpy(
+            &mut context,
+            &scores,
+            seq_k,
+            0..seq_k,
+            values,
+            vs[2] as usize,
+        );
+        for (r, row) in context.chunks_exact(dv).enumerate() {
+            let (g, i) = (r / seq_q, r % seq_q);
+            let at = ((bi * seq_q + i) * heads + kh * group + g) * dv;
+            // SAFETY: this task alone writes the heads of key / value head kh in batch row bi.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(at as isize), dv) };
+            dst.copy_from_slice(row);
+        }
+    };
+    let threads = rayon::current_num_threads().max(1);
+    if threads > 1 && tasks > 1 && tasks * seq_k * (d + dv) >= SPLIT_KEYS {
+        for_each_part(threads, &|p| (p..tasks).step_by(threads).for_each(task));
+    } else {
+        (0..tasks).for_each(task);
+    }
+    let shape = [batch, heads, seq_q, dv];
+    Some(bridge::from_vec_strided(
+        out,
+        &shape,
+        &Shapes::rows_layout([batch, heads], seq_q, dv),
+    ))
 }
 
 /// The gradients of [`attention_flex`]'s inputs `(dq, dk, dv)` from the output's `d_out`, the
@@ -666,6 +782,50 @@ mod tests {
             attention(&q, &k, &v, mask).unwrap(),
             reference(&q, &k, &v, None, true),
         );
+    }
+
+    #[test]
+    fn few_queries_over_a_cache_view_equal_burns_attention() {
+        // Decoding: 1 or 2 new queries, 3 query heads per key / value head, keys and values
+        // that are the first positions of larger cache buffers, the second row left-padded.
+        // 700 keys split the tasks over the threads.
+        let device = Default::default();
+        let (b, h, kvh, d) = (2, 6, 2, 16);
+        for (seq_q, seq_k) in [(1, 9), (2, 9), (1, 700)] {
+            let q = heads_view(b, seq_q, h, d);
+            let cached = || random([b, kvh, seq_k + 5, d]).slice([0..b, 0..kvh, 0..seq_k, 0..d]);
+            let (k, v) = (cached(), cached());
+            let flags: Vec<bool> = [0, 3]
+                .iter()
+                .flat_map(|&pad| (0..seq_k).map(move |j| j < pad))
+                .collect();
+            let padding = Tensor::<Flex, 2, Bool>::from_data(
+                burn::tensor::TensorData::new(flags, [b, seq_k]),
+                &device,
+            );
+            for causal in [false, true] {
+                let want = reference(&q, &k, &v, Some(&padding), causal);
+                let masks = Masks {
+                    padding: key_padding(&bridge::flex_bool(&padding).unwrap()).unwrap(),
+                    causal,
+                    dropout: None,
+                };
+                let (qf, kf, vf) = (
+                    bridge::flex(&q).unwrap(),
+                    bridge::flex(&k).unwrap(),
+                    bridge::flex(&v).unwrap(),
+                );
+                let shapes = Shapes::of(&qf, &kf, &vf, &masks).unwrap();
+                let few = few_queries(&qf, &kf, &vf, &masks, &shapes).unwrap();
+                close(bridge::wrap(few), want.clone());
+                let mask = AttentionMask {
+                    key_padding: Some(&padding),
+                    causal,
+                    ..Default::default()
+                };
+                close(attention(&q, &k, &v, mask).unwrap(), want);
+            }
+        }
     }
 
     #[test]

@@ -46,6 +46,28 @@ pub(crate) fn float_primitive<B: Backend, const D: usize, P: Clone + 'static>(
     }
 }
 
+/// The Flex tensor behind a float tensor, taken by value (the buffer's holders stay as many),
+/// or the tensor back when its primitive is not one (`B` is not Flex, or it is quantized).
+pub(crate) fn into_flex<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Result<FlexTensor, Tensor<B, D>> {
+    match t.into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let boxed: Box<dyn Any> = Box::new(p);
+            match boxed.downcast::<FlexTensor>() {
+                Ok(flex) => Ok(*flex),
+                Err(other) => {
+                    let p = other
+                        .downcast::<B::FloatTensorPrimitive>()
+                        .unwrap_or_else(|_| unreachable!("it was the float primitive"));
+                    Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
+                }
+            }
+        }
+        q => Err(Tensor::from_primitive(q)),
+    }
+}
+
 /// The Flex tensor behind a bool tensor (stored one byte per value), with or without autodiff.
 pub(crate) fn flex_bool<B: Backend, const D: usize>(t: &Tensor<B, D, Bool>) -> Option<FlexTensor> {
     // Autodiff keeps the inner backend's bool tensors as they are.

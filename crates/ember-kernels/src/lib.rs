@@ -41,6 +41,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 
 mod alloc;
+mod assign;
 mod attention;
 mod autocast;
 mod bf16_gemm;
@@ -61,6 +62,7 @@ mod team;
 mod tracked;
 
 pub use alloc::keep_freed_memory;
+pub use assign::assign_along;
 pub use attention::{attention, AttentionMask};
 pub use autocast::{autocast, autocast_dtype, autocast_round, round_to, AutocastGuard};
 pub use bf16_gemm::{bf16_gemm_available, BF16_GEMM_VAR};

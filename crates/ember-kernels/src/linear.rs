@@ -2,7 +2,8 @@
 
 use crate::bf16_gemm::{self, Matrix};
 use crate::ptr::{Shared, SharedMut};
-use crate::{bridge, math, packed, team};
+use crate::team::for_each_part;
+use crate::{bridge, math, packed};
 use burn::tensor::{backend::Backend, DType, Tensor};
 use burn_flex::FlexTensor;
 
@@ -650,16 +651,6 @@ unsafe fn few_rows(
             }
         }
     });
-}
-
-/// `f(p)` for every part `p < parts`: on the spinning [`team`] when it has that many threads and
-/// is free (decoding's products come faster than rayon's workers wake up), else on rayon.
-fn for_each_part(parts: usize, f: &(dyn Fn(usize) + Sync)) {
-    use rayon::prelude::*;
-    if parts > 1 && team::run(parts, f) {
-        return;
-    }
-    (0..parts).into_par_iter().for_each(f);
 }
 
 /// A weight as [`few_rows`] reads it.

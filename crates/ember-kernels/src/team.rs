@@ -148,6 +148,16 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     true
 }
 
+/// `f(p)` for every part `p < parts`: on the spinning team when it has that many threads and
+/// is free (decoding's products come faster than rayon's workers wake up), else on rayon.
+pub(crate) fn for_each_part(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    use rayon::prelude::*;
+    if parts > 1 && run(parts, f) {
+        return;
+    }
+    (0..parts).into_par_iter().for_each(f);
+}
+
 /// A helper: waits for a new epoch (spinning for up to [`SPIN`] since its last job, then
 /// parked), runs its part, reports it done.
 fn helper_loop(team: &'static Team, index: usize) {

@@ -272,10 +272,7 @@ pub(crate) fn prefix_cache<B: Backend>(
             )));
         }
         let dims = [batch, heads, v, head_dim];
-        out.push(LayerKv {
-            key: key.expand(dims),
-            value: value.expand(dims),
-        });
+        out.push(LayerKv::new(key.expand(dims), value.expand(dims)));
     }
     Ok(KvCache { layers: out })
 }
@@ -357,12 +354,40 @@ pub(crate) fn tied_logits<B: Backend>(
 }
 
 /// One layer's cached keys and values, `[batch, kv_heads, seq, head_dim]` each.
+///
+/// Decoding appends one position per step. HF's `DynamicCache` concatenates, which copies the
+/// whole cache every step; here, once a step has appended, `key` and `value` are views of the
+/// first `seq` positions of buffers with room for more, and the next step writes its position
+/// into that room in place (the buffers are copied instead while a clone of the cache holds
+/// them, so a kept cache never changes).
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
     /// Keys (after the rotary embedding, where the model has one).
     pub key: Tensor<B, 4>,
     /// Values.
     pub value: Tensor<B, 4>,
+    /// The key and value buffers, `[batch, kv_heads, capacity, head_dim]`, that `key` and
+    /// `value` are the first positions of; `None` until a step appends.
+    room: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+}
+
+impl<B: Backend> LayerKv<B> {
+    /// A layer's cache of `key` and `value`, `[batch, kv_heads, seq, head_dim]` each.
+    pub fn new(key: Tensor<B, 4>, value: Tensor<B, 4>) -> Self {
+        Self {
+            key,
+            value,
+            room: None,
+        }
+    }
+
+    /// How many positions the buffers hold before the next append must reallocate (the cached
+    /// length when nothing was appended yet).
+    pub fn capacity(&self) -> usize {
+        self.room
+            .as_ref()
+            .map_or(self.key.dims()[2], |(k, _)| k.dims()[2])
+    }
 }
 
 /// The key / value cache of every layer (HF's `DynamicCache`).
@@ -384,9 +409,11 @@ impl<B: Backend> KvCache<B> {
             layers: self
                 .layers
                 .into_iter()
-                .map(|l| LayerKv {
-                    key: l.key.select(0, rows.clone()),
-                    value: l.value.select(0, rows.clone()),
+                .map(|l| {
+                    LayerKv::new(
+                        l.key.select(0, rows.clone()),
+                        l.value.select(0, rows.clone()),
+                    )
                 })
                 .collect(),
         }
@@ -420,18 +447,48 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Appends new keys and values to a layer's cache entry (or starts it).
+/// Appends new keys and values to a layer's cache entry (or starts it), in place where the
+/// entry's buffers have room (see [`LayerKv`]).
 pub(crate) fn append_kv<B: Backend>(
     past: Option<LayerKv<B>>,
     key: Tensor<B, 4>,
     value: Tensor<B, 4>,
 ) -> LayerKv<B> {
-    match past {
-        Some(p) => LayerKv {
-            key: Tensor::cat(vec![p.key, key], 2),
-            value: Tensor::cat(vec![p.value, value], 2),
-        },
-        None => LayerKv { key, value },
+    let Some(past) = past else {
+        return LayerKv::new(key, value);
+    };
+    let [batch, heads, len, key_dim] = past.key.dims();
+    let value_dim = past.value.dims()[3];
+    let end = len + key.dims()[2];
+    let (key_buffer, value_buffer) = match past.room {
+        Some((k, v)) if k.dims()[2] >= end => {
+            // The views go first: the buffers are then their only holders (unless the caller
+            // kept a clone of the cache) and are written in place.
+            drop((past.key, past.value));
+            (k, v)
+        }
+        _ => {
+            // Room for half as many positions again, so that reallocation and its copy come
+            // O(log n) times over n steps.
+            let capacity = (end + end / 2).max(end + 16);
+            let buffer = |old: Tensor<B, 4>, dim: usize| {
+                let options = (&old.device(), old.dtype());
+                let empty = Tensor::empty([batch, heads, capacity, dim], options);
+                ember_kernels::assign_along(empty, 2, 0, old)
+            };
+            (buffer(past.key, key_dim), buffer(past.value, value_dim))
+        }
+    };
+    let key_buffer = ember_kernels::assign_along(key_buffer, 2, len, key);
+    let value_buffer = ember_kernels::assign_along(value_buffer, 2, len, value);
+    LayerKv {
+        key: key_buffer
+            .clone()
+            .slice([0..batch, 0..heads, 0..end, 0..key_dim]),
+        value: value_buffer
+            .clone()
+            .slice([0..batch, 0..heads, 0..end, 0..value_dim]),
+        room: Some((key_buffer, value_buffer)),
     }
 }
 

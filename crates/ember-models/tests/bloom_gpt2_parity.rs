@@ -171,9 +171,11 @@ fn a_learned_prefix_cache_matches_python() {
         let layers = (0..)
             .map_while(|i| {
                 let key = format!("{prefix}.prefix.key.{i}");
-                e.0.contains(&key).then(|| LayerKv {
-                    key: e.float(&key),
-                    value: e.float(&format!("{prefix}.prefix.value.{i}")),
+                e.0.contains(&key).then(|| {
+                    LayerKv::new(
+                        e.float(&key),
+                        e.float(&format!("{prefix}.prefix.value.{i}")),
+                    )
                 })
             })
             .collect();
