@@ -50,6 +50,10 @@ enum Command {
     Launch(launch::LaunchArgs),
 }
 
+/// Large blocks (the weights) on transparent huge pages: decoding reads them all every token.
+#[global_allocator]
+static ALLOCATOR: ember::HugePageAlloc = ember::HugePageAlloc;
+
 fn main() -> ExitCode {
     // Before any thread allocates: every command reuses its freed buffers.
     ember::keep_freed_memory();

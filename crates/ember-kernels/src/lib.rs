@@ -61,7 +61,7 @@ mod team;
 #[cfg(feature = "autodiff")]
 mod tracked;
 
-pub use alloc::keep_freed_memory;
+pub use alloc::{keep_freed_memory, HugePageAlloc};
 pub use assign::assign_along;
 pub use attention::{attention, AttentionMask};
 pub use autocast::{autocast, autocast_dtype, autocast_round, round_to, AutocastGuard};

@@ -21,6 +21,10 @@ use ember_models::{
 
 type B = Flex;
 
+/// Large blocks on transparent huge pages, as in the `ember` binary.
+#[global_allocator]
+static ALLOCATOR: ember_kernels::HugePageAlloc = ember_kernels::HugePageAlloc;
+
 fn config(
     vocab: usize,
     hidden: usize,

@@ -38,6 +38,10 @@ use ember_peft::{
 };
 
 type B = Flex;
+
+/// Large blocks on transparent huge pages, as in the `ember` binary.
+#[global_allocator]
+static ALLOCATOR: ember_kernels::HugePageAlloc = ember_kernels::HugePageAlloc;
 type AB = Autodiff<Flex>;
 
 /// LoRA r 8, alpha 16 on `targets`, for `task`.

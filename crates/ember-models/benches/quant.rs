@@ -24,6 +24,10 @@ use ember_quant::{BitsAndBytesConfig, QuantType};
 
 type B = Flex;
 
+/// Large blocks on transparent huge pages, as in the `ember` binary.
+#[global_allocator]
+static ALLOCATOR: ember_kernels::HugePageAlloc = ember_kernels::HugePageAlloc;
+
 const PROMPT: usize = 16;
 const NEW: usize = 64;
 

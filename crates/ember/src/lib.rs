@@ -39,7 +39,7 @@ pub use ember_datasets as datasets;
 pub use ember_distributed as distributed;
 /// The Hugging Face Hub cache: `hf_hub_download`, `HubConfig` (what `from_pretrained("org/name")` uses).
 pub use ember_hub as hub;
-pub use ember_kernels::keep_freed_memory;
+pub use ember_kernels::{keep_freed_memory, HugePageAlloc};
 pub use ember_models as models;
 pub use ember_peft as peft;
 pub use ember_quant as quant;
