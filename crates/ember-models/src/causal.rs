@@ -359,7 +359,9 @@ pub(crate) fn tied_logits<B: Backend>(
 /// whole cache every step; here, once a step has appended, `key` and `value` are views of the
 /// first `seq` positions of buffers with room for more, and the next step writes its position
 /// into that room in place (the buffers are copied instead while a clone of the cache holds
-/// them, so a kept cache never changes).
+/// them, so a kept cache never changes). To change an entry's keys or values, build a new one
+/// with [`LayerKv::new`]: the next step appends to the buffers, not to a `key` or `value`
+/// assigned in their place.
 #[derive(Debug, Clone)]
 pub struct LayerKv<B: Backend> {
     /// Keys (after the rotary embedding, where the model has one).
