@@ -294,7 +294,8 @@ pub(crate) fn attention_flex(
         ..
     } = sh;
     let (group, scale, block) = (sh.group(), sh.scale(), sh.block());
-    if !keep_probs && masks.dropout.is_none() && seq_q * group <= FEW_QUERY_ROWS {
+    let few = seq_q * group <= FEW_QUERY_ROWS && seq_q > 0 && d > 0 && dv > 0;
+    if few && !keep_probs && masks.dropout.is_none() {
         if let Some(out) = few_queries(qf, kf, vf, masks, &sh) {
             return Some((out, None));
         }
@@ -826,6 +827,18 @@ mod tests {
                 close(attention(&q, &k, &v, mask).unwrap(), want);
             }
         }
+    }
+
+    #[test]
+    fn no_queries_give_an_empty_context() {
+        let q = random([1, 3, 0, 8]);
+        let k = random([1, 1, 4, 8]);
+        let mask = AttentionMask {
+            causal: true,
+            ..Default::default()
+        };
+        let out = attention(&q, &k, &k, mask).unwrap();
+        assert_eq!(out.dims(), [1, 3, 0, 8]);
     }
 
     #[test]
