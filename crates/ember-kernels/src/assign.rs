@@ -29,7 +29,7 @@ pub fn assign_along<B: Backend, const D: usize>(
     let fits = at + len <= dims[dim]
         && (0..D).all(|d| d == dim || dims[d] == value.dims()[d])
         && tensor.dtype() == value.dtype();
-    let tensor = if fits && bridge::is_flex::<B>() {
+    let tensor = if fits {
         match bridge::into_flex(tensor) {
             Ok(flex) => match write_in_place(flex, dim, at, &value) {
                 Ok(written) => return bridge::wrap(written),

@@ -47,22 +47,19 @@ pub(crate) fn float_primitive<B: Backend, const D: usize, P: Clone + 'static>(
 }
 
 /// The Flex tensor behind a float tensor, taken by value (the buffer's holders stay as many),
-/// or the tensor back when its primitive is not one (`B` is not Flex, or it is quantized).
+/// or the tensor back when `B` is not Flex or the tensor is quantized.
 pub(crate) fn into_flex<B: Backend, const D: usize>(
     t: Tensor<B, D>,
 ) -> Result<FlexTensor, Tensor<B, D>> {
+    if !is_flex::<B>() {
+        return Err(t);
+    }
     match t.into_primitive() {
         TensorPrimitive::Float(p) => {
             let boxed: Box<dyn Any> = Box::new(p);
-            match boxed.downcast::<FlexTensor>() {
-                Ok(flex) => Ok(*flex),
-                Err(other) => {
-                    let p = other
-                        .downcast::<B::FloatTensorPrimitive>()
-                        .unwrap_or_else(|_| unreachable!("it was the float primitive"));
-                    Err(Tensor::from_primitive(TensorPrimitive::Float(*p)))
-                }
-            }
+            Ok(*boxed
+                .downcast::<FlexTensor>()
+                .unwrap_or_else(|_| unreachable!("Flex's float primitive is a FlexTensor")))
         }
         q => Err(Tensor::from_primitive(q)),
     }

@@ -382,14 +382,6 @@ impl<B: Backend> LayerKv<B> {
             room: None,
         }
     }
-
-    /// How many positions the buffers hold before the next append must reallocate (the cached
-    /// length when nothing was appended yet).
-    pub fn capacity(&self) -> usize {
-        self.room
-            .as_ref()
-            .map_or(self.key.dims()[2], |(k, _)| k.dims()[2])
-    }
 }
 
 /// The key / value cache of every layer (HF's `DynamicCache`).
