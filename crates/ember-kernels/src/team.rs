@@ -14,7 +14,7 @@
 
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::OnceLock;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -158,6 +158,173 @@ pub(crate) fn for_each_part(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     (0..parts).into_par_iter().for_each(f);
 }
 
+/// Cuts `0..n` into one region per part, `align`-aligned, and runs `f` once per part (as
+/// [`for_each_part`]) with the [`Claims`] that hand it spans: first its own region's, front to
+/// back, then, once that is done, spans taken from the back of the others' regions. Without
+/// `balance`, each part is handed its own region whole (a static split).
+///
+/// A static split ends when its slowest part ends, and on a virtual machine a part is often
+/// slower for reasons of its own: in SmolLM2's decoding one product in eight saw a part finish
+/// more than 10 µs after the other (44 µs on average when the helper was the late one, a
+/// descheduled virtual core), which cost about 4 % of a step. Here the part that is done takes
+/// over the rest of the late one's region. Each part still streams its own region front to
+/// back, which is what the memory's prefetchers reward; the spans are claimed in eighths of
+/// what is left ([`CLAIM_DIVISOR`]), so a region is a dozen claims, not one per column.
+///
+/// Every index is handed out exactly once, so a caller whose spans write disjoint outputs gets
+/// the same values whoever claims a span.
+pub(crate) fn for_each_claimed_span(
+    n: usize,
+    parts: usize,
+    align: usize,
+    balance: bool,
+    f: &(dyn Fn(&mut Claims<'_>) + Sync),
+) {
+    let parts = parts.max(1);
+    if parts == 1 {
+        return f(&mut Claims::whole(0..n));
+    }
+    let align = align.max(1);
+    let region = n.div_ceil(parts).next_multiple_of(align);
+    if !balance {
+        return for_each_part(parts, &|p| {
+            f(&mut Claims::whole(
+                (p * region).min(n)..((p + 1) * region).min(n),
+            ))
+        });
+    }
+    let Ok(regions) = (0..parts)
+        .map(|p| {
+            let start = u32::try_from((p * region).min(n))?;
+            let end = u32::try_from(((p + 1) * region).min(n))?;
+            Ok(Region(AtomicU64::new(pack(start, end))))
+        })
+        .collect::<Result<Vec<Region>, std::num::TryFromIntError>>()
+    else {
+        // Over 2^32 indices (never a weight's columns): one span per part, as a static split.
+        return for_each_part(parts, &|p| {
+            let mut claims = Claims::whole((p * region).min(n)..((p + 1) * region).min(n));
+            f(&mut claims)
+        });
+    };
+    for_each_part(parts, &|p| {
+        f(&mut Claims {
+            regions: &regions,
+            own: p,
+            align,
+            whole: None,
+        })
+    });
+}
+
+/// The spans one part of [`for_each_claimed_span`] is handed, as an iterator.
+pub(crate) struct Claims<'a> {
+    /// Each region's unclaimed span.
+    regions: &'a [Region],
+    /// This part's own region.
+    own: usize,
+    align: usize,
+    /// A single span handed out whole (the fallback of [`for_each_claimed_span`]).
+    whole: Option<std::ops::Range<usize>>,
+}
+
+impl Claims<'_> {
+    fn whole(span: std::ops::Range<usize>) -> Self {
+        Self {
+            regions: &[],
+            own: 0,
+            align: 1,
+            whole: Some(span),
+        }
+    }
+
+    /// An eighth of what region `r` has left (at least `align`, all of it when less), from
+    /// its front (its owner) or its back (another part); `None` when it has nothing left.
+    fn claim(&self, r: usize, from_front: bool) -> Option<std::ops::Range<usize>> {
+        let region = &self.regions[r].0;
+        let mut packed = region.load(SeqCst);
+        loop {
+            let (start, end) = unpack(packed);
+            if start >= end {
+                return None;
+            }
+            let left = end - start;
+            // The owner claims eighths, a thief half at once: a steal is one claim, so the
+            // two threads pass the region's cache line back and forth once, not per eighth.
+            let divisor = if from_front { CLAIM_DIVISOR } else { 2 };
+            let take = (left / divisor)
+                .next_multiple_of(self.align)
+                .max(self.align);
+            let (span, rest) = match from_front {
+                true => {
+                    // `start` stays aligned: regions start aligned and takes are multiples.
+                    let cut = (start + take).min(end);
+                    (start..cut, pack(cut as u32, end as u32))
+                }
+                false => {
+                    // Rounded down to `align`, so that spans never share an aligned block.
+                    let cut = (end.saturating_sub(take) / self.align * self.align).max(start);
+                    (cut..end, pack(start as u32, cut as u32))
+                }
+            };
+            match region.compare_exchange_weak(packed, rest, SeqCst, SeqCst) {
+                Ok(_) => return Some(span),
+                Err(now) => packed = now,
+            }
+        }
+    }
+}
+
+impl Iterator for Claims<'_> {
+    type Item = std::ops::Range<usize>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.regions.is_empty() {
+            return self.whole.take().filter(|s| !s.is_empty());
+        }
+        if let Some(span) = self.claim(self.own, true) {
+            return Some(span);
+        }
+        // Own region done: help the region with the most left, from its back.
+        loop {
+            let fullest = (0..self.regions.len())
+                .filter(|&r| r != self.own)
+                .map(|r| {
+                    let (start, end) = unpack(self.regions[r].0.load(SeqCst));
+                    (end.saturating_sub(start), r)
+                })
+                .max()?;
+            if fullest.0 == 0 {
+                return None;
+            }
+            if let Some(span) = self.claim(fullest.1, false) {
+                return Some(span);
+            }
+        }
+    }
+}
+
+/// A claim takes this fraction of what its region has left. SmolLM2's batch-1 generation row
+/// took 1.45-1.46 s with eighths against 1.48-1.50 s with quarters (a late part holds more
+/// that no one can take over) and 1.47-1.51 s with 16ths or 32nds (more claims).
+const CLAIM_DIVISOR: usize = 8;
+
+/// A region's unclaimed span `[start, end)`, packed by [`pack`], alone on its cache lines: the
+/// owner claims from it a dozen times per product, and a neighbour's claims must not take the
+/// line from under it.
+#[repr(align(128))]
+struct Region(AtomicU64);
+
+/// A span `[start, end)` in one atomic word, so that its owner and a helper claim from either
+/// end without a lock.
+fn pack(start: u32, end: u32) -> u64 {
+    (u64::from(start) << 32) | u64::from(end)
+}
+
+fn unpack(packed: u64) -> (usize, usize) {
+    ((packed >> 32) as usize, (packed & 0xffff_ffff) as usize)
+}
+
 /// A helper: waits for a new epoch (spinning for up to [`SPIN`] since its last job, then
 /// parked), runs its part, reports it done.
 fn helper_loop(team: &'static Team, index: usize) {
@@ -228,6 +395,84 @@ mod tests {
                 std::thread::sleep(SPIN * 2);
             }
         }
+    }
+
+    #[test]
+    fn claimed_spans_cover_every_index_once_aligned() {
+        let cases = [
+            (0, 16),
+            (1, 16),
+            (15, 16),
+            (16, 16),
+            (577, 16),
+            (49_152, 16),
+            (1000, 1),
+            (1000, 7),
+        ];
+        for balance in [true, false] {
+            for parts in [1, 2, size(), 3, 5] {
+                for (n, align) in cases {
+                    let hits: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
+                    let spans = AtomicU64::new(0);
+                    for_each_claimed_span(n, parts, align, balance, &|claims| {
+                        for span in claims {
+                            assert!(!span.is_empty(), "an empty span");
+                            assert_eq!(span.start % align, 0, "{span:?} starts unaligned");
+                            assert!(span.end % align == 0 || span.end == n, "{span:?}");
+                            spans.fetch_add(1, SeqCst);
+                            for i in span {
+                                hits[i].fetch_add(1, SeqCst);
+                            }
+                        }
+                    });
+                    for (i, h) in hits.iter().enumerate() {
+                        let case = format!("index {i} of {n}, {parts} parts, align {align}");
+                        assert_eq!(h.load(SeqCst), 1, "{case}, balance {balance}");
+                    }
+                    if parts == 1 || !balance {
+                        // One span per part, as a static split.
+                        assert!(spans.load(SeqCst) <= parts as u64, "{n} in {parts} parts");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_part_that_is_done_takes_over_a_late_ones_region() {
+        // Part 0 (the caller) is held back until the others have claimed everything they
+        // can: they must have taken over most of its region.
+        let parts = size();
+        if parts < 2 {
+            return;
+        }
+        let n = 1024 * parts;
+        let by_caller = AtomicU64::new(0);
+        let claimed_by_others = AtomicU64::new(0);
+        let caller = std::thread::current().id();
+        for_each_claimed_span(n, parts, 16, true, &|claims| {
+            if std::thread::current().id() == caller {
+                while claimed_by_others.load(SeqCst) < (n - 1024) as u64 + 512 {
+                    std::hint::spin_loop();
+                }
+                for span in claims {
+                    by_caller.fetch_add(span.len() as u64, SeqCst);
+                }
+            } else {
+                for span in claims {
+                    claimed_by_others.fetch_add(span.len() as u64, SeqCst);
+                }
+            }
+        });
+        assert!(
+            by_caller.load(SeqCst) <= 512,
+            "the caller still did {}",
+            by_caller.load(SeqCst)
+        );
+        assert_eq!(
+            by_caller.load(SeqCst) + claimed_by_others.load(SeqCst),
+            n as u64
+        );
     }
 
     #[test]
