@@ -186,26 +186,22 @@ pub(crate) fn for_each_claimed_span(
     }
     let align = align.max(1);
     let region = n.div_ceil(parts).next_multiple_of(align);
-    if !balance {
-        return for_each_part(parts, &|p| {
-            f(&mut Claims::whole(
-                (p * region).min(n)..((p + 1) * region).min(n),
-            ))
-        });
-    }
-    let Ok(regions) = (0..parts)
-        .map(|p| {
-            let start = u32::try_from((p * region).min(n))?;
-            let end = u32::try_from(((p + 1) * region).min(n))?;
-            Ok(Region(AtomicU64::new(pack(start, end))))
+    let block = |p: usize| (p * region).min(n)..((p + 1) * region).min(n);
+    // A claim packs its span in 32-bit halves: over 2^32 indices (never a weight's columns)
+    // the split stays static.
+    let regions = balance
+        .then(|| {
+            (0..parts)
+                .map(|p| {
+                    let span = block(p);
+                    let (start, end) = (u32::try_from(span.start), u32::try_from(span.end));
+                    Some(Region(AtomicU64::new(pack(start.ok()?, end.ok()?))))
+                })
+                .collect::<Option<Vec<Region>>>()
         })
-        .collect::<Result<Vec<Region>, std::num::TryFromIntError>>()
-    else {
-        // Over 2^32 indices (never a weight's columns): one span per part, as a static split.
-        return for_each_part(parts, &|p| {
-            let mut claims = Claims::whole((p * region).min(n)..((p + 1) * region).min(n));
-            f(&mut claims)
-        });
+        .flatten();
+    let Some(regions) = regions else {
+        return for_each_part(parts, &|p| f(&mut Claims::whole(block(p))));
     };
     for_each_part(parts, &|p| {
         f(&mut Claims {
@@ -223,6 +219,7 @@ pub(crate) struct Claims<'a> {
     regions: &'a [Region],
     /// This part's own region.
     own: usize,
+    /// Spans start on multiples of this (and end on one, or at the end).
     align: usize,
     /// A single span handed out whole (the fallback of [`for_each_claimed_span`]).
     whole: Option<std::ops::Range<usize>>,
@@ -238,8 +235,9 @@ impl Claims<'_> {
         }
     }
 
-    /// An eighth of what region `r` has left (at least `align`, all of it when less), from
-    /// its front (its owner) or its back (another part); `None` when it has nothing left.
+    /// Part of what region `r` has left, from its front (its owner, [`CLAIM_DIVISOR`]) or its
+    /// back (another part, half), at least `align` and all of it when less; `None` when it
+    /// has nothing left.
     fn claim(&self, r: usize, from_front: bool) -> Option<std::ops::Range<usize>> {
         let region = &self.regions[r].0;
         let mut packed = region.load(SeqCst);
@@ -304,7 +302,7 @@ impl Iterator for Claims<'_> {
     }
 }
 
-/// A claim takes this fraction of what its region has left. SmolLM2's batch-1 generation row
+/// An owner's claim takes this fraction of what its region has left. SmolLM2's batch-1 generation row
 /// took 1.45-1.46 s with eighths against 1.48-1.50 s with quarters (a late part holds more
 /// that no one can take over) and 1.47-1.51 s with 16ths or 32nds (more claims).
 const CLAIM_DIVISOR: usize = 8;
@@ -452,7 +450,11 @@ mod tests {
         let caller = std::thread::current().id();
         for_each_claimed_span(n, parts, 16, true, &|claims| {
             if std::thread::current().id() == caller {
-                while claimed_by_others.load(SeqCst) < (n - 1024) as u64 + 512 {
+                // Bounded, so that a scheduler that never steals fails the test, not hangs it.
+                let since = Instant::now();
+                while claimed_by_others.load(SeqCst) < (n - 1024) as u64 + 512
+                    && since.elapsed() < Duration::from_secs(5)
+                {
                     std::hint::spin_loop();
                 }
                 for span in claims {
