@@ -182,7 +182,7 @@ pub(crate) fn for_each_claimed_span(
 ) {
     let parts = parts.max(1);
     if parts == 1 {
-        return f(&mut Claims::whole(0..n));
+        return f(&mut Claims::Whole(Some(0..n)));
     }
     let align = align.max(1);
     let region = n.div_ceil(parts).next_multiple_of(align);
@@ -201,37 +201,56 @@ pub(crate) fn for_each_claimed_span(
         })
         .flatten();
     let Some(regions) = regions else {
-        return for_each_part(parts, &|p| f(&mut Claims::whole(block(p))));
+        return for_each_part(parts, &|p| f(&mut Claims::Whole(Some(block(p)))));
     };
     for_each_part(parts, &|p| {
-        f(&mut Claims {
+        f(&mut Claims::Balanced(Balanced {
             regions: &regions,
             own: p,
             align,
-            whole: None,
-        })
+        }))
     });
 }
 
 /// The spans one part of [`for_each_claimed_span`] is handed, as an iterator.
-pub(crate) struct Claims<'a> {
+pub(crate) enum Claims<'a> {
+    /// One span, handed out whole (a static split), until taken.
+    Whole(Option<std::ops::Range<usize>>),
+    /// Spans claimed from the shared regions.
+    Balanced(Balanced<'a>),
+}
+
+/// One part's view of the shared regions of [`for_each_claimed_span`].
+pub(crate) struct Balanced<'a> {
     /// Each region's unclaimed span.
     regions: &'a [Region],
     /// This part's own region.
     own: usize,
     /// Spans start on multiples of this (and end on one, or at the end).
     align: usize,
-    /// A single span handed out whole (the fallback of [`for_each_claimed_span`]).
-    whole: Option<std::ops::Range<usize>>,
 }
 
-impl Claims<'_> {
-    fn whole(span: std::ops::Range<usize>) -> Self {
-        Self {
-            regions: &[],
-            own: 0,
-            align: 1,
-            whole: Some(span),
+impl Balanced<'_> {
+    /// The next span of this part's own region, else one taken from another's.
+    fn next_span(&self) -> Option<std::ops::Range<usize>> {
+        if let Some(span) = self.claim(self.own, true) {
+            return Some(span);
+        }
+        // Own region done: help the region with the most left, from its back.
+        loop {
+            let fullest = (0..self.regions.len())
+                .filter(|&r| r != self.own)
+                .map(|r| {
+                    let (start, end) = unpack(self.regions[r].0.load(SeqCst));
+                    (end.saturating_sub(start), r)
+                })
+                .max()?;
+            if fullest.0 == 0 {
+                return None;
+            }
+            if let Some(span) = self.claim(fullest.1, false) {
+                return Some(span);
+            }
         }
     }
 
@@ -277,34 +296,16 @@ impl Iterator for Claims<'_> {
     type Item = std::ops::Range<usize>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.regions.is_empty() {
-            return self.whole.take().filter(|s| !s.is_empty());
-        }
-        if let Some(span) = self.claim(self.own, true) {
-            return Some(span);
-        }
-        // Own region done: help the region with the most left, from its back.
-        loop {
-            let fullest = (0..self.regions.len())
-                .filter(|&r| r != self.own)
-                .map(|r| {
-                    let (start, end) = unpack(self.regions[r].0.load(SeqCst));
-                    (end.saturating_sub(start), r)
-                })
-                .max()?;
-            if fullest.0 == 0 {
-                return None;
-            }
-            if let Some(span) = self.claim(fullest.1, false) {
-                return Some(span);
-            }
+        match self {
+            Claims::Whole(span) => span.take().filter(|s| !s.is_empty()),
+            Claims::Balanced(balanced) => balanced.next_span(),
         }
     }
 }
 
-/// An owner's claim takes this fraction of what its region has left. SmolLM2's batch-1 generation row
-/// took 1.45-1.46 s with eighths against 1.48-1.50 s with quarters (a late part holds more
-/// that no one can take over) and 1.47-1.51 s with 16ths or 32nds (more claims).
+/// An owner's claim takes this fraction of what its region has left. SmolLM2's batch-1
+/// generation row took 1.45-1.46 s with eighths against 1.48-1.50 s with quarters (a late part
+/// holds more that no one can take over) and 1.47-1.51 s with 16ths or 32nds (more claims).
 const CLAIM_DIVISOR: usize = 8;
 
 /// A region's unclaimed span `[start, end)`, packed by [`pack`], alone on its cache lines: the
