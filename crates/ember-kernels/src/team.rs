@@ -33,6 +33,9 @@ struct Helper {
     thread: OnceLock<Thread>,
     /// The helper is parked (or about to be): posting a job must unpark it.
     parked: AtomicBool,
+    /// The epoch of the last job whose part for this helper was taken, by the helper or by
+    /// the caller: whoever moves it from the job's epoch − 1 to the job's epoch runs the part.
+    taken: AtomicUsize,
 }
 
 /// The team: `helpers.len()` threads beside the caller.
@@ -73,6 +76,7 @@ fn team() -> Option<&'static Team> {
                 .map(|_| Helper {
                     thread: OnceLock::new(),
                     parked: AtomicBool::new(false),
+                    taken: AtomicUsize::new(0),
                 })
                 .collect(),
         }));
@@ -100,7 +104,8 @@ fn size() -> usize {
 
 /// Runs `f(0)` on the calling thread and `f(1)`..`f(parts - 1)` on the team's helpers, and
 /// returns when all are done; `false` (nothing run) when the team is busy, absent, or of
-/// another size than `parts`. A part's panic is raised again here.
+/// another size than `parts`. A helper's part that has not started when the caller's own is
+/// done is run by the caller. A part's panic is raised again here.
 pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     let Some(team) = team() else {
         return false;
@@ -120,7 +125,7 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
     unsafe { *team.job.get() = Some(job) };
     team.panicked.store(false, SeqCst);
     team.remaining.store(team.helpers.len(), SeqCst);
-    team.epoch.fetch_add(1, SeqCst);
+    let epoch = team.epoch.fetch_add(1, SeqCst) + 1;
     for helper in &team.helpers {
         if helper.parked.load(SeqCst) {
             if let Some(thread) = helper.thread.get() {
@@ -128,7 +133,23 @@ pub(crate) fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
             }
         }
     }
-    let own = catch_unwind(AssertUnwindSafe(|| f(0)));
+    let mut own = catch_unwind(AssertUnwindSafe(|| f(0)));
+    // A helper that has not started its part yet (its virtual core descheduled, or still
+    // waking up) would hold the caller until it runs: the caller runs that part itself. The
+    // part of a claimed-span job finds nothing left by then, so this costs nothing there.
+    for (index, helper) in team.helpers.iter().enumerate() {
+        if helper
+            .taken
+            .compare_exchange(epoch - 1, epoch, SeqCst, SeqCst)
+            .is_ok()
+        {
+            let part = catch_unwind(AssertUnwindSafe(|| f(index + 1)));
+            if own.is_ok() {
+                own = part;
+            }
+            team.remaining.fetch_sub(1, SeqCst);
+        }
+    }
     let mut spins = 0u32;
     while team.remaining.load(SeqCst) != 0 {
         spins = spins.wrapping_add(1);
@@ -357,6 +378,19 @@ fn helper_loop(team: &'static Team, index: usize) {
             me.parked.store(false, SeqCst);
             idle_since = Instant::now();
         }
+        #[cfg(test)]
+        while tests::HOLD_HELPERS.load(SeqCst) {
+            std::hint::spin_loop();
+        }
+        // The part is this helper's unless the caller took it over. The caller then waits for
+        // no one and may have posted a newer job since, whose epoch the next look finds.
+        if me
+            .taken
+            .compare_exchange(seen - 1, seen, SeqCst, SeqCst)
+            .is_err()
+        {
+            continue;
+        }
         // SAFETY: the caller wrote the job before bumping the epoch and keeps it alive until
         // `remaining` reaches zero.
         let job = unsafe { (*team.job.get()).expect("a job is posted with its epoch") };
@@ -437,10 +471,60 @@ mod tests {
         }
     }
 
+    /// Holds every helper before it takes its part, so that the caller must take it over.
+    pub(super) static HOLD_HELPERS: AtomicBool = AtomicBool::new(false);
+
+    /// Taken by the tests that hold the helpers or need them running.
+    static HELPER_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn the_caller_runs_the_parts_of_helpers_that_have_not_started() {
+        let _alone = HELPER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = size();
+        if parts < 2 {
+            return;
+        }
+        HOLD_HELPERS.store(true, SeqCst);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let caller = std::thread::spawn(move || {
+            let me = std::thread::current().id();
+            // Another test's job may hold the team: try again until this one runs.
+            for _ in 0..1000 {
+                let by_caller = AtomicU64::new(0);
+                let ran = run(parts, &|_| {
+                    if std::thread::current().id() == me {
+                        by_caller.fetch_add(1, SeqCst);
+                    }
+                });
+                if ran {
+                    let _ = sender.send(by_caller.load(SeqCst));
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        // Bounded, so that a caller that waits for its helpers fails the test, not hangs it.
+        let by_caller = receiver.recv_timeout(Duration::from_secs(5));
+        HOLD_HELPERS.store(false, SeqCst);
+        caller.join().unwrap();
+        let by_caller = by_caller.expect("the caller waited for helpers that had not started");
+        assert_eq!(by_caller, parts as u64);
+        // The released helpers find their parts taken, and run the next job's.
+        let runs: Vec<AtomicU64> = (0..parts).map(|_| AtomicU64::new(0)).collect();
+        let job = |p: usize| {
+            runs[p].fetch_add(1, SeqCst);
+        };
+        if !run(parts, &job) {
+            (0..parts).for_each(job);
+        }
+        assert!(runs.iter().all(|r| r.load(SeqCst) == 1));
+    }
+
     #[test]
     fn a_part_that_is_done_takes_over_a_late_ones_region() {
         // Part 0 (the caller) is held back until the others have claimed everything they
         // can: they must have taken over most of its region.
+        let _alone = HELPER_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let parts = size();
         if parts < 2 {
             return;
