@@ -2,7 +2,7 @@
 //! a tiny Llama cut into 2 and 4 stages, a batch of 8 as 4 micro-batches. The mean loss and
 //! the gradient of every parameter (by HF key) equal the whole model's on the whole batch
 //! within 1e-5, with separate and with tied word embeddings, and three AdamW steps on each
-//! stage's gradients end with the weights of single-process training within 1e-5.
+//! stage's gradients end with the weights of single-process training within 1e-4.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -45,6 +45,8 @@ fn tiny_llama(tied: bool) -> Llama {
     }))
     .unwrap();
     let device = default_device();
+    // The other tests of this file build their models at the same time.
+    let _generator = ember_testkit::random_generator_lock();
     <Backend as BackendTrait>::seed(&device, 11);
     let model = Llama::new(&config, &device).unwrap();
     // burn initialises parameters lazily, and a clone of a parameter not yet read initialises

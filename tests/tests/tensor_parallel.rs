@@ -38,6 +38,8 @@ fn save_tiny_llama(dir: &Path) {
     }))
     .unwrap();
     let device = default_device();
+    // The other tests of this file build their models at the same time.
+    let _generator = ember_testkit::random_generator_lock();
     <Backend as BackendTrait>::seed(&device, 5);
     let model = LlamaForCausalLM::<Backend>::new(&config, &device).unwrap();
     model.save_pretrained(dir).unwrap();
@@ -165,6 +167,8 @@ fn save_tiny_bert(dir: &Path) {
         ..BertConfig::default()
     };
     let device = default_device();
+    // The other tests of this file build their models at the same time.
+    let _generator = ember_testkit::random_generator_lock();
     <Backend as BackendTrait>::seed(&device, 9);
     BertForSequenceClassification::<Backend>::new(&config, &device)
         .save_pretrained(dir)

@@ -5,6 +5,24 @@
 pub mod hub_server;
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// Taken by [`random_generator_lock`].
+static RANDOM_GENERATOR: Mutex<()> = Mutex::new(());
+
+/// Hold while seeding burn's random generator and drawing from it (building a seeded model and
+/// reading every parameter, which burn initialises lazily).
+///
+/// burn's CPU backends keep one generator per process, and `cargo test` runs a binary's tests
+/// on several threads: a test that seeds it and builds a model while another test does the
+/// same draws some of the other's numbers, and gets other weights on each run. Tests whose
+/// bounds were measured on one seeded model failed that way in CI.
+pub fn random_generator_lock() -> MutexGuard<'static, ()> {
+    // A test that panicked while holding it left the generator as usable as before.
+    RANDOM_GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The workspace root (this crate sits in `crates/ember-testkit`).
 pub fn workspace() -> PathBuf {
