@@ -22,15 +22,6 @@ use std::sync::Arc;
 
 type B = TrainBackend;
 
-/// Held by every test of this file: burn's random generator is one per process, and a test
-/// that seeds it for dropout must not have another test's weight initialisation draw from it
-/// between the seed and the mask.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Mean of the token embeddings, dropout, a linear layer.
 #[derive(Module, Debug)]
 struct Bag<B: BackendTrait> {
@@ -170,13 +161,13 @@ fn two_ranks_equal_one_process(batch: usize, accumulation: usize) {
 
 #[test]
 fn two_ranks_on_half_the_batch_train_as_one_process() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     two_ranks_equal_one_process(8, 1);
 }
 
 #[test]
 fn two_ranks_with_gradient_accumulation_train_as_one_process() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     // 64 rows in batches of 8 (one process) or 4 (each rank): 8 micro-steps, 4 optimizer steps
     // an epoch; with accumulation 3 the epoch's last, partial accumulation synchronises at the
     // end of the loader, as accelerate's does.
@@ -186,7 +177,7 @@ fn two_ranks_with_gradient_accumulation_train_as_one_process() {
 
 #[test]
 fn backward_communicates_only_on_the_synchronising_step() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     let flags = ThreadGroup::run(2, |group| {
         let mut accelerator = Accelerator::new(Arc::new(group)).gradient_accumulation_steps(2);
         let model = Bag::<B>::new(0.0);
@@ -242,7 +233,7 @@ fn gathered_labels(ranks: usize, batch: usize, trim: bool) -> Vec<Vec<Vec<i64>>>
 
 #[test]
 fn gather_for_metrics_returns_each_row_once_in_order() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     // accelerate, 2 processes, batch 2, 11 rows: BatchSamplerShard deals the batches [0, 1],
     // [2, 3], ... alternately and completes the last one, [10], from the start: [10, 0]. The
     // last step gathers [8, 9, 10, 0], and gather_for_metrics keeps its first
@@ -268,7 +259,7 @@ fn gather_for_metrics_returns_each_row_once_in_order() {
 
 #[test]
 fn reduce_and_gather_object_combine_the_ranks() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     let results = ThreadGroup::run(2, |group| {
         let rank = group.rank();
         let accelerator = Accelerator::new(Arc::new(group));
@@ -343,7 +334,7 @@ fn accelerator_take(
 
 #[test]
 fn save_state_and_load_state_continue_training_exactly() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     // One process with dropout: the seed and accelerate's step come back, so the resumed run
     // draws the masks the uninterrupted one did (burn's generator is one per process, so
     // ranks that are threads could not have a reproducible dropout each).
@@ -379,7 +370,7 @@ fn save_state_and_load_state_continue_training_exactly() {
 
 #[test]
 fn a_missing_or_corrupt_state_file_is_an_error_naming_it() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let accelerator = Accelerator::single_process();
     let model = Bag::<B>::new(0.0);
@@ -446,7 +437,7 @@ fn a_missing_or_corrupt_state_file_is_an_error_naming_it() {
 
 #[test]
 fn a_prepared_loader_refuses_a_loader_already_sharded() {
-    let _serial = serial();
+    let _generator = ember_testkit::random_generator_lock();
     let accelerator = Accelerator::single_process();
     let sharded = loader(4).distributed(2, 0).unwrap();
     let err = accelerator.prepare_data_loader(sharded).unwrap_err();

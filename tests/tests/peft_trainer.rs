@@ -14,9 +14,6 @@ use std::path::{Path, PathBuf};
 
 type Model = BertForSequenceClassification<TrainBackend>;
 
-/// burn's random generator is one per process: these tests train one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
@@ -85,7 +82,7 @@ fn losses(
 
 #[test]
 fn first_20_logged_losses_match_hf_trainer_with_peft() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let model = model();
     // The parameters HF's Trainer optimises, in peft's names.
@@ -166,7 +163,7 @@ impl TrainerCallback for StopAt {
 
 #[test]
 fn checkpoints_hold_the_adapter_and_resume_step_exactly() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut a = args(&tmp.path().join("full"));
     a.max_steps = 12;

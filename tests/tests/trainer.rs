@@ -44,10 +44,6 @@ fn args(dir: &Path) -> TrainingArguments {
 
 type Model = BertForSequenceClassification<TrainBackend>;
 
-/// burn's random generator is one per process (as torch's is): two trainings at once would
-/// draw each other's dropout masks, so these tests train one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// The same initial weights for every run: saved once, loaded by each.
 fn initial_model(dir: &Path) -> Model {
     let init = dir.join("init");
@@ -80,7 +76,7 @@ fn trainer(
 
 #[test]
 fn trains_logs_evaluates_saves_and_predicts() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut args = args(&tmp.path().join("run"));
     args.save_total_limit = Some(2);
@@ -162,7 +158,7 @@ impl TrainerCallback for StopAt {
 
 #[test]
 fn resuming_between_checkpoints_gives_the_uninterrupted_weights() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut uninterrupted = trainer(args(&tmp.path().join("a")), initial_model(tmp.path()));
     uninterrupted.train().unwrap();
@@ -203,7 +199,7 @@ fn resuming_between_checkpoints_gives_the_uninterrupted_weights() {
 /// tiny BERT fixture, dropout off, examples in order, a log entry every step.
 #[test]
 fn first_20_logged_losses_match_hf_trainer() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let expected: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("train/trainer-expected.json")).unwrap(),
@@ -260,7 +256,7 @@ fn first_20_logged_losses_match_hf_trainer() {
 
 #[test]
 fn best_model_is_kept_reloaded_and_early_stopping_stops() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut a = args(&tmp.path().join("run"));
     a.eval_strategy = IntervalStrategy::Steps;

@@ -17,9 +17,6 @@ use std::sync::Arc;
 type Model = BertForSequenceClassification<TrainBackend>;
 type Weights = std::collections::BTreeMap<String, Vec<f32>>;
 
-/// burn's random generator is one per process: trainings in this file run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn config(dropout: f64) -> BertConfig {
     BertConfig {
         vocab_size: 30,
@@ -112,7 +109,7 @@ fn two_ranks<T: Send>(f: impl Fn(usize, Arc<dyn ProcessGroup>) -> T + Sync) -> V
 
 #[test]
 fn each_rank_saves_and_resumes_its_own_random_state() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     // Dropout off: thread ranks share burn's one generator, so only without dropout are two
     // thread runs comparable (the MPI test of ember-cli checks the masks, with dropout on).
@@ -184,7 +181,7 @@ fn each_rank_saves_and_resumes_its_own_random_state() {
 
 #[test]
 fn resuming_draws_dropout_from_the_checkpoints_seed() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     initial(tmp.path(), 0.2);
     let run = |dir: &str, seed: u64, resume: Option<PathBuf>, stop: Option<usize>| {
@@ -223,7 +220,7 @@ fn resuming_draws_dropout_from_the_checkpoints_seed() {
 
 #[test]
 fn a_truncated_optimizer_file_is_an_error_naming_it() {
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _generator = ember_testkit::random_generator_lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut a = args(&tmp.path().join("run"), 8);
     a.max_steps = 10;

@@ -10,13 +10,13 @@ use std::sync::{Mutex, MutexGuard};
 /// Taken by [`random_generator_lock`].
 static RANDOM_GENERATOR: Mutex<()> = Mutex::new(());
 
-/// Hold while seeding burn's random generator and drawing from it (building a seeded model and
-/// reading every parameter, which burn initialises lazily).
+/// Hold while seeding burn's random generator and drawing from it: building a seeded model and
+/// reading every parameter (burn initialises them lazily), or training with dropout.
 ///
-/// burn's CPU backends keep one generator per process, and `cargo test` runs a binary's tests
-/// on several threads: a test that seeds it and builds a model while another test does the
-/// same draws some of the other's numbers, and gets other weights on each run. Tests whose
-/// bounds were measured on one seeded model failed that way in CI.
+/// burn's CPU backends keep one generator per process (as torch does), and `cargo test` runs a
+/// binary's tests on several threads: a test that seeds it while another test draws gets some
+/// of the other's numbers, so other weights or dropout masks on each run. A test whose bound
+/// was measured on one seeded model failed that way in CI.
 pub fn random_generator_lock() -> MutexGuard<'static, ()> {
     // A test that panicked while holding it left the generator as usable as before.
     RANDOM_GENERATOR
