@@ -450,9 +450,19 @@ fn median(xs: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The variables that narrow the instruction sets the two sides use below what the CPU
+/// exposes: Ember's kernels (`EMBER_NO_AVX512`) and PyTorch's (its ATen kernels, MKL, oneDNN).
+const ISA_VARIABLES: [&str; 4] = [
+    "EMBER_NO_AVX512",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+];
+
 /// The CPU's model name and the vector features the kernels choose between (machines here
 /// differ: some expose AVX-512 with BF16 and VNNI, others only AVX2 + FMA), from
-/// `/proc/cpuinfo`; "unknown" elsewhere.
+/// `/proc/cpuinfo`, "unknown" elsewhere; then those of [`ISA_VARIABLES`] that are set, since
+/// a run with them set used less than the CPU exposes.
 fn cpu_features() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -479,11 +489,24 @@ fn cpu_features() -> String {
     .into_iter()
     .filter(|f| flags.contains(f))
     .collect();
-    format!(
+    let mut line = format!(
         "{}; {}",
         field("model name").unwrap_or_else(|| "unknown model".into()),
         shown.join(" ")
-    )
+    );
+    if let Some(narrowed) = narrowing(|name| std::env::var(name).ok()) {
+        line += &format!("; {narrowed}");
+    }
+    line
+}
+
+/// "narrowed by NAME=VALUE ..." for those of [`ISA_VARIABLES`] that `lookup` finds set.
+fn narrowing(lookup: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let set: Vec<String> = ISA_VARIABLES
+        .into_iter()
+        .filter_map(|name| lookup(name).map(|value| format!("{name}={value}")))
+        .collect();
+    (!set.is_empty()).then(|| format!("narrowed by {}", set.join(" ")))
 }
 
 fn table(
@@ -547,5 +570,25 @@ fn fmt_s(t: f64) -> String {
         format!("{t:.2} s")
     } else {
         format!("{:.1} ms", t * 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_narrowed_to_avx2_says_so_and_a_plain_run_says_nothing() {
+        assert_eq!(narrowing(|_| None), None);
+        let narrowed = narrowing(|name| {
+            matches!(name, "EMBER_NO_AVX512" | "ATEN_CPU_CAPABILITY").then(|| match name {
+                "EMBER_NO_AVX512" => "1".to_owned(),
+                _ => "avx2".to_owned(),
+            })
+        });
+        assert_eq!(
+            narrowed.as_deref(),
+            Some("narrowed by EMBER_NO_AVX512=1 ATEN_CPU_CAPABILITY=avx2")
+        );
     }
 }
