@@ -33,11 +33,19 @@ pub fn dropout_mask<B: Backend, const D: usize>(
         .into_vec::<f32>()
         .ok()?;
     let seed = (u64::from(draws[0].to_bits()) << 32) | u64::from(draws[1].to_bits());
-    let n: usize = shape.iter().product();
+    let values = mask_values(seed, shape.iter().product(), prob);
+    Some(Tensor::from_data(
+        burn::tensor::TensorData::new(values, shape.to_vec()),
+        device,
+    ))
+}
+
+/// `len` mask values drawn from `seed`: each 0 with probability `prob`, else `1 / (1 - prob)`.
+fn mask_values(seed: u64, len: usize, prob: f64) -> Vec<f32> {
     let scale = (1.0 / (1.0 - prob)) as f32;
     // Keep a value when its 32 random bits are at least `prob · 2^32`.
     let threshold = (prob * 4_294_967_296.0) as u64;
-    let mut values = vec![0.0f32; n];
+    let mut values = vec![0.0f32; len];
     values
         .par_chunks_mut(CHUNK)
         .enumerate()
@@ -48,10 +56,7 @@ pub fn dropout_mask<B: Backend, const D: usize>(
                 *v = if bits >= threshold { scale } else { 0.0 };
             }
         });
-    Some(Tensor::from_data(
-        burn::tensor::TensorData::new(values, shape.to_vec()),
-        device,
-    ))
+    values
 }
 
 /// One step of SplitMix64 (Steele, Lea and Flood), a fast generator with 64-bit output.
@@ -70,21 +75,31 @@ mod tests {
 
     type B = Autodiff<Flex>;
 
+    // That `B::seed` makes a mask repeat is tested in `tests/dropout_seed.rs`, a process of its
+    // own: burn's generator is one per process, and this binary's other tests draw from it
+    // while these run.
     #[test]
     fn keeps_the_right_share_scaled_and_repeats_under_the_same_seed() {
-        let device = Default::default();
-        B::seed(&device, 7);
-        let mask = dropout_mask::<B, 2>([300, 1000], 0.1, &device).unwrap();
-        let values = mask.to_data().into_vec::<f32>().unwrap();
+        let values = mask_values(7, 300_000, 0.1);
         let kept = values.iter().filter(|&&v| v != 0.0).count() as f64 / values.len() as f64;
         assert!((kept - 0.9).abs() < 0.003, "{kept}");
         let scale = 1.0 / 0.9f32;
         assert!(values.iter().all(|&v| v == 0.0 || v == scale));
-        B::seed(&device, 7);
-        let again = dropout_mask::<B, 2>([300, 1000], 0.1, &device).unwrap();
-        assert_eq!(again.to_data().into_vec::<f32>().unwrap(), values);
-        let next = dropout_mask::<B, 2>([300, 1000], 0.1, &device).unwrap();
-        assert_ne!(next.to_data().into_vec::<f32>().unwrap(), values);
+        assert_eq!(mask_values(7, 300_000, 0.1), values);
+        assert_ne!(mask_values(8, 300_000, 0.1), values);
+        // Chunks draw their own streams: the second chunk is not the first again.
+        assert_ne!(values[..CHUNK], values[CHUNK..2 * CHUNK]);
+    }
+
+    #[test]
+    fn draws_a_new_mask_on_each_call() {
+        let device = Default::default();
+        let first = dropout_mask::<B, 2>([300, 1000], 0.1, &device).unwrap();
+        let second = dropout_mask::<B, 2>([300, 1000], 0.1, &device).unwrap();
+        let first = first.to_data().into_vec::<f32>().unwrap();
+        assert_ne!(second.to_data().into_vec::<f32>().unwrap(), first);
+        let kept = first.iter().filter(|&&v| v != 0.0).count() as f64 / first.len() as f64;
+        assert!((kept - 0.9).abs() < 0.003, "{kept}");
     }
 
     #[test]
