@@ -108,7 +108,7 @@ fn linear_bf16_few_rows(
     let [m, k] = dims2(xf);
     let [k2, n] = dims2(wh);
     let (ls, rs) = (xf.layout().strides(), wh.layout().strides());
-    if k != k2 || m > FEW_ROWS || m * k * n == 0 || !few_rows_layout(ls, rs, m) {
+    if k != k2 || m > FEW_ROWS || m * k * n == 0 || !few_rows_layout(ls, rs, k) {
         return None;
     }
     if bf.is_some_and(|b| b.layout().num_elements() != n) {
@@ -124,8 +124,8 @@ fn linear_bf16_few_rows(
     let bits: &[u16] =
         bytemuck::cast_slice(&wh.storage::<burn::tensor::bf16>()[start..start + extent]);
     let lhs = Shared::new(xf.storage::<f32>()[xf.layout().start_offset()..].as_ptr());
-    // SAFETY: `out` holds m · n initialised values; `lhs` rows are contiguous (or there is one
-    // row) within x's buffer; `bits` covers every weight element the strides reach; the f32
+    // SAFETY: `out` holds m · n initialised values; each `lhs` row's k values are contiguous
+    // within x's buffer; `bits` covers every weight element the strides reach; the f32
     // weight pointer is never read when the bf16 bits are given.
     unsafe {
         few_rows(
@@ -316,7 +316,7 @@ impl Plan {
             // Before the few-rows product, which reads its operands as they are: a bf16
             // product rounds them however few rows there are (a classifier on `[CLS]` rows).
             Self::Bf16
-        } else if m <= FEW_ROWS && few_rows_layout(ls, rs, m) {
+        } else if m <= FEW_ROWS && few_rows_layout(ls, rs, k) {
             Self::FewRows
         } else if rs[0] == 1 && rs[1] != 1 && m <= WEIGHT_COLUMNS_ROWS {
             Self::WeightColumns
@@ -475,8 +475,8 @@ unsafe fn gemm_into(
             let packed = (weights == Weights::Bf16Copies && k * n >= SPLIT_WEIGHT)
                 .then(|| packed::bf16_copy(rhs, extent))
                 .flatten();
-            // SAFETY: as above; the plan checked that `lhs` rows are contiguous (or there is
-            // one row) and `rhs` is row- or column-major, which is what `few_rows` reads;
+            // SAFETY: as above; the plan checked that each `lhs` row's values are contiguous
+            // and `rhs` is row- or column-major, which is what `few_rows` reads;
             // `packed` covers the same region; `out` holds initialised values.
             unsafe {
                 few_rows(
@@ -533,10 +533,11 @@ unsafe fn gemm_into(
 /// Up to this many rows, [`few_rows`] reads the weight once for all of them.
 const FEW_ROWS: usize = 8;
 
-/// Whether [`few_rows`] reads operands of these strides: contiguous input rows (or one row)
-/// and a row- or column-major weight.
-fn few_rows_layout(ls: &[isize], rs: &[isize], m: usize) -> bool {
-    (ls[1] == 1 || m == 1) && (rs[1] == 1 || rs[0] == 1)
+/// Whether [`few_rows`] reads operands of these strides: input rows of contiguous values (a
+/// single row too: a column of a matrix seen as a row is not) and a row- or column-major
+/// weight.
+fn few_rows_layout(ls: &[isize], rs: &[isize], k: usize) -> bool {
+    (ls[1] == 1 || k == 1) && (rs[1] == 1 || rs[0] == 1)
 }
 
 /// Up to this many rows a column-major weight runs [`Plan::WeightColumns`]. With more, the
@@ -581,14 +582,19 @@ unsafe fn few_rows(
     } else {
         1
     };
-    // The input rows, gathered contiguously (they are few and small).
-    let xs: Vec<f32> = (0..m)
-        .flat_map(|r| {
-            // SAFETY: row r of `lhs` holds k contiguous values.
-            unsafe { std::slice::from_raw_parts(lhs.at(r as isize * lhs_row_stride), k) }
-        })
-        .copied()
-        .collect();
+    // The input rows, contiguous: one row as it lies, more gathered (they are few and small).
+    let xs: std::borrow::Cow<[f32]> = if m == 1 {
+        // SAFETY: row 0 of `lhs` holds k contiguous values.
+        std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(lhs.at(0), k) })
+    } else {
+        (0..m)
+            .flat_map(|r| {
+                // SAFETY: row r of `lhs` holds k contiguous values.
+                unsafe { std::slice::from_raw_parts(lhs.at(r as isize * lhs_row_stride), k) }
+            })
+            .copied()
+            .collect()
+    };
     if rs[1] == 1 {
         // Row-major weight: the threads take contiguous blocks of its rows, so each streams
         // its memory front to back, and their partial sums are added at the end.
@@ -633,20 +639,31 @@ unsafe fn few_rows(
         let mut ys = Vec::new();
         for cols in claims {
             let width = cols.len();
-            ys.clear();
-            ys.resize(m * width, 0.0f32);
             let (at, len) = (cols.start * w_stride, (width - 1) * w_stride + k);
+            // One row: the dot products add straight into the output's columns. More: into
+            // a `[m, width]` block, then into each row's columns.
+            let dst = if m == 1 {
+                // SAFETY: columns `cols` are claimed by this task alone, which alone writes
+                // them in `out`.
+                unsafe { std::slice::from_raw_parts_mut(out.at(cols.start as isize), width) }
+            } else {
+                ys.clear();
+                ys.resize(m * width, 0.0f32);
+                &mut ys[..]
+            };
             match packed {
-                Some(p) => math::few_rows_dots_bf16(&mut ys, &xs, &p[at..at + len], k, w_stride),
+                Some(p) => math::few_rows_dots_bf16(dst, &xs, &p[at..at + len], k, w_stride),
                 None => {
                     // SAFETY: columns `cols` of the weight, k contiguous values each.
                     let w = unsafe { std::slice::from_raw_parts(rhs.at(at as isize), len) };
-                    math::few_rows_dots(&mut ys, &xs, w, k, w_stride)
+                    math::few_rows_dots(dst, &xs, w, k, w_stride)
                 }
             }
+            if m == 1 {
+                continue;
+            }
             for r in 0..m {
-                // SAFETY: columns `cols` are claimed by this task alone, which alone writes
-                // them in `out`.
+                // SAFETY: as above.
                 let row = unsafe {
                     std::slice::from_raw_parts_mut(out.at((r * n + cols.start) as isize), width)
                 };
@@ -773,6 +790,27 @@ mod tests {
                         .assert_approx_eq::<f32>(&want.into_data(), tolerance());
                 }
             }
+        }
+    }
+
+    /// One input row that is a strided view (a column of a matrix, transposed): its values
+    /// are not contiguous, so the few-rows products must not read it as they read a row.
+    #[test]
+    fn a_strided_single_row_gives_the_product_of_its_values() {
+        let device = Default::default();
+        let (k, n) = (300, 520);
+        let columns = Tensor::<Flex, 2>::random([k, 2], Distribution::Normal(0.0, 1.0), &device);
+        let x = columns.slice([0..k, 1..2]).transpose();
+        let contiguous = Tensor::<Flex, 2>::from_data(x.clone().into_data(), &device);
+        let stored = Tensor::<Flex, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
+        let row_major =
+            Tensor::<Flex, 2>::from_data(stored.clone().transpose().into_data(), &device);
+        let half = crate::to_half(stored.clone(), DType::BF16).transpose();
+        for w in [stored.transpose(), row_major, half] {
+            let got = linear(&x, &w, None).unwrap();
+            let want = linear(&contiguous, &w, None).unwrap();
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), tolerance());
         }
     }
 
