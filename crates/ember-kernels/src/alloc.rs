@@ -328,10 +328,14 @@ mod tests {
         None
     }
 
+    /// Runs `f` on a new thread, whose block cache holds no other test's blocks.
+    fn on_a_fresh_thread(f: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(f).join().unwrap();
+    }
+
     #[test]
     fn middle_sized_blocks_are_recycled_on_their_thread_and_zeroed_when_asked() {
-        // Another thread's cache, so that no other test's blocks are in it.
-        std::thread::spawn(|| {
+        on_a_fresh_thread(|| {
             let layout = Layout::from_size_align(3000, 8).unwrap();
             // SAFETY: non-zero sizes; every block is freed once, with its layout.
             unsafe {
@@ -356,14 +360,12 @@ mod tests {
                 HugePageAlloc.dealloc(other, layout);
                 HugePageAlloc.dealloc(again, zeroed);
             }
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn reallocation_keeps_the_contents_across_classes_and_beyond_them() {
-        std::thread::spawn(|| {
+        on_a_fresh_thread(|| {
             // From below the classes (512 B) through several classes to above them (1 MiB),
             // then back down.
             let sizes = [512, 1500, 1800, 5000, 300_000, 1 << 20, 70_000, 100];
@@ -388,14 +390,12 @@ mod tests {
                 }
                 HugePageAlloc.dealloc(ptr, layout);
             }
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn a_thread_keeps_a_bounded_number_of_blocks_per_class() {
-        std::thread::spawn(|| {
+        on_a_fresh_thread(|| {
             let layout = Layout::from_size_align(200_000, 8).unwrap();
             // SAFETY: non-zero sizes; every block is freed once, with its layout.
             unsafe {
@@ -413,9 +413,7 @@ mod tests {
                     HugePageAlloc.dealloc(b, layout);
                 }
             }
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
